@@ -1,0 +1,38 @@
+# Everything installs itself: `make run` and `make test` work from a clean clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run check test lint typecheck unit clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## run the example organism; type messages such as: greeter <Greeting><name>Ada</name></Greeting>
+run: $(STAMP)
+	$(BIN)/xml-pipeline run organism.yaml --stdin
+
+check: $(STAMP)
+	$(BIN)/xml-pipeline check organism.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check xml_pipeline workers tests
+	$(BIN)/ruff format --check xml_pipeline workers tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -n auto
+
+## lint, type-check and run the whole test suite
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Example handler modules for the example organism (organism.yaml)."""

@@ -1,0 +1,377 @@
+"""organism.yaml -> Organism, reporting every problem at once with its line.
+
+The file is composed into YAML nodes (not plain dicts) so each value keeps the
+line it came from. Validation runs in two passes: the shape of the document
+(unknown keys, missing keys, wrong types, bad values) and then what the values
+name (imports, async handlers, peers, duplicate names). Both passes collect
+problems instead of stopping at the first, because an operator editing the
+file wants the whole list in one go.
+
+The directory holding organism.yaml is put first on ``sys.path`` so that
+handler modules next to it (``workers.hello``) import as written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xml_pipeline.message.payload_codec import PayloadTypeError, codec_for
+from xml_pipeline.organism import LISTENER_NAME, Listener, Organism, PumpLimits, is_reserved
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+BACKEND_TYPES = ("memory", "manager", "redis")
+AVAILABLE_BACKENDS = ("memory",)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    line: int | None
+    message: str
+
+    def render(self, path: str) -> str:
+        return f"{path}:{self.line}: {self.message}" if self.line else f"{path}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, problems: list[Problem]) -> None:
+        self.path = path
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.message))
+        super().__init__("\n".join(problem.render(path) for problem in self.problems))
+
+
+Check = Callable[[Any], "str | None"]
+_Entries = dict[str, tuple[yaml.Node, yaml.Node]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    kind: type | tuple[type, ...]
+    required: bool = False
+    check: Check | None = None
+    what: str = ""
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least(minimum: int) -> Check:
+    return lambda value: None if value >= minimum else f"must be at least {minimum}"
+
+
+def _between(low: int, high: int) -> Check:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _listener_name(value: Any) -> str | None:
+    if not LISTENER_NAME.match(value):
+        return "is not a valid listener name (letters, digits, _ and -, parts joined by dots)"
+    if is_reserved(value):
+        return "starts with 'system', which is reserved for built-in listeners"
+    return None
+
+
+_NUMBER = (int, float)
+_SECTIONS: dict[str, dict[str, _Key]] = {
+    "organism": {
+        "name": _Key(str, required=True),
+        "log_level": _Key(str, check=_one_of(LOG_LEVELS)),
+    },
+    "pump": {
+        "queue_size": _Key(int, check=_at_least(1)),
+        "max_in_flight": _Key(int, check=_at_least(1)),
+        "max_message_bytes": _Key(int, check=_at_least(256)),
+        "max_depth": _Key(int, check=_between(4, 255)),
+        "repair": _Key(bool),
+        "enqueue_timeout_seconds": _Key(_NUMBER, check=_positive),
+        "mailbox_size": _Key(int, check=_at_least(1)),
+        "max_slots_per_thread": _Key(int, check=_at_least(1)),
+        "max_conversations": _Key(int, check=_at_least(1)),
+    },
+    "backend": {
+        "type": _Key(str, check=_one_of(BACKEND_TYPES)),
+        "redis_url": _Key(str),
+        "redis_prefix": _Key(str),
+        "redis_ttl": _Key(int, check=_at_least(1)),
+    },
+    "process_pool": {
+        "workers": _Key(int, check=_at_least(1)),
+        "max_tasks_per_child": _Key(int, check=_at_least(1)),
+    },
+}
+_LISTENER_KEYS: dict[str, _Key] = {
+    "name": _Key(str, required=True, check=_listener_name),
+    "payload_class": _Key((str, list), required=True),
+    "handler": _Key(str, required=True),
+    "description": _Key(str),
+    "peers": _Key(list),
+    "agent": _Key(bool),
+    "cpu_bound": _Key(bool),
+    "timeout_seconds": _Key(_NUMBER, check=_positive),
+    "max_concurrency": _Key(int, check=_at_least(1)),
+}
+_TOP_LEVEL = {*_SECTIONS, "listeners"}
+_TYPE_WORDS = {str: "a string", int: "a whole number", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+def _describe(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        if kind == _NUMBER:
+            return "a number"
+        return " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kind)
+    return _TYPE_WORDS.get(kind, kind.__name__)
+
+
+class _Reader:
+    """Walks the node tree, turning nodes into values and collecting problems."""
+
+    def __init__(self, loader: yaml.SafeLoader) -> None:
+        self.loader = loader
+        self.problems: list[Problem] = []
+
+    def problem(self, node: yaml.Node | None, message: str) -> None:
+        self.problems.append(Problem(node.start_mark.line + 1 if node is not None else None, message))
+
+    def value(self, node: yaml.Node) -> Any:
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, where: str) -> _Entries | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, f"{where} must be a mapping of keys to values")
+            return None
+        entries: _Entries = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            if not isinstance(key, str):
+                self.problem(key_node, f"{where}: keys must be strings, not {key!r}")
+                continue
+            if key in entries:
+                self.problem(key_node, f"{where}: '{key}' is given twice")
+            entries[key] = (key_node, value_node)
+        return entries
+
+    def section(self, node: yaml.Node, where: str, keys: dict[str, _Key]) -> tuple[dict[str, Any], _Entries]:
+        """Check a mapping against ``keys``; return the values that passed, and every entry."""
+        entries = self.mapping(node, where)
+        if entries is None:
+            return {}, {}
+        values: dict[str, Any] = {}
+        for key, (key_node, value_node) in entries.items():
+            spec = keys.get(key)
+            if spec is None:
+                self.problem(key_node, f"{where}: unknown key '{key}' (known keys: {', '.join(keys)})")
+                continue
+            value = self.value(value_node)
+            is_bool_for_number = isinstance(value, bool) and spec.kind in (int, _NUMBER)
+            if is_bool_for_number or not isinstance(value, spec.kind):
+                self.problem(value_node, f"{where}.{key} must be {_describe(spec.kind)}, not {value!r}")
+                continue
+            message = spec.check(value) if spec.check is not None else None
+            if message is not None:
+                self.problem(value_node, f"{where}.{key} {message}: {value!r}")
+                continue
+            values[key] = value
+        for key, spec in keys.items():
+            if spec.required and key not in entries:
+                self.problem(node, f"{where}: '{key}' is missing")
+        return values, entries
+
+
+@dataclass(slots=True)
+class _ListenerSpec:
+    line: int
+    values: dict[str, Any]
+    nodes: dict[str, yaml.Node] = field(default_factory=dict)
+    named: bool = True
+    """False when the name is missing or invalid: checked, but never built."""
+
+
+def _import(dotted: str) -> Any:
+    """Import ``package.module.attr`` (or ``package.module:attr``)."""
+    if ":" in dotted:
+        module_name, _, attribute = dotted.partition(":")
+    else:
+        module_name, _, attribute = dotted.rpartition(".")
+    if not module_name or not attribute:
+        raise ImportError(f"'{dotted}' is not a dotted path like package.module.name")
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
+    values, nodes = spec.values, spec.nodes
+    name = values["name"]
+    where = f"listener '{name}'"
+    class_paths = values["payload_class"]
+    class_paths = [class_paths] if isinstance(class_paths, str) else class_paths
+    classes: list[type] = []
+    for path in class_paths:
+        if not isinstance(path, str):
+            reader.problem(nodes["payload_class"], f"{where}: payload_class entries must be dotted paths, not {path!r}")
+            continue
+        try:
+            cls = _import(path)
+        except Exception as exc:
+            reader.problem(
+                nodes["payload_class"], f"{where}: cannot import payload class '{path}': {type(exc).__name__}: {exc}"
+            )
+            continue
+        try:
+            codec_for(cls)
+        except PayloadTypeError as exc:
+            reader.problem(nodes["payload_class"], f"{where}: payload class '{path}' cannot be an XML contract: {exc}")
+            continue
+        classes.append(cls)
+    handler_path = values["handler"]
+    handler: Any = None
+    try:
+        handler = _import(handler_path)
+    except Exception as exc:
+        reader.problem(
+            nodes["handler"], f"{where}: cannot import handler '{handler_path}': {type(exc).__name__}: {exc}"
+        )
+    if handler is not None and not inspect.iscoroutinefunction(handler):
+        reader.problem(
+            nodes["handler"], f"{where}: handler '{handler_path}' is not an async function (write 'async def')"
+        )
+        handler = None
+    if values.get("cpu_bound"):
+        reader.problem(
+            nodes["cpu_bound"],
+            f"{where}: cpu_bound listeners need the process pool, which this version does not provide yet",
+        )
+    if handler is None or len(classes) != len(class_paths) or not spec.named:
+        return None
+    try:
+        return Listener(
+            name,
+            classes,
+            handler,
+            description=values.get("description", ""),
+            peers=values.get("peers"),
+            agent=values.get("agent", False),
+            cpu_bound=values.get("cpu_bound", False),
+            timeout_seconds=float(values.get("timeout_seconds", 30.0)),
+            max_concurrency=values.get("max_concurrency", 16),
+        )
+    except (ValueError, TypeError) as exc:
+        reader.problem(nodes["name"], f"{where}: {exc}")
+        return None
+
+
+def _read_listeners(reader: _Reader, node: yaml.Node) -> list[_ListenerSpec]:
+    if not isinstance(node, yaml.SequenceNode):
+        reader.problem(node, "listeners must be a list of listener mappings")
+        return []
+    specs: list[_ListenerSpec] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(node.value):
+        where = f"listeners[{index}]"
+        values, entries = reader.section(item, where, _LISTENER_KEYS)
+        if not all(key in values for key in ("payload_class", "handler")):
+            continue
+        name = values.get("name")
+        if name is None:  # missing or invalid, already reported; still check the rest
+            values["name"] = where
+        elif name in seen:
+            reader.problem(entries["name"][1], f"listener '{name}' is defined twice (first on line {seen[name]})")
+            continue
+        else:
+            seen[name] = item.start_mark.line + 1
+        nodes = {key: value_node for key, (_, value_node) in entries.items()}
+        specs.append(_ListenerSpec(item.start_mark.line + 1, values, nodes, named=name is not None))
+    if not node.value:
+        reader.problem(node, "listeners is empty: an organism needs at least one listener")
+    for spec in specs:
+        peers = spec.values.get("peers")
+        if peers is None:
+            continue
+        for peer in peers:
+            if not isinstance(peer, str) or (peer not in seen and not is_reserved(peer)):
+                reader.problem(
+                    spec.nodes["peers"],
+                    f"listener '{spec.values['name']}': peer {peer!r} is not a listener of this organism",
+                )
+    return specs
+
+
+def load_organism_text(text: str, path: str = "organism.yaml") -> Organism:
+    """Build an Organism from YAML text; raises ConfigError listing every problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(path, [Problem(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+        if root is None:
+            raise ConfigError(path, [Problem(None, "the file is empty")])
+        reader = _Reader(loader)
+        entries = reader.mapping(root, "the file")
+        if entries is None:
+            raise ConfigError(path, reader.problems)
+        for key, (key_node, _) in entries.items():
+            if key not in _TOP_LEVEL:
+                reader.problem(key_node, f"unknown top-level key '{key}' (known keys: {', '.join(sorted(_TOP_LEVEL))})")
+        sections = {
+            name: reader.section(entries[name][1], name, keys)[0] if name in entries else {}
+            for name, keys in _SECTIONS.items()
+        }
+        if "organism" not in entries:
+            reader.problem(root, "the 'organism' section is missing")
+        if "listeners" not in entries:
+            reader.problem(root, "the 'listeners' section is missing")
+        backend_type = sections["backend"].get("type", "memory")
+        if backend_type not in AVAILABLE_BACKENDS:
+            reader.problem(
+                entries["backend"][1],
+                f"backend.type '{backend_type}' is not available in this version"
+                f" (available: {', '.join(AVAILABLE_BACKENDS)})",
+            )
+        specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
+        limits: PumpLimits | None = None
+        try:
+            limits = PumpLimits(**sections["pump"])
+        except ValueError as exc:
+            reader.problem(entries["pump"][1] if "pump" in entries else None, f"pump: {exc}")
+        listeners = [listener for spec in specs if (listener := _build_listener(reader, spec)) is not None]
+        if reader.problems or limits is None:
+            raise ConfigError(path, reader.problems)
+        organism = Organism.of(sections["organism"]["name"], listeners, limits)
+        organism.settings = {
+            "log_level": sections["organism"].get("log_level", "info"),
+            "backend": sections["backend"],
+            "process_pool": sections["process_pool"],
+        }
+        return organism
+    finally:
+        loader.dispose()
+
+
+def load_organism(path: str | Path) -> Organism:
+    """Read organism.yaml at ``path``; its directory becomes importable first."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [Problem(None, "the file is not UTF-8 text")]) from None
+    base = str(file.resolve().parent)
+    if base not in sys.path:
+        sys.path.insert(0, base)
+    return load_organism_text(text, str(path))

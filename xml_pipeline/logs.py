@@ -1,0 +1,39 @@
+"""One line per event on stderr, in a form journald and grep both like.
+
+Tracebacks are folded onto the event's line (`` | `` between frames) so a log
+line is always a whole event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class _LineFormatter(logging.Formatter):
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        if self.as_json:
+            return json.dumps(
+                {"ts": stamp, "level": record.levelname.lower(), "logger": record.name, "msg": message},
+                ensure_ascii=False,
+            )
+        return f"{stamp} {record.levelname} {record.name} {message.replace(chr(10), ' | ')}"
+
+
+def configure_logging(level: str = "info", *, as_json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter(as_json))
+    root = logging.getLogger("xml_pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,125 @@
+"""The default backend: plain dicts in this process, guarded by one lock.
+
+The lock makes every method atomic with respect to threads of this process
+(the pump runs on one event-loop thread, but tools and tests may not).
+Nothing is shared with other processes: ``is_shared`` is False.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from xml_pipeline.memory.shared_backend import BufferFull, TooManyThreads
+
+
+class InMemoryBackend:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: dict[str, list[bytes]] = {}
+        self._chain_to_uuid: dict[str, str] = {}
+        self._uuid_to_chain: dict[str, str] = {}
+        self._closed = False
+
+    @property
+    def is_shared(self) -> bool:
+        return False
+
+    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
+        with self._lock:
+            slots = self._buffers.get(thread_id)
+            if slots is None:
+                if len(self._buffers) >= max_threads:
+                    raise TooManyThreads(f"the buffer holds {len(self._buffers)} threads already")
+                slots = self._buffers[thread_id] = []
+            elif len(slots) >= max_slots:
+                raise BufferFull(f"thread {thread_id} holds {len(slots)} slots already")
+            slots.append(slot)
+            return len(slots) - 1
+
+    def buffer_get_thread(self, thread_id: str) -> list[bytes]:
+        with self._lock:
+            return list(self._buffers.get(thread_id, ()))
+
+    def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
+        with self._lock:
+            slots = self._buffers.get(thread_id)
+            if slots is None or not 0 <= index < len(slots):
+                return None
+            return slots[index]
+
+    def buffer_thread_len(self, thread_id: str) -> int:
+        with self._lock:
+            return len(self._buffers.get(thread_id, ()))
+
+    def buffer_thread_exists(self, thread_id: str) -> bool:
+        with self._lock:
+            return thread_id in self._buffers
+
+    def buffer_delete_thread(self, thread_id: str) -> bool:
+        with self._lock:
+            return self._buffers.pop(thread_id, None) is not None
+
+    def buffer_list_threads(self) -> list[str]:
+        with self._lock:
+            return list(self._buffers)
+
+    def buffer_clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+    def registry_set(self, chain: str, uuid: str) -> None:
+        with self._lock:
+            previous = self._chain_to_uuid.get(chain)
+            if previous is not None and previous != uuid:
+                self._uuid_to_chain.pop(previous, None)
+            self._chain_to_uuid[chain] = uuid
+            self._uuid_to_chain[uuid] = chain
+
+    def registry_get_or_set(self, chain: str, uuid: str) -> str:
+        with self._lock:
+            existing = self._chain_to_uuid.get(chain)
+            if existing is not None:
+                return existing
+            self._chain_to_uuid[chain] = uuid
+            self._uuid_to_chain[uuid] = chain
+            return uuid
+
+    def registry_get_uuid(self, chain: str) -> str | None:
+        return self._chain_to_uuid.get(chain)
+
+    def registry_get_chain(self, uuid: str) -> str | None:
+        return self._uuid_to_chain.get(uuid)
+
+    def registry_delete(self, uuid: str) -> bool:
+        with self._lock:
+            chain = self._uuid_to_chain.pop(uuid, None)
+            if chain is None:
+                return False
+            if self._chain_to_uuid.get(chain) == uuid:
+                del self._chain_to_uuid[chain]
+            return True
+
+    def registry_list_all(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._uuid_to_chain)
+
+    def registry_clear(self) -> None:
+        with self._lock:
+            self._chain_to_uuid.clear()
+            self._uuid_to_chain.clear()
+
+    def ping(self) -> bool:
+        return not self._closed
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "type": "memory",
+                "threads": len(self._uuid_to_chain),
+                "buffers": len(self._buffers),
+                "slots": sum(len(slots) for slots in self._buffers.values()),
+            }
+
+    def close(self) -> None:
+        self._closed = True

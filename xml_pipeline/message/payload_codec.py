@@ -1,0 +1,475 @@
+"""Payload dataclasses <-> XML elements, and the XSD that is their contract.
+
+A payload class maps to one element named after the class (or its
+``__xml_name__``), optionally in the namespace ``__xml_namespace__``; each field
+is a child element in declaration order. The XSD is derived from the same type
+analysis that drives reading and writing, so the three cannot drift apart.
+
+Encoding rules, chosen so that every value round-trips exactly:
+
+* ``str`` is element text; ``""`` is an empty element, distinct from absence.
+* ``int`` -> ``xs:integer``, ``float`` -> ``xs:double`` (``INF``, ``-INF``,
+  ``NaN``), ``bool`` -> ``xs:boolean``, ``bytes`` -> ``xs:base64Binary``.
+* ``Enum`` -> the member's value as text, restricted to the known values.
+* ``list[T]`` -> a wrapper element holding one ``<item>`` per entry, so that
+  an empty list (``<tags/>``) differs from ``None`` (element absent).
+* nested dataclasses -> a child element holding the nested fields.
+* ``Optional[T]``: ``None`` is the element left out when the field's default is
+  ``None`` (or it has none), otherwise ``xsi:nil="true"``; list items that are
+  ``None`` are always ``xsi:nil``.
+* a field with a default may be absent from the XML; it then takes the default.
+
+Strings must consist of XML 1.0 characters; writing one that does not raises
+:class:`PayloadTypeError` rather than producing a document nobody can parse.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import math
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, Union
+
+from lxml import etree
+
+from xml_pipeline.message.safe_xml import parse_untrusted, schema_error
+
+XSI_NIL = "{http://www.w3.org/2001/XMLSchema-instance}nil"
+_NIL_TRUE = ("true", "1")
+ITEM = "item"
+
+
+class PayloadTypeError(TypeError):
+    """A payload class uses a type we cannot map, or a value does not fit its field."""
+
+
+class PayloadDecodeError(ValueError):
+    """XML that passed the schema still could not become the dataclass."""
+
+
+class _Spec(Protocol):
+    def write(self, element: etree._Element, value: Any, path: str) -> None: ...
+    def read(self, element: etree._Element) -> Any: ...
+    def xsd_type(self, schema: _SchemaWriter) -> str: ...
+
+
+def _element_text(element: etree._Element) -> str:
+    """The element's character content, skipping any comments or PIs inside."""
+    text = element.text or ""
+    if len(element):
+        return text + "".join(child.tail or "" for child in element)
+    return text
+
+
+class _StrSpec:
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if not isinstance(value, str):
+            raise PayloadTypeError(f"{path}: expected str, got {type(value).__name__}")
+        if value:
+            try:
+                element.text = value
+            except ValueError as exc:
+                raise PayloadTypeError(f"{path}: {exc}") from None
+
+    def read(self, element: etree._Element) -> Any:
+        return _element_text(element)
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return "xs:string"
+
+
+class _IntSpec:
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if type(value) is bool or not isinstance(value, int):
+            raise PayloadTypeError(f"{path}: expected int, got {type(value).__name__}")
+        element.text = str(int(value))
+
+    def read(self, element: etree._Element) -> Any:
+        return int(_element_text(element).strip())
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return "xs:integer"
+
+
+class _FloatSpec:
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if type(value) is bool or not isinstance(value, (int, float)):
+            raise PayloadTypeError(f"{path}: expected float, got {type(value).__name__}")
+        number = float(value)
+        if math.isnan(number):
+            element.text = "NaN"
+        elif math.isinf(number):
+            element.text = "INF" if number > 0 else "-INF"
+        else:
+            element.text = repr(number)
+
+    def read(self, element: etree._Element) -> Any:
+        text = _element_text(element).strip()
+        if text == "INF":
+            return math.inf
+        if text == "-INF":
+            return -math.inf
+        return float(text)
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return "xs:double"
+
+
+class _BoolSpec:
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if not isinstance(value, bool):
+            raise PayloadTypeError(f"{path}: expected bool, got {type(value).__name__}")
+        element.text = "true" if value else "false"
+
+    def read(self, element: etree._Element) -> Any:
+        return _element_text(element).strip() in ("true", "1")
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return "xs:boolean"
+
+
+class _BytesSpec:
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if not isinstance(value, (bytes, bytearray)):
+            raise PayloadTypeError(f"{path}: expected bytes, got {type(value).__name__}")
+        if value:
+            element.text = base64.b64encode(value).decode("ascii")
+
+    def read(self, element: etree._Element) -> Any:
+        return base64.b64decode("".join(_element_text(element).split()))
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return "xs:base64Binary"
+
+
+class _EnumSpec:
+    def __init__(self, enum_cls: type[enum.Enum]) -> None:
+        self.enum_cls = enum_cls
+        self.by_text = {str(member.value): member for member in enum_cls}
+        if len(self.by_text) != len(enum_cls):
+            raise PayloadTypeError(f"enum {enum_cls.__qualname__}: two members share one text value")
+
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if not isinstance(value, self.enum_cls):
+            raise PayloadTypeError(f"{path}: expected {self.enum_cls.__name__}, got {type(value).__name__}")
+        text = str(value.value)
+        if text:
+            element.text = text
+
+    def read(self, element: etree._Element) -> Any:
+        return self.by_text[_element_text(element)]
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return schema.enum_type(self)
+
+
+class _ListSpec:
+    def __init__(self, item: _Spec, item_nullable: bool) -> None:
+        self.item = item
+        self.item_nullable = item_nullable
+
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if not isinstance(value, list):
+            raise PayloadTypeError(f"{path}: expected list, got {type(value).__name__}")
+        for index, entry in enumerate(value):
+            child = etree.SubElement(element, ITEM)
+            if entry is None:
+                if not self.item_nullable:
+                    raise PayloadTypeError(f"{path}[{index}]: None in a list of non-optional items")
+                child.set(XSI_NIL, "true")
+            else:
+                self.item.write(child, entry, f"{path}[{index}]")
+
+    def read(self, element: etree._Element) -> Any:
+        item = self.item
+        return [
+            None if child.get(XSI_NIL) in _NIL_TRUE else item.read(child)
+            for child in element.iterchildren(etree.Element)
+        ]
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return schema.list_type(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _FieldPlan:
+    name: str
+    spec: _Spec
+    nullable: bool
+    required: bool
+    default: Any
+    default_factory: Callable[[], Any] | None
+
+    def default_value(self) -> Any:
+        if self.default_factory is not None:
+            return self.default_factory()
+        return self.default
+
+    @property
+    def omit_none(self) -> bool:
+        """Whether ``None`` can be written by leaving the element out."""
+        if self.required:
+            return True
+        return self.default_factory is None and self.default is None
+
+
+class _DataclassSpec:
+    """Reads and writes one dataclass's fields as child elements."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.fields: tuple[_FieldPlan, ...] = ()
+
+    def write(self, element: etree._Element, value: Any, path: str) -> None:
+        if type(value) is not self.cls:
+            raise PayloadTypeError(f"{path}: expected {self.cls.__name__}, got {type(value).__name__}")
+        sub = etree.SubElement
+        for plan in self.fields:
+            field_value = getattr(value, plan.name)
+            if field_value is None:
+                if not plan.nullable:
+                    raise PayloadTypeError(f"{path}.{plan.name}: None in a non-optional field")
+                if not plan.omit_none:
+                    sub(element, plan.name).set(XSI_NIL, "true")
+                continue
+            plan.spec.write(sub(element, plan.name), field_value, f"{path}.{plan.name}")
+
+    def read(self, element: etree._Element) -> Any:
+        children: dict[Any, etree._Element] = {}
+        for child in element.iterchildren(etree.Element):
+            children[child.tag] = child
+        kwargs: dict[str, Any] = {}
+        for plan in self.fields:
+            found = children.get(plan.name)
+            if found is None:
+                if plan.required:
+                    if not plan.nullable:
+                        raise PayloadDecodeError(f"<{plan.name}> is missing")
+                    kwargs[plan.name] = None
+                else:
+                    kwargs[plan.name] = plan.default_value()
+            elif found.get(XSI_NIL) in _NIL_TRUE:
+                kwargs[plan.name] = None
+            else:
+                kwargs[plan.name] = plan.spec.read(found)
+        return self.cls(**kwargs)
+
+    def xsd_type(self, schema: _SchemaWriter) -> str:
+        return schema.complex_type(self)
+
+
+_SCALARS: dict[Any, _Spec] = {
+    str: _StrSpec(),
+    int: _IntSpec(),
+    float: _FloatSpec(),
+    bool: _BoolSpec(),
+    bytes: _BytesSpec(),
+}
+
+
+class _TypeAnalyzer:
+    """Turns annotations into specs, sharing one spec per dataclass (recursion-safe)."""
+
+    def __init__(self) -> None:
+        self.dataclasses: dict[type, _DataclassSpec] = {}
+
+    def spec_for(self, annotation: Any, where: str) -> tuple[_Spec, bool]:
+        """Return the spec for ``annotation`` and whether ``None`` is allowed."""
+        origin = typing.get_origin(annotation)
+        if origin in (Union, types.UnionType):
+            members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+            if len(members) != 1 or len(typing.get_args(annotation)) != 2:
+                raise PayloadTypeError(f"{where}: only Optional[T] unions are supported, not {annotation}")
+            spec, _ = self.spec_for(members[0], where)
+            return spec, True
+        if origin is list:
+            (item_annotation,) = typing.get_args(annotation) or (None,)
+            if item_annotation is None:
+                raise PayloadTypeError(f"{where}: list needs an item type, e.g. list[str]")
+            item_spec, item_nullable = self.spec_for(item_annotation, f"{where}[]")
+            return _ListSpec(item_spec, item_nullable), False
+        if annotation in _SCALARS:
+            return _SCALARS[annotation], False
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            return _EnumSpec(annotation), False
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            return self.dataclass_spec(annotation), False
+        raise PayloadTypeError(f"{where}: unsupported type {annotation!r}")
+
+    def dataclass_spec(self, cls: type) -> _DataclassSpec:
+        known = self.dataclasses.get(cls)
+        if known is not None:
+            return known
+        spec = _DataclassSpec(cls)
+        self.dataclasses[cls] = spec
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception as exc:  # NameError and friends from forward references
+            raise PayloadTypeError(f"{cls.__qualname__}: cannot resolve annotations: {exc}") from None
+        plans = []
+        for field in dataclasses.fields(cls):
+            if not field.init:
+                raise PayloadTypeError(f"{cls.__qualname__}.{field.name}: init=False fields cannot travel")
+            field_spec, nullable = self.spec_for(hints[field.name], f"{cls.__qualname__}.{field.name}")
+            has_default = field.default is not dataclasses.MISSING
+            factory = field.default_factory if field.default_factory is not dataclasses.MISSING else None
+            plans.append(
+                _FieldPlan(
+                    name=field.name,
+                    spec=field_spec,
+                    nullable=nullable,
+                    required=not has_default and factory is None,
+                    default=field.default if has_default else None,
+                    default_factory=factory,
+                )
+            )
+        spec.fields = tuple(plans)
+        return spec
+
+
+XS = "http://www.w3.org/2001/XMLSchema"
+
+
+class _SchemaWriter:
+    """Accumulates named XSD types while specs describe themselves."""
+
+    def __init__(self, target_namespace: str | None) -> None:
+        nsmap = {"xs": XS, "tns": target_namespace} if target_namespace else {"xs": XS}
+        self.root = etree.Element(f"{{{XS}}}schema", nsmap=nsmap)
+        if target_namespace:
+            self.root.set("targetNamespace", target_namespace)
+        self.root.set("elementFormDefault", "unqualified")
+        self.names: dict[int, str] = {}
+        self.taken: set[str] = set()
+
+    def _name_for(self, key: object, hint: str) -> tuple[str, bool]:
+        existing = self.names.get(id(key))
+        if existing is not None:
+            return existing, False
+        base = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in hint)
+        name, counter = base, 1
+        while name in self.taken:
+            counter += 1
+            name = f"{base}_{counter}"
+        self.names[id(key)] = name
+        self.taken.add(name)
+        return name, True
+
+    def _prefixed(self, name: str) -> str:
+        return f"tns:{name}" if self.root.get("targetNamespace") else name
+
+    def complex_type(self, spec: _DataclassSpec) -> str:
+        name, new = self._name_for(spec, f"{spec.cls.__qualname__}_Type")
+        if new:
+            complex_type = etree.SubElement(self.root, f"{{{XS}}}complexType", name=name)
+            sequence = etree.SubElement(complex_type, f"{{{XS}}}sequence")
+            for plan in spec.fields:
+                element = etree.SubElement(sequence, f"{{{XS}}}element", name=plan.name)
+                element.set("type", plan.spec.xsd_type(self))
+                if not plan.required or plan.nullable:
+                    element.set("minOccurs", "0")
+                if plan.nullable:
+                    element.set("nillable", "true")
+        return self._prefixed(name)
+
+    def enum_type(self, spec: _EnumSpec) -> str:
+        name, new = self._name_for(spec.enum_cls, f"{spec.enum_cls.__qualname__}_Enum")
+        if new:
+            simple = etree.SubElement(self.root, f"{{{XS}}}simpleType", name=name)
+            restriction = etree.SubElement(simple, f"{{{XS}}}restriction", base="xs:string")
+            for text in spec.by_text:
+                etree.SubElement(restriction, f"{{{XS}}}enumeration", value=text)
+        return self._prefixed(name)
+
+    def list_type(self, spec: _ListSpec) -> str:
+        name, new = self._name_for(spec, f"List_{len(self.names)}")
+        if new:
+            complex_type = etree.SubElement(self.root, f"{{{XS}}}complexType", name=name)
+            sequence = etree.SubElement(complex_type, f"{{{XS}}}sequence")
+            item = etree.SubElement(sequence, f"{{{XS}}}element", name=ITEM, minOccurs="0", maxOccurs="unbounded")
+            item.set("type", spec.item.xsd_type(self))
+            if spec.item_nullable:
+                item.set("nillable", "true")
+        return self._prefixed(name)
+
+
+T = TypeVar("T")
+
+
+class PayloadCodec(typing.Generic[T]):
+    """The XML contract of one payload class: its tag, its schema, and both directions."""
+
+    cls: type[T]
+    tag: str
+    xml_name: str
+    namespace: str | None
+
+    def __init__(self, cls: type[T]) -> None:
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise PayloadTypeError(f"{cls!r} is not a dataclass")
+        self.cls = cls
+        self.xml_name = getattr(cls, "__xml_name__", None) or cls.__name__
+        self.namespace = getattr(cls, "__xml_namespace__", None)
+        self.tag = f"{{{self.namespace}}}{self.xml_name}" if self.namespace else self.xml_name
+        self._spec = _TypeAnalyzer().dataclass_spec(cls)
+        self.xsd = self._derive_xsd()
+        self.schema = etree.XMLSchema(etree.fromstring(self.xsd))
+
+    def _derive_xsd(self) -> bytes:
+        writer = _SchemaWriter(self.namespace)
+        root_type = self._spec.xsd_type(writer)
+        element = etree.Element(f"{{{XS}}}element", name=self.xml_name, type=root_type)
+        writer.root.insert(0, element)
+        return etree.tostring(writer.root, pretty_print=True)
+
+    def to_element(self, payload: T) -> etree._Element:
+        """Build the payload element; raises PayloadTypeError on a value that does not fit."""
+        nsmap = typing.cast(dict[str, str], {None: self.namespace}) if self.namespace else None
+        element = etree.Element(self.tag, nsmap=nsmap)
+        self._spec.write(element, payload, self.xml_name)
+        return element
+
+    def to_bytes(self, payload: T) -> bytes:
+        return etree.tostring(self.to_element(payload))
+
+    def validate(self, element: etree._Element) -> str | None:
+        """Validate ``element`` against the derived schema; the first error, or None."""
+        if self.schema.validate(etree.ElementTree(element)):
+            return None
+        return schema_error(self.schema)
+
+    def from_element(self, element: etree._Element) -> T:
+        """Build the dataclass from an element that already passed :meth:`validate`."""
+        try:
+            return typing.cast(T, self._spec.read(element))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PayloadDecodeError(f"<{self.xml_name}>: {exc}") from None
+
+    def from_bytes(self, data: bytes) -> T:
+        """Parse, validate and decode a standalone payload document (tests, tools, history)."""
+        element = parse_untrusted(data)
+        problem = self.validate(element)
+        if problem is not None:
+            raise PayloadDecodeError(problem)
+        return self.from_element(element)
+
+
+_codec_cache: dict[type, PayloadCodec[Any]] = {}
+
+
+def codec_for(cls: type[T]) -> PayloadCodec[T]:
+    """The cached codec of ``cls``; building one compiles a schema, so do it once."""
+    codec = _codec_cache.get(cls)
+    if codec is None:
+        codec = PayloadCodec(cls)
+        _codec_cache[cls] = codec
+    return codec
+
+
+def payload_type_name(cls: type) -> str:
+    """The importable name under which history records a payload's class."""
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -1,0 +1,61 @@
+"""Payloads the pump itself sends: errors, and "I did not understand".
+
+The Python class is ``SystemErrorPayload`` so that importing it never shadows
+the built-in ``SystemError``; on the wire its element is ``<SystemError>``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ErrorCode(enum.Enum):
+    """Why a message failed. Stable strings: clients may switch on them."""
+
+    MALFORMED_XML = "malformed-xml"
+    FORBIDDEN_DTD = "forbidden-dtd"
+    TOO_LARGE = "too-large"
+    TOO_DEEP = "too-deep"
+    ENVELOPE_INVALID = "envelope-invalid"
+    UNKNOWN_TARGET = "unknown-target"
+    PEER_NOT_ALLOWED = "peer-not-allowed"
+    PAYLOAD_INVALID = "payload-invalid"
+    HANDLER_ERROR = "handler-error"
+    HANDLER_TIMEOUT = "handler-timeout"
+    BAD_RESPONSE = "bad-response"
+    WORKER_CRASH = "worker-crash"
+    OVERLOAD = "overload"
+    HISTORY_FULL = "history-full"
+    SHUTTING_DOWN = "shutting-down"
+    INTERNAL = "internal"
+
+    @property
+    def retry_allowed(self) -> bool:
+        """Whether sending the same message again may succeed."""
+        return self in _TRANSIENT
+
+
+_TRANSIENT = frozenset({ErrorCode.HANDLER_TIMEOUT, ErrorCode.WORKER_CRASH, ErrorCode.OVERLOAD, ErrorCode.SHUTTING_DOWN})
+
+
+@dataclass(frozen=True, slots=True)
+class SystemErrorPayload:
+    """Delivered to the sender of a message that failed, on the message's thread."""
+
+    __xml_name__ = "SystemError"
+
+    code: ErrorCode
+    message: str
+    retry_allowed: bool = False
+    listener: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Huh:
+    """A listener's polite "I did not understand that" reply."""
+
+    __xml_name__ = "huh"
+
+    message: str
+    original: str = ""

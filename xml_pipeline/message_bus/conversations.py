@@ -1,0 +1,117 @@
+"""Conversations in flight, and the mailboxes where clients collect replies.
+
+A conversation starts when a client's message is accepted and ends when none of
+its messages is queued or being handled any more. Counting is exact because a
+handler's output is counted before its input is let go, so the count cannot
+touch zero mid-flight. At the end the pump deletes the conversation's threads
+and history; the client's mailbox stays with the client's Submission until the
+client drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+
+log = logging.getLogger("xml_pipeline.pump")
+
+
+class NoMoreReplies(LookupError):
+    """The conversation has ended and every reply has been collected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message addressed to a client (not a listener)."""
+
+    sender: str
+    to: str
+    thread: str
+    payload: Any
+    envelope: bytes
+
+    @property
+    def is_error(self) -> bool:
+        return isinstance(self.payload, SystemErrorPayload)
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        return self.payload.code if isinstance(self.payload, SystemErrorPayload) else None
+
+
+class Submission:
+    """A client's handle on what it sent: the thread to watch, and its replies.
+
+    ``thread_id`` is the conversation's root thread, where replies arrive; for
+    a message refused before it could start a conversation it is the thread the
+    client sent (or a fresh one if none could be read).
+    """
+
+    def __init__(self, thread_id: str, capacity: int) -> None:
+        self.thread_id = thread_id
+        self._replies: deque[Reply] = deque()
+        self._capacity = capacity
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self.dropped = 0
+
+    def deliver(self, reply: Reply) -> bool:
+        if len(self._replies) >= self._capacity:
+            self.dropped += 1
+            log.error(
+                "reply dropped: mailbox full thread=%s from=%s capacity=%d",
+                reply.thread,
+                reply.sender,
+                self._capacity,
+            )
+            return False
+        self._replies.append(reply)
+        self._arrived.set()
+        return True
+
+    def close(self) -> None:
+        """No more replies will come; waiting readers wake up."""
+        self._closed = True
+        self._arrived.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pending(self) -> list[Reply]:
+        """The replies that arrived and were not collected yet, without waiting."""
+        return list(self._replies)
+
+    async def next_reply(self, timeout: float) -> Reply:
+        """The next reply; TimeoutError if none comes in time, NoMoreReplies at the end."""
+        async with asyncio.timeout(timeout):
+            while not self._replies:
+                if self._closed:
+                    raise NoMoreReplies(self.thread_id)
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self._replies.popleft()
+
+    async def collect(self, timeout: float) -> list[Reply]:
+        """Every reply until the conversation ends; TimeoutError if it does not end in time."""
+        replies: list[Reply] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    replies.append(await self.next_reply(timeout))
+                except NoMoreReplies:
+                    return replies
+
+
+@dataclass(eq=False, slots=True)
+class Conversation:
+    id: str
+    initiator: str
+    submission: Submission | None
+    pending: int = 0
+    threads: set[str] = field(default_factory=set)

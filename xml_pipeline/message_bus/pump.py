@@ -1,0 +1,679 @@
+"""The message pump: one bounded queue, one dispatcher, handlers under limits.
+
+Flow of a message::
+
+    inject(bytes) -> limits, parse, envelope, target, peers, payload schema,
+                     thread -> record hop -> queue
+    dispatcher    -> global slot -> handler task
+    handler task  -> listener slot -> handler (timeout) -> release slots
+                  -> route the result (forward / respond / None) -> queue
+
+Handler outputs travel the same way as client input: they are written as XML,
+validated against the target's schema and decoded into a fresh instance, so a
+handler never shares a mutable object with another and nothing reaches a
+handler that its contract does not allow.
+
+Failures become ``SystemError`` payloads. One caused by a client's message goes
+back to the client at once. One caused by a listener goes to the sender of the
+failed message if that listener accepts ``SystemErrorPayload``, and otherwise
+climbs the call chain to the nearest caller that does, ending at the client.
+
+Slots are released before a result is routed, so a handler waiting for queue
+space never holds the capacity that the dispatcher needs to drain the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from xml_pipeline.handler import Handler, HandlerMetadata, HandlerResponse
+from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
+from xml_pipeline.message.envelope import (
+    best_effort_origin,
+    build_envelope,
+    read_envelope,
+    serialize_envelope,
+)
+from xml_pipeline.message.payload_codec import (
+    PayloadDecodeError,
+    PayloadTypeError,
+    codec_for,
+    payload_type_name,
+)
+from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
+from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
+from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id
+from xml_pipeline.organism import Listener, Organism
+
+log = logging.getLogger("xml_pipeline.pump")
+
+SYSTEM_SENDER = "system"
+
+ConversationEndHook = Callable[[str, tuple[BufferSlot, ...]], None]
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A validated message on its way to a handler."""
+
+    listener: Listener
+    payload: Any
+    sender: str
+    thread: str
+    conversation: Conversation
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: ErrorCode
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class PumpStats:
+    listeners: int
+    queue_depth: int
+    in_flight: int
+    conversations: int
+    threads: int
+    accepting: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownReport:
+    drained: bool
+    """True when every conversation finished before the deadline."""
+    cancelled: int
+    """Messages cut short at the deadline; each was reported to its client."""
+
+
+class PumpNotRunning(RuntimeError):
+    pass
+
+
+class Pump:
+    def __init__(
+        self,
+        organism: Organism,
+        *,
+        backend: SharedBackend | None = None,
+        on_conversation_end: ConversationEndHook | None = None,
+    ) -> None:
+        self.organism = organism
+        self.limits = organism.limits
+        self._xml_limits = organism.limits.xml_limits()
+        self._listeners: dict[str, Listener] = dict(organism.listeners)
+        shared = backend if backend is not None else InMemoryBackend()
+        self.registry = ThreadRegistry(shared)
+        self.buffer = ContextBuffer(
+            shared,
+            max_slots_per_thread=self.limits.max_slots_per_thread,
+            max_threads=self.limits.max_conversations,
+        )
+        self._on_conversation_end = on_conversation_end
+        self._conversations: dict[str, Conversation] = {}
+        self._pending_total = 0
+        self._running = 0
+        self._idle: asyncio.Event | None = None
+        self._queue: asyncio.Queue[_Delivery] | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._accepting = False
+        self.started_at: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("the pump is already running")
+        self._queue = asyncio.Queue(self.limits.queue_size)
+        self._slots = asyncio.Semaphore(self.limits.max_in_flight)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._runner = asyncio.create_task(self._run(), name="xml-pipeline-pump")
+        self._runner.add_done_callback(self._on_runner_done)
+        self._accepting = True
+        self.started_at = time.monotonic()
+        log.info("pump started organism=%s listeners=%d", self.organism.name, len(self._listeners))
+
+    async def __aenter__(self) -> Pump:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def stop(self, drain_timeout: float = 10.0) -> ShutdownReport:
+        """Refuse new messages, let in-flight conversations finish, then cancel what is left.
+
+        Everything cut short at the deadline is reported to its client as
+        ``shutting-down``; nothing disappears without a reply and a log line.
+        """
+        runner = self._runner
+        if runner is None:
+            return ShutdownReport(drained=True, cancelled=0)
+        self._accepting = False
+        assert self._idle is not None
+        assert self._queue is not None
+        drained = True
+        if not runner.done():
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                drained = False
+        cancelled = self._pending_total
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        while not self._queue.empty():
+            delivery = self._queue.get_nowait()
+            self._client_error(
+                delivery.conversation, ErrorCode.SHUTTING_DOWN, "the daemon stopped before this message was handled"
+            )
+            self._finish_one(delivery.conversation)
+        self._runner = None
+        log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
+        return ShutdownReport(drained=drained, cancelled=cancelled)
+
+    def _on_runner_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._accepting = False
+            log.critical("pump dispatcher died: %r", task.exception(), exc_info=task.exception())
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._dispatch(group), name="xml-pipeline-dispatcher")
+
+    async def _dispatch(self, group: asyncio.TaskGroup) -> None:
+        assert self._queue is not None
+        assert self._slots is not None
+        queue, slots = self._queue, self._slots
+        while True:
+            delivery = await queue.get()
+            await slots.acquire()
+            group.create_task(self._handle(delivery))
+
+    # ------------------------------------------------------------------ listeners
+    @property
+    def listeners(self) -> dict[str, Listener]:
+        return self._listeners
+
+    def register_generic_listener(
+        self,
+        name: str,
+        handler: Handler,
+        payload_classes: Iterable[type],
+        *,
+        peers: Iterable[str] | None = None,
+        timeout_seconds: float = 30.0,
+        max_concurrency: int = 16,
+        description: str = "",
+    ) -> Listener:
+        """Add a listener while running, e.g. a short-lived collector of replies."""
+        if name in self._listeners:
+            raise ValueError(f"a listener named {name!r} exists already")
+        listener = Listener(
+            name,
+            payload_classes,
+            handler,
+            peers=peers,
+            timeout_seconds=timeout_seconds,
+            max_concurrency=max_concurrency,
+            description=description,
+            system=name.startswith("system."),
+        )
+        self._listeners[name] = listener
+        return listener
+
+    def unregister_listener(self, name: str) -> bool:
+        """Remove a listener; messages already dispatched to it still finish."""
+        return self._listeners.pop(name, None) is not None
+
+    def replace_listeners(self, listeners: dict[str, Listener]) -> None:
+        """Swap in a new listener table (reload); in-flight deliveries keep their listener."""
+        ephemeral = {name: lst for name, lst in self._listeners.items() if name not in self.organism.listeners}
+        self._listeners = {**listeners, **ephemeral}
+
+    def stats(self) -> PumpStats:
+        return PumpStats(
+            listeners=len(self._listeners),
+            queue_depth=self._queue.qsize() if self._queue is not None else 0,
+            in_flight=self._running,
+            conversations=len(self._conversations),
+            threads=len(self.registry),
+            accepting=self._accepting,
+        )
+
+    # ------------------------------------------------------------------ ingress
+    async def inject_payload(
+        self, payload: Any, to: str, *, sender: str = "console", thread: str | None = None
+    ) -> Submission:
+        """Wrap ``payload`` in an envelope and :meth:`inject` it, exactly as a client would."""
+        element = codec_for(type(payload)).to_element(payload)
+        return await self.inject(serialize_envelope(sender, to, thread or new_thread_id(), element))
+
+    async def inject(self, raw: bytes) -> Submission:
+        """Accept one envelope from outside. Never raises for bad input: a refused
+        message comes back as a Submission whose first reply is the SystemError."""
+        if not self._accepting:
+            return self._refuse(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages")
+        try:
+            parsed = parse_checked(raw, self._xml_limits)
+        except XmlRejected as rejected:
+            return self._refuse(rejected.code, rejected.detail)
+        if parsed.repairs:
+            log.warning("message repaired before use: %s", "; ".join(parsed.repairs))
+        try:
+            envelope = read_envelope(parsed.root)
+        except XmlRejected as rejected:
+            sender, thread = best_effort_origin(parsed.root)
+            return self._refuse(rejected.code, rejected.detail, sender=sender, thread=thread)
+        sender, thread, to = envelope.sender, envelope.thread, envelope.to
+        if to is None:
+            return self._refuse(
+                ErrorCode.ENVELOPE_INVALID,
+                "<meta> has no <to>: say which listener it is for",
+                sender=sender,
+                thread=thread,
+            )
+        listener = self._listeners.get(to)
+        if listener is None:
+            return self._refuse(ErrorCode.UNKNOWN_TARGET, f"no listener is named {to!r}", sender=sender, thread=thread)
+        sending_listener = self._listeners.get(sender)
+        if sending_listener is not None and not sending_listener.may_call(to):
+            return self._refuse(
+                ErrorCode.PEER_NOT_ALLOWED, f"{sender!r} may not send to {to!r}", sender=sender, thread=thread
+            )
+        codec = listener.codecs_by_tag.get(envelope.payload.tag)
+        if codec is None:
+            return self._refuse(
+                ErrorCode.PAYLOAD_INVALID,
+                f"{to!r} accepts {listener.accepted_names}, not <{etree.QName(envelope.payload).localname}>",
+                sender=sender,
+                thread=thread,
+            )
+        problem = codec.validate(envelope.payload)
+        if problem is not None:
+            return self._refuse(
+                ErrorCode.PAYLOAD_INVALID, f"<{codec.xml_name}>: {problem}", sender=sender, thread=thread
+            )
+        try:
+            payload = codec.from_element(envelope.payload)
+        except PayloadDecodeError as exc:
+            return self._refuse(ErrorCode.PAYLOAD_INVALID, str(exc), sender=sender, thread=thread)
+
+        conversation, delivery_thread = self._assign_thread(sender, to, thread)
+        if conversation is None:
+            return self._refuse(
+                ErrorCode.OVERLOAD, "too many conversations are open; try again later", sender=sender, thread=thread
+            )
+        assert conversation.submission is not None
+        payload_xml = etree.tostring(envelope.payload)
+        failure = self._record(conversation, sender, to, delivery_thread, payload, payload_xml)
+        self._begin_one(conversation)
+        if failure is None:
+            assert self._queue is not None
+            try:
+                self._queue.put_nowait(_Delivery(listener, payload, sender, delivery_thread, conversation))
+            except asyncio.QueueFull:
+                failure = _Failure(ErrorCode.OVERLOAD, "the pump's queue is full; try again later")
+        if failure is not None:
+            self._client_error(conversation, failure.code, failure.detail)
+            self._finish_one(conversation)
+        return conversation.submission
+
+    def _assign_thread(self, sender: str, to: str, thread: str) -> tuple[Conversation | None, str]:
+        """Continue the sender's own live thread, or start a new conversation."""
+        record = self.registry.lookup_record(thread)
+        if record is not None and record.chain[-1] == sender:
+            conversation = self._conversations.get(record.conversation)
+            if conversation is not None and conversation.submission is not None:
+                delivery_thread = self.registry.extend_chain(thread, to)
+                conversation.threads.add(delivery_thread)
+                return conversation, delivery_thread
+        if len(self._conversations) >= self.limits.max_conversations:
+            return None, thread
+        conversation_id, delivery_thread = self.registry.start_chain(sender, to)
+        conversation = Conversation(conversation_id, sender, Submission(conversation_id, self.limits.mailbox_size))
+        conversation.threads.update((conversation_id, delivery_thread))
+        self._conversations[conversation_id] = conversation
+        return conversation, delivery_thread
+
+    def _refuse(
+        self, code: ErrorCode, detail: str, *, sender: str | None = None, thread: str | None = None
+    ) -> Submission:
+        """A client message that never became part of a conversation: answer it directly."""
+        submission = Submission(thread or new_thread_id(), self.limits.mailbox_size)
+        submission.deliver(self._error_reply(code, detail, to=sender, thread=submission.thread_id, listener=""))
+        submission.close()
+        log.warning("message refused code=%s from=%s thread=%s: %s", code.value, sender, submission.thread_id, detail)
+        return submission
+
+    # ------------------------------------------------------------------ handling
+    async def _handle(self, delivery: _Delivery) -> None:
+        conversation = delivery.conversation
+        try:
+            assert self._slots is not None
+            try:
+                outcome = await self._invoke(delivery)
+            finally:
+                self._slots.release()
+            if isinstance(outcome, _Failure):
+                await self._report_to_caller(conversation, delivery.thread, outcome, delivery.listener.name)
+            else:
+                await self._route(delivery, outcome)
+        except asyncio.CancelledError:
+            self._client_error(
+                conversation, ErrorCode.SHUTTING_DOWN, f"{delivery.listener.name} was stopped at shutdown"
+            )
+            raise
+        except Exception:  # a bug in the pump itself: report it, never let it vanish
+            log.exception("internal error thread=%s listener=%s", delivery.thread, delivery.listener.name)
+            self._client_error(
+                conversation, ErrorCode.INTERNAL, "internal error in the pump; the daemon log has details"
+            )
+        finally:
+            self._finish_one(conversation)
+
+    async def _invoke(self, delivery: _Delivery) -> Any:
+        """Run the handler under its listener's limits; a _Failure if it did not finish well."""
+        listener = delivery.listener
+        try:
+            async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
+                await listener.slots.acquire()
+        except TimeoutError:
+            return _Failure(
+                ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {self.limits.enqueue_timeout_seconds:g}s"
+            )
+        try:
+            metadata = HandlerMetadata(
+                thread_id=delivery.thread,
+                from_id=delivery.sender,
+                own_name=listener.name,
+                conversation_id=delivery.conversation.id,
+                is_self_call=delivery.sender == listener.name,
+            )
+            deadline = asyncio.timeout(listener.timeout_seconds)
+            self._running += 1
+            try:
+                async with deadline:
+                    return await listener.handler(delivery.payload, metadata)
+            except TimeoutError as exc:
+                if deadline.expired():
+                    return _Failure(
+                        ErrorCode.HANDLER_TIMEOUT,
+                        f"{listener.name} did not finish within {listener.timeout_seconds:g}s",
+                    )
+                return self._handler_raised(delivery, exc)
+            except Exception as exc:
+                return self._handler_raised(delivery, exc)
+            finally:
+                self._running -= 1
+        finally:
+            listener.slots.release()
+
+    def _handler_raised(self, delivery: _Delivery, exc: Exception) -> _Failure:
+        log.debug("handler traceback listener=%s thread=%s", delivery.listener.name, delivery.thread, exc_info=exc)
+        return _Failure(ErrorCode.HANDLER_ERROR, f"{delivery.listener.name} raised {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ routing
+    async def _route(self, delivery: _Delivery, result: Any) -> None:
+        if result is None:
+            return
+        listener, conversation = delivery.listener, delivery.conversation
+        if not isinstance(result, HandlerResponse):
+            not_a_response = _Failure(
+                ErrorCode.BAD_RESPONSE,
+                f"{listener.name} returned {type(result).__name__}; a handler returns HandlerResponse or None",
+            )
+            await self._report_to_head(conversation, delivery.thread, not_a_response, listener.name)
+            return
+        if result.to is None:
+            pruned = self.registry.prune_for_response(delivery.thread)
+            if pruned is None:
+                log.warning(
+                    "response dropped: %s is the root of thread=%s and has no caller", listener.name, delivery.thread
+                )
+                return
+            target_name, thread = pruned.target, pruned.thread_id
+        else:
+            target_name = result.to
+            if target_name not in self._listeners:
+                await self._report_to_head(
+                    conversation,
+                    delivery.thread,
+                    _Failure(
+                        ErrorCode.UNKNOWN_TARGET, f"{listener.name} sent to {target_name!r}, which is no listener"
+                    ),
+                    listener.name,
+                )
+                return
+            if not listener.may_call(target_name):
+                await self._report_to_head(
+                    conversation,
+                    delivery.thread,
+                    _Failure(ErrorCode.PEER_NOT_ALLOWED, f"{listener.name} may not send to {target_name!r}"),
+                    listener.name,
+                )
+                return
+            thread = ""  # claimed below, once the payload is known to be deliverable
+        target = self._listeners.get(target_name)
+        failure: _Failure | None
+        if target is None:
+            failure = self._to_client(conversation, listener.name, target_name, thread, result.payload)
+        else:
+            failure = await self._send(
+                conversation, target, result.payload, listener.name, thread or None, delivery.thread
+            )
+        if failure is not None:
+            await self._report_to_head(conversation, delivery.thread, failure, listener.name)
+
+    def _prepare(self, target: Listener, payload: Any, sender: str) -> tuple[Any, bytes] | _Failure:
+        """Write ``payload`` as XML for ``target``, validate it, decode a fresh copy."""
+        codec = target.codecs_by_class.get(type(payload))
+        if codec is None:
+            return _Failure(
+                ErrorCode.BAD_RESPONSE,
+                f"{sender} sent {type(payload).__name__} to {target.name}, which accepts {target.accepted_names}",
+            )
+        try:
+            element = codec.to_element(payload)
+        except PayloadTypeError as exc:
+            return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {exc}")
+        problem = codec.validate(element)
+        if problem is not None:
+            return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {problem}")
+        try:
+            fresh = codec.from_element(element)
+        except PayloadDecodeError as exc:
+            return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an undecodable {codec.xml_name}: {exc}")
+        return fresh, etree.tostring(element)
+
+    async def _send(
+        self,
+        conversation: Conversation,
+        target: Listener,
+        payload: Any,
+        sender: str,
+        thread: str | None,
+        from_thread: str,
+    ) -> _Failure | None:
+        """Queue a message from a listener (or the system) to ``target``.
+
+        ``thread`` is the delivery thread for a response; ``None`` means a
+        forward, whose thread extends ``from_thread`` once the payload is valid.
+        """
+        prepared = self._prepare(target, payload, sender)
+        if isinstance(prepared, _Failure):
+            return prepared
+        fresh, payload_xml = prepared
+        if thread is None:
+            thread = self.registry.extend_chain(from_thread, target.name)
+            conversation.threads.add(thread)
+        failure = self._record(conversation, sender, target.name, thread, fresh, payload_xml)
+        if failure is not None:
+            return failure
+        assert self._queue is not None
+        self._begin_one(conversation)
+        try:
+            async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
+                await self._queue.put(_Delivery(target, fresh, sender, thread, conversation))
+        except TimeoutError:
+            self._finish_one(conversation)
+            return _Failure(
+                ErrorCode.OVERLOAD, f"the pump's queue stayed full for {self.limits.enqueue_timeout_seconds:g}s"
+            )
+        return None
+
+    def _to_client(
+        self, conversation: Conversation, sender: str, to: str, thread: str, payload: Any
+    ) -> _Failure | None:
+        """Deliver a message addressed to a non-listener into the client's mailbox."""
+        try:
+            codec = codec_for(type(payload))
+            element = codec.to_element(payload)
+        except PayloadTypeError as exc:
+            return _Failure(
+                ErrorCode.BAD_RESPONSE, f"{sender} responded with something that cannot travel as XML: {exc}"
+            )
+        fresh = codec.from_element(element)
+        payload_xml = etree.tostring(element)
+        failure = self._record(conversation, sender, to, thread, fresh, payload_xml)
+        if failure is not None:
+            log.warning("reply delivered unrecorded thread=%s: %s", thread, failure.detail)
+        envelope = etree.tostring(build_envelope(sender, to, thread, element))
+        reply = Reply(sender=sender, to=to, thread=thread, payload=fresh, envelope=envelope)
+        if conversation.submission is None:
+            log.warning("reply dropped: no client listens on thread=%s to=%s", thread, to)
+        else:
+            conversation.submission.deliver(reply)
+        return None
+
+    # ------------------------------------------------------------------ errors
+    async def _report_to_head(self, conversation: Conversation, thread: str, failure: _Failure, listener: str) -> None:
+        """An error caused by the listener at the head of ``thread``'s chain (its output was bad)."""
+        head = self._listeners.get(listener)
+        if head is not None and head.accepts_errors:
+            await self._error_to_listener(conversation, head, thread, failure, listener)
+        else:
+            await self._report_to_caller(conversation, thread, failure, listener)
+
+    async def _report_to_caller(
+        self, conversation: Conversation, thread: str, failure: _Failure, listener: str
+    ) -> None:
+        """An error in handling a message on ``thread``: it climbs to the nearest caller that can take it."""
+        log.warning(
+            "message failed code=%s listener=%s thread=%s: %s", failure.code.value, listener, thread, failure.detail
+        )
+        current = thread
+        while True:
+            pruned = self.registry.prune_for_response(current)
+            if pruned is None:
+                log.error(
+                    "error had no caller to go to code=%s listener=%s thread=%s", failure.code.value, listener, thread
+                )
+                return
+            caller = self._listeners.get(pruned.target)
+            if caller is None:
+                payload = _error_payload(failure, listener)
+                self._to_client(conversation, SYSTEM_SENDER, pruned.target, pruned.thread_id, payload)
+                return
+            if caller.accepts_errors:
+                await self._error_to_listener(conversation, caller, pruned.thread_id, failure, listener)
+                return
+            current = pruned.thread_id
+
+    async def _error_to_listener(
+        self, conversation: Conversation, target: Listener, thread: str, failure: _Failure, listener: str
+    ) -> None:
+        problem = await self._send(
+            conversation, target, _error_payload(failure, listener), SYSTEM_SENDER, thread, thread
+        )
+        if problem is not None:  # the error itself could not be delivered: tell the client instead
+            self._client_error(
+                conversation, failure.code, f"{failure.detail} (and it could not reach {target.name}: {problem.detail})"
+            )
+
+    def _client_error(self, conversation: Conversation, code: ErrorCode, detail: str) -> None:
+        """Straight into the client's mailbox; never awaits, so it works while cancelling."""
+        if conversation.submission is None:
+            log.error(
+                "error with no client to report to code=%s conversation=%s: %s", code.value, conversation.id, detail
+            )
+            return
+        reply = self._error_reply(code, detail, to=conversation.initiator, thread=conversation.id, listener="")
+        conversation.submission.deliver(reply)
+        log.warning("message failed code=%s conversation=%s: %s", code.value, conversation.id, detail)
+
+    def _error_reply(self, code: ErrorCode, detail: str, *, to: str | None, thread: str, listener: str) -> Reply:
+        payload = _error_payload(_Failure(code, detail), listener)
+        element = codec_for(SystemErrorPayload).to_element(payload)
+        envelope = etree.tostring(build_envelope(SYSTEM_SENDER, to, thread, element))
+        return Reply(sender=SYSTEM_SENDER, to=to or "", thread=thread, payload=payload, envelope=envelope)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record(
+        self, conversation: Conversation, sender: str, to: str, thread: str, payload: Any, payload_xml: bytes
+    ) -> _Failure | None:
+        try:
+            self.buffer.append(
+                conversation.id,
+                from_id=sender,
+                to_id=to,
+                hop_thread=thread,
+                payload_type=payload_type_name(type(payload)),
+                payload_xml=payload_xml,
+            )
+        except BufferFull:
+            return _Failure(
+                ErrorCode.HISTORY_FULL,
+                f"the conversation reached its limit of {self.limits.max_slots_per_thread} messages",
+            )
+        except TooManyThreads:
+            return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        return None
+
+    def _begin_one(self, conversation: Conversation) -> None:
+        """Count a message that is about to be queued; paired with :meth:`_finish_one`."""
+        conversation.pending += 1
+        self._pending_total += 1
+        if self._idle is not None:
+            self._idle.clear()
+
+    def _finish_one(self, conversation: Conversation) -> None:
+        conversation.pending -= 1
+        self._pending_total -= 1
+        if conversation.pending == 0:
+            self._end(conversation)
+        if self._pending_total == 0 and self._idle is not None:
+            self._idle.set()
+
+    def _end(self, conversation: Conversation) -> None:
+        """Nothing of the conversation is queued or running: forget its threads and history."""
+        if self._on_conversation_end is not None:
+            try:
+                self._on_conversation_end(conversation.id, self.buffer.get_thread(conversation.id))
+            except Exception:
+                log.exception("on_conversation_end hook failed conversation=%s", conversation.id)
+        self.registry.cleanup_many(conversation.threads)
+        self.buffer.delete_thread(conversation.id)
+        self._conversations.pop(conversation.id, None)
+        if conversation.submission is not None:
+            conversation.submission.close()
+
+
+def _error_payload(failure: _Failure, listener: str) -> SystemErrorPayload:
+    return SystemErrorPayload(
+        code=failure.code, message=failure.detail, retry_allowed=failure.code.retry_allowed, listener=listener
+    )
