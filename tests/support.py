@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from xml_pipeline import HandlerMetadata, HandlerResponse, SystemErrorPayload
+from xml_pipeline import Handler, HandlerMetadata, HandlerResponse, SystemErrorPayload
 from xml_pipeline.message.envelope import ENVELOPE_NS
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 
@@ -54,14 +54,15 @@ async def wrong_payload_for_caller(payload: Ping, metadata: HandlerMetadata) -> 
     return HandlerResponse.respond(Unrelated(1))
 
 
-async def forwards_to_echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse | None:
-    if isinstance(payload, Ping):
-        return HandlerResponse(payload, to="echo")
-    return HandlerResponse.respond(payload)
+def forwarder(target: str) -> Handler:
+    """A handler that forwards a Ping to ``target`` and responds with whatever comes back."""
 
+    async def forward(payload: Ping | Pong, metadata: HandlerMetadata) -> HandlerResponse:
+        if isinstance(payload, Ping):
+            return HandlerResponse(payload, to=target)
+        return HandlerResponse.respond(payload)
 
-async def forwards_to_ghost(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
-    return HandlerResponse(payload, to="ghost")
+    return forward
 
 
 async def forwards_to_raiser(payload: Ping | Pong | SystemErrorPayload, metadata: HandlerMetadata) -> HandlerResponse:
@@ -92,11 +93,12 @@ def misbehaving_organism(limits: PumpLimits | None = None) -> Organism:
             Listener("hanger", [Ping], hangs, timeout_seconds=0.2),
             Listener("liar", [Ping], wrong_type),
             Listener("stranger", [Ping], wrong_payload_for_caller),
-            Listener("relay", [Ping, Pong], forwards_to_echo, peers=["echo"]),
-            Listener("mute", [Ping, Pong], forwards_to_echo, peers=[]),
-            Listener("lost", [Ping], forwards_to_ghost),
+            Listener("relay", [Ping, Pong], forwarder("echo"), peers=["echo"]),
+            Listener("mute", [Ping, Pong], forwarder("echo"), peers=[]),
+            Listener("lost", [Ping], forwarder("ghost")),
+            Listener("asker", [Ping, Pong], forwarder("stranger")),
             Listener("guardian", [Ping, Pong, SystemErrorPayload], forwards_to_raiser, peers=["raiser"]),
-            Listener("team.alpha", [Ping, Pong], forwards_to_echo, peers=["echo"]),
+            Listener("team.alpha", [Ping, Pong], forwarder("system.echo"), peers=["system.echo"]),
         ],
         limits,
     )

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from xml_pipeline.handler import Handler
+from xml_pipeline.message.envelope import LISTENER_NAME
 from xml_pipeline.message.payload_codec import PayloadCodec, codec_for
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message.system_payloads import SystemErrorPayload
 
-LISTENER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*\Z")
 RESERVED_PREFIX = "system"
 """``system`` and ``system.*`` belong to the pump and its built-in listeners."""
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
+from xml_pipeline.message.envelope import LISTENER_NAME
 from xml_pipeline.message.payload_codec import PayloadTypeError, codec_for
-from xml_pipeline.organism import LISTENER_NAME, Listener, Organism, PumpLimits, is_reserved
+from xml_pipeline.organism import Listener, Organism, PumpLimits, is_reserved
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BACKEND_TYPES = ("memory", "manager", "redis")

@@ -5,6 +5,7 @@ The XSD ships in the package (``schemas/envelope.xsd``) and is compiled once.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -14,6 +15,9 @@ from xml_pipeline.message.safe_xml import XmlRejected, schema_error
 from xml_pipeline.message.system_payloads import ErrorCode
 
 ENVELOPE_NS = "https://xml-pipeline.org/ns/envelope/v1"
+LISTENER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*\Z")
+"""What ``from`` and ``to`` may hold; the same pattern as in envelope.xsd."""
+THREAD_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 _MESSAGE = f"{{{ENVELOPE_NS}}}message"
 _META = f"{{{ENVELOPE_NS}}}meta"
 _FROM = f"{{{ENVELOPE_NS}}}from"
@@ -61,10 +65,17 @@ def read_envelope(root: etree._Element) -> Envelope:
 
 
 def best_effort_origin(root: etree._Element) -> tuple[str | None, str | None]:
-    """(from, thread) of an envelope that failed validation, where they can be read."""
-    sender = root.findtext(f"{_META}/{_FROM}")
-    thread = root.findtext(f"{_META}/{_THREAD}")
-    return (sender.strip() if sender else None, thread.strip() if thread else None)
+    """(from, thread) of an envelope that failed validation, each only if it is valid.
+
+    An error reply must itself be a valid envelope, so a sender name or thread
+    that breaks the envelope's rules is not echoed back.
+    """
+    sender = (root.findtext(f"{_META}/{_FROM}") or "").strip()
+    thread = (root.findtext(f"{_META}/{_THREAD}") or "").strip()
+    return (
+        sender if LISTENER_NAME.match(sender) and len(sender) <= 200 else None,
+        thread if THREAD_ID.match(thread) else None,
+    )
 
 
 def build_envelope(sender: str, to: str | None, thread: str, payload: etree._Element) -> etree._Element:

@@ -18,6 +18,8 @@ Encoding rules, chosen so that every value round-trips exactly:
   ``None`` (or it has none), otherwise ``xsi:nil="true"``; list items that are
   ``None`` are always ``xsi:nil``.
 * a field with a default may be absent from the XML; it then takes the default.
+* with ``__xml_namespace__`` every element of the payload is in that namespace
+  (``elementFormDefault="qualified"``), as namespaced XML usually is.
 
 Strings must consist of XML 1.0 characters; writing one that does not raises
 :class:`PayloadTypeError` rather than producing a document nobody can parse.
@@ -168,15 +170,16 @@ class _EnumSpec:
 
 
 class _ListSpec:
-    def __init__(self, item: _Spec, item_nullable: bool) -> None:
+    def __init__(self, item: _Spec, item_nullable: bool, item_tag: str) -> None:
         self.item = item
         self.item_nullable = item_nullable
+        self.item_tag = item_tag
 
     def write(self, element: etree._Element, value: Any, path: str) -> None:
         if not isinstance(value, list):
             raise PayloadTypeError(f"{path}: expected list, got {type(value).__name__}")
         for index, entry in enumerate(value):
-            child = etree.SubElement(element, ITEM)
+            child = etree.SubElement(element, self.item_tag)
             if entry is None:
                 if not self.item_nullable:
                     raise PayloadTypeError(f"{path}[{index}]: None in a list of non-optional items")
@@ -198,6 +201,7 @@ class _ListSpec:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _FieldPlan:
     name: str
+    tag: str
     spec: _Spec
     nullable: bool
     required: bool
@@ -234,9 +238,9 @@ class _DataclassSpec:
                 if not plan.nullable:
                     raise PayloadTypeError(f"{path}.{plan.name}: None in a non-optional field")
                 if not plan.omit_none:
-                    sub(element, plan.name).set(XSI_NIL, "true")
+                    sub(element, plan.tag).set(XSI_NIL, "true")
                 continue
-            plan.spec.write(sub(element, plan.name), field_value, f"{path}.{plan.name}")
+            plan.spec.write(sub(element, plan.tag), field_value, f"{path}.{plan.name}")
 
     def read(self, element: etree._Element) -> Any:
         children: dict[Any, etree._Element] = {}
@@ -244,7 +248,7 @@ class _DataclassSpec:
             children[child.tag] = child
         kwargs: dict[str, Any] = {}
         for plan in self.fields:
-            found = children.get(plan.name)
+            found = children.get(plan.tag)
             if found is None:
                 if plan.required:
                     if not plan.nullable:
@@ -272,9 +276,14 @@ _SCALARS: dict[Any, _Spec] = {
 
 
 class _TypeAnalyzer:
-    """Turns annotations into specs, sharing one spec per dataclass (recursion-safe)."""
+    """Turns annotations into specs, sharing one spec per dataclass (recursion-safe).
 
-    def __init__(self) -> None:
+    Every element of a payload lives in the payload's namespace (none, usually),
+    so ``prefix`` is ``"{namespace}"`` or empty.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
         self.dataclasses: dict[type, _DataclassSpec] = {}
 
     def spec_for(self, annotation: Any, where: str) -> tuple[_Spec, bool]:
@@ -286,12 +295,12 @@ class _TypeAnalyzer:
                 raise PayloadTypeError(f"{where}: only Optional[T] unions are supported, not {annotation}")
             spec, _ = self.spec_for(members[0], where)
             return spec, True
-        if origin is list:
+        if annotation is list or origin is list:
             (item_annotation,) = typing.get_args(annotation) or (None,)
             if item_annotation is None:
                 raise PayloadTypeError(f"{where}: list needs an item type, e.g. list[str]")
             item_spec, item_nullable = self.spec_for(item_annotation, f"{where}[]")
-            return _ListSpec(item_spec, item_nullable), False
+            return _ListSpec(item_spec, item_nullable, self.prefix + ITEM), False
         if annotation in _SCALARS:
             return _SCALARS[annotation], False
         if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -320,6 +329,7 @@ class _TypeAnalyzer:
             plans.append(
                 _FieldPlan(
                     name=field.name,
+                    tag=self.prefix + field.name,
                     spec=field_spec,
                     nullable=nullable,
                     required=not has_default and factory is None,
@@ -342,7 +352,7 @@ class _SchemaWriter:
         self.root = etree.Element(f"{{{XS}}}schema", nsmap=nsmap)
         if target_namespace:
             self.root.set("targetNamespace", target_namespace)
-        self.root.set("elementFormDefault", "unqualified")
+        self.root.set("elementFormDefault", "qualified" if target_namespace else "unqualified")
         self.names: dict[int, str] = {}
         self.taken: set[str] = set()
 
@@ -415,7 +425,7 @@ class PayloadCodec(typing.Generic[T]):
         self.xml_name = getattr(cls, "__xml_name__", None) or cls.__name__
         self.namespace = getattr(cls, "__xml_namespace__", None)
         self.tag = f"{{{self.namespace}}}{self.xml_name}" if self.namespace else self.xml_name
-        self._spec = _TypeAnalyzer().dataclass_spec(cls)
+        self._spec = _TypeAnalyzer(f"{{{self.namespace}}}" if self.namespace else "").dataclass_spec(cls)
         self.xsd = self._derive_xsd()
         self.schema = etree.XMLSchema(etree.fromstring(self.xsd))
 

@@ -177,11 +177,7 @@ class Pump:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         while not self._queue.empty():
-            delivery = self._queue.get_nowait()
-            self._client_error(
-                delivery.conversation, ErrorCode.SHUTTING_DOWN, "the daemon stopped before this message was handled"
-            )
-            self._finish_one(delivery.conversation)
+            self._abandon(self._queue.get_nowait())
         self._runner = None
         log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
         return ShutdownReport(drained=drained, cancelled=cancelled)
@@ -201,7 +197,11 @@ class Pump:
         queue, slots = self._queue, self._slots
         while True:
             delivery = await queue.get()
-            await slots.acquire()
+            try:
+                await slots.acquire()
+            except asyncio.CancelledError:
+                self._abandon(delivery)
+                raise
             group.create_task(self._handle(delivery))
 
     # ------------------------------------------------------------------ listeners
@@ -529,6 +529,9 @@ class Pump:
         try:
             async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
                 await self._queue.put(_Delivery(target, fresh, sender, thread, conversation))
+        except asyncio.CancelledError:
+            self._finish_one(conversation)
+            raise
         except TimeoutError:
             self._finish_one(conversation)
             return _Failure(
@@ -621,6 +624,15 @@ class Pump:
         element = codec_for(SystemErrorPayload).to_element(payload)
         envelope = etree.tostring(build_envelope(SYSTEM_SENDER, to, thread, element))
         return Reply(sender=SYSTEM_SENDER, to=to or "", thread=thread, payload=payload, envelope=envelope)
+
+    def _abandon(self, delivery: _Delivery) -> None:
+        """A queued message that will never be handled (shutdown): report it and count it done."""
+        self._client_error(
+            delivery.conversation,
+            ErrorCode.SHUTTING_DOWN,
+            f"the daemon stopped before {delivery.listener.name} could handle this message",
+        )
+        self._finish_one(delivery.conversation)
 
     # ------------------------------------------------------------------ bookkeeping
     def _record(

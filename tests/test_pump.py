@@ -1,0 +1,223 @@
+"""Pump behaviour: limits, ordering, overload, ephemeral listeners, shutdown, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from tests.support import Bag, Ping, Pong, echo, envelope, ping_xml
+from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse
+from xml_pipeline.message_bus.conversations import NoMoreReplies
+from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.organism import Listener, Organism, PumpLimits
+from xml_pipeline.testing import ask, running
+
+
+class Gate:
+    """A handler that blocks until the test opens the gate, counting how many wait at once."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.active = 0
+        self.most_active = 0
+        self.seen: list[str] = []
+        self._changed = asyncio.Condition()
+
+    async def wait_for_active(self, count: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: self.active == count)
+
+    async def handler(self, payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        self.seen.append(payload.text)
+        async with self._changed:
+            self._changed.notify_all()
+        try:
+            await self.opened.wait()
+        finally:
+            self.active -= 1
+        return HandlerResponse.respond(Pong(payload.text))
+
+
+def organism(*listeners: Listener, **limits: object) -> Organism:
+    return Organism.of("test", [Listener("echo", [Ping], echo, peers=[]), *listeners], PumpLimits(**limits))  # type: ignore[arg-type]
+
+
+async def test_global_in_flight_limit_holds() -> None:
+    gate = Gate()
+    async with running(organism(Listener("gate", [Ping], gate.handler, max_concurrency=100), max_in_flight=3)) as pump:
+        submissions = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(10)]
+        await gate.wait_for_active(3)
+        assert pump.stats().in_flight == 3
+        gate.opened.set()
+        replies = [await s.next_reply(5) for s in submissions]
+    assert gate.most_active == 3
+    assert [r.payload for r in replies] == [Pong(str(i)) for i in range(10)]
+
+
+async def test_per_listener_concurrency_limit_holds() -> None:
+    gate = Gate()
+    async with running(organism(Listener("gate", [Ping], gate.handler, max_concurrency=2), max_in_flight=50)) as pump:
+        submissions = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(8)]
+        await gate.wait_for_active(2)
+        reply = await ask(pump, Ping("others still flow"), to="echo")
+        assert reply.payload == Pong("others still flow")
+        gate.opened.set()
+        for submission in submissions:
+            await submission.next_reply(5)
+    assert gate.most_active == 2
+
+
+async def test_single_concurrency_listener_handles_in_acceptance_order() -> None:
+    gate = Gate()
+    gate.opened.set()
+    async with running(organism(Listener("gate", [Ping], gate.handler, max_concurrency=1))) as pump:
+        submissions = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(50)]
+        for submission in submissions:
+            await submission.next_reply(5)
+    assert gate.seen == [str(i) for i in range(50)]
+
+
+async def test_full_queue_answers_overload_and_recovers() -> None:
+    gate = Gate()
+    async with running(organism(Listener("gate", [Ping], gate.handler), queue_size=2)) as pump:
+        # inject() does not yield to the loop, so nothing is dispatched between these calls
+        accepted = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(2)]
+        refused = await pump.inject_payload(Ping("one too many"), "gate")
+        error = await refused.next_reply(5)
+        assert error.error_code is ErrorCode.OVERLOAD
+        assert error.payload.retry_allowed is True
+        gate.opened.set()
+        assert [(await s.collect(5))[0].payload for s in accepted] == [Pong("0"), Pong("1")]
+        again = await pump.inject_payload(Ping("again"), "gate")
+        assert [reply.payload for reply in await again.collect(5)] == [Pong("again")]
+        assert pump.stats().conversations == 0
+        assert pump.registry.debug_dump() == {}
+
+
+async def test_ephemeral_listener_can_be_added_and_removed() -> None:
+    async with running(organism()) as pump:
+        pump.register_generic_listener("collector", echo, [Ping])
+        assert (await ask(pump, Ping("hi"), to="collector")).payload == Pong("hi")
+        with pytest.raises(ValueError, match="exists already"):
+            pump.register_generic_listener("collector", echo, [Ping])
+        assert pump.unregister_listener("collector") is True
+        assert (await ask(pump, Ping("hi"), to="collector")).error_code is ErrorCode.UNKNOWN_TARGET
+        assert pump.unregister_listener("collector") is False
+
+
+async def test_handlers_get_a_fresh_copy_never_the_senders_object() -> None:
+    sent: list[Bag] = []
+    received: list[Bag] = []
+
+    async def sender(payload: Bag, metadata: HandlerMetadata) -> HandlerResponse:
+        if metadata.from_id == "console":
+            outgoing = Bag(["a"])
+            sent.append(outgoing)
+            return HandlerResponse(outgoing, to="mutator")
+        return HandlerResponse.respond(payload)
+
+    async def mutator(payload: Bag, metadata: HandlerMetadata) -> HandlerResponse:
+        received.append(payload)
+        payload.items.append("changed")
+        return HandlerResponse.respond(payload)
+
+    org = organism(Listener("sender", [Bag], sender), Listener("mutator", [Bag], mutator))
+    async with running(org) as pump:
+        reply = await ask(pump, Bag(), to="sender")
+    assert reply.payload == Bag(["a", "changed"])
+    assert sent == [Bag(["a"])]
+    assert received[0] is not sent[0]
+
+
+async def test_metadata_tells_the_handler_who_called_and_where_it_is() -> None:
+    seen: list[HandlerMetadata] = []
+
+    async def recorder(payload: Ping | Pong, metadata: HandlerMetadata) -> HandlerResponse:
+        if isinstance(payload, Pong):  # the self-call's answer comes back here: pass it up
+            return HandlerResponse.respond(payload)
+        seen.append(metadata)
+        if payload.count > 1:
+            return HandlerResponse(Ping(payload.text, payload.count - 1), to="recorder")
+        return HandlerResponse.respond(Pong(payload.text))
+
+    async with running(organism(Listener("recorder", [Ping, Pong], recorder))) as pump:
+        submission = await pump.inject_payload(Ping("x", 2), "recorder", sender="alice")
+        assert [r.payload for r in await submission.collect(5)] == [Pong("x")]
+    first, second = seen
+    assert (first.from_id, first.own_name, first.is_self_call) == ("alice", "recorder", False)
+    assert (second.from_id, second.own_name, second.is_self_call) == ("recorder", "recorder", True)
+    assert first.conversation_id == second.conversation_id == submission.thread_id
+    assert len({first.thread_id, second.thread_id, submission.thread_id}) == 3
+
+
+async def test_runaway_conversation_stops_at_the_history_cap() -> None:
+    async def forever(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        return HandlerResponse(payload, to="loop")
+
+    async with running(organism(Listener("loop", [Ping], forever), max_slots_per_thread=20)) as pump:
+        submission = await pump.inject_payload(Ping("spin"), "loop")
+        error = await submission.next_reply(5)
+        await submission.collect(5)
+        assert pump.registry.debug_dump() == {}
+    assert error.error_code is ErrorCode.HISTORY_FULL
+
+
+async def test_client_may_continue_its_live_conversation() -> None:
+    gate = Gate()
+    async with running(organism(Listener("gate", [Ping], gate.handler))) as pump:
+        first = await pump.inject_payload(Ping("slow"), "gate")
+        again = await pump.inject(envelope(ping_xml("more"), thread=first.thread_id))
+        assert again is first
+        assert (await first.next_reply(5)).payload == Pong("more")
+        stranger = await pump.inject(envelope(ping_xml("mine"), sender="mallory", thread=first.thread_id))
+        assert stranger.thread_id != first.thread_id
+        assert (await stranger.next_reply(5)).payload == Pong("mine")
+        gate.opened.set()
+        assert (await first.next_reply(5)).payload == Pong("slow")
+
+
+async def test_stop_drains_in_flight_work() -> None:
+    async def slow(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        await asyncio.sleep(0.05)
+        return HandlerResponse.respond(Pong(payload.text))
+
+    pump = Pump(organism(Listener("slow", [Ping], slow)))
+    await pump.start()
+    submissions = [await pump.inject_payload(Ping(str(i)), "slow") for i in range(20)]
+    report = await pump.stop(drain_timeout=5)
+    assert (report.drained, report.cancelled) == (True, 0)
+    assert [s.pending()[0].payload for s in submissions] == [Pong(str(i)) for i in range(20)]
+    refused = await pump.inject_payload(Ping("late"), "slow")
+    assert (await refused.next_reply(1)).error_code is ErrorCode.SHUTTING_DOWN
+
+
+async def test_stop_reports_what_it_had_to_cut_short(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="xml_pipeline.pump")
+    gate = Gate()
+    pump = Pump(organism(Listener("gate", [Ping], gate.handler, timeout_seconds=60), max_in_flight=1))
+    await pump.start()
+    submissions = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(3)]
+    await gate.wait_for_active(1)
+    report = await pump.stop(drain_timeout=0.05)
+    assert (report.drained, report.cancelled) == (False, 3)
+    for submission in submissions:
+        assert (await submission.next_reply(1)).error_code is ErrorCode.SHUTTING_DOWN
+        with pytest.raises(NoMoreReplies):
+            await submission.next_reply(1)
+    assert pump.registry.debug_dump() == {}
+    assert pump.buffer.list_threads() == []
+
+
+async def test_repair_is_off_by_default_and_logged_when_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="xml_pipeline.pump")
+    slip = envelope(ping_xml("fixed")).replace(b"</message>", b"")
+    async with running(organism()) as strict:
+        assert (await (await strict.inject(slip)).next_reply(5)).error_code is ErrorCode.MALFORMED_XML
+    caplog.clear()
+    async with running(organism(repair=True)) as lenient:
+        assert (await (await lenient.inject(slip)).next_reply(5)).payload == Pong("fixed")
+    assert any("repaired" in record.getMessage() for record in caplog.records)

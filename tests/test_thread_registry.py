@@ -1,0 +1,89 @@
+"""ThreadRegistry: opaque UUIDs for call chains, per conversation."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.message_bus import thread_registry
+from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, get_registry, reset_registry
+
+
+def test_start_chain_gives_every_conversation_its_own_threads() -> None:
+    registry = ThreadRegistry()
+    first = registry.start_chain("console", "greeter")
+    second = registry.start_chain("console", "greeter")
+    assert len({*first, *second}) == 4
+    for value in (*first, *second):
+        assert str(uuid.UUID(value)) == value
+    assert registry.lookup(first[1]) == registry.lookup(second[1]) == "console.greeter"
+
+
+def test_extend_then_prune_walks_the_chain_back() -> None:
+    registry = ThreadRegistry()
+    root, at_router = registry.start_chain("console", "router")
+    at_greeter = registry.extend_chain(at_router, "greeter")
+    assert registry.lookup(at_greeter) == "console.router.greeter"
+    assert registry.prune_for_response(at_greeter) == Pruned("router", at_router)
+    assert registry.prune_for_response(at_router) == Pruned("console", root)
+    assert registry.prune_for_response(root) is None
+
+
+def test_extending_the_same_chain_twice_in_a_conversation_reuses_the_thread() -> None:
+    registry = ThreadRegistry()
+    _, thread = registry.start_chain("console", "router")
+    assert registry.extend_chain(thread, "greeter") == registry.extend_chain(thread, "greeter")
+
+
+def test_dotted_listener_names_stay_single_segments() -> None:
+    registry = ThreadRegistry()
+    root, thread = registry.start_chain("console", "system.buffer")
+    deeper = registry.extend_chain(thread, "team.alpha")
+    record = registry.lookup_record(deeper)
+    assert record is not None
+    assert record.chain == ("console", "system.buffer", "team.alpha")
+    assert registry.prune_for_response(deeper) == Pruned("system.buffer", thread)
+    assert registry.prune_for_response(thread) == Pruned("console", root)
+
+
+def test_root_and_get_or_create() -> None:
+    registry = ThreadRegistry()
+    with pytest.raises(RuntimeError, match="initialize_root"):
+        registry.get_or_create("a.b")
+    root = registry.initialize_root("hello")
+    assert registry.initialize_root("hello") == root
+    assert (registry.root_uuid, registry.root_chain) == (root, "system.hello")
+    thread = registry.get_or_create("console.greeter")
+    assert registry.get_or_create(["console", "greeter"]) == thread
+    assert registry.lookup(thread) == "console.greeter"
+    with pytest.raises(ValueError, match="not a valid chain"):
+        registry.get_or_create("console..greeter")
+
+
+def test_register_cleanup_debug_dump_and_clear() -> None:
+    backend = InMemoryBackend()
+    registry = ThreadRegistry(backend)
+    given = str(uuid.uuid4())
+    registry.register_thread(given, ["remote", "here"])
+    assert registry.debug_dump() == {given: "remote.here"}
+    assert registry.cleanup(given) is True
+    assert registry.cleanup(given) is False
+    assert registry.lookup(given) is None
+    registry.start_chain("a", "b")
+    assert len(registry) == 2
+    registry.clear()
+    assert (len(registry), registry.root_uuid) == (0, None)
+    assert registry.is_shared is False
+    with pytest.raises(KeyError):
+        registry.extend_chain(given, "x")
+
+
+def test_module_level_registry_is_a_resettable_singleton() -> None:
+    reset_registry()
+    first = get_registry()
+    assert get_registry() is first
+    reset_registry()
+    assert get_registry() is not first
+    assert thread_registry.ThreadRegistry is ThreadRegistry
