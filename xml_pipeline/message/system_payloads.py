@@ -24,7 +24,6 @@ class ErrorCode(enum.Enum):
     HANDLER_ERROR = "handler-error"
     HANDLER_TIMEOUT = "handler-timeout"
     BAD_RESPONSE = "bad-response"
-    WORKER_CRASH = "worker-crash"
     OVERLOAD = "overload"
     HISTORY_FULL = "history-full"
     SHUTTING_DOWN = "shutting-down"
@@ -36,7 +35,7 @@ class ErrorCode(enum.Enum):
         return self in _TRANSIENT
 
 
-_TRANSIENT = frozenset({ErrorCode.HANDLER_TIMEOUT, ErrorCode.WORKER_CRASH, ErrorCode.OVERLOAD, ErrorCode.SHUTTING_DOWN})
+_TRANSIENT = frozenset({ErrorCode.HANDLER_TIMEOUT, ErrorCode.OVERLOAD, ErrorCode.SHUTTING_DOWN})
 
 
 @dataclass(frozen=True, slots=True)
