@@ -8,9 +8,11 @@ import logging
 import pytest
 
 from tests.support import Bag, Ping, Pong, echo, envelope, ping_xml
-from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse
+from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse, Huh
+from xml_pipeline.memory.context_buffer import get_context_buffer
 from xml_pipeline.message_bus.conversations import NoMoreReplies
 from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.thread_registry import get_registry
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 from xml_pipeline.testing import ask, running
 
@@ -221,3 +223,42 @@ async def test_repair_is_off_by_default_and_logged_when_on(caplog: pytest.LogCap
     async with running(organism(repair=True)) as lenient:
         assert (await (await lenient.inject(slip)).next_reply(5)).payload == Pong("fixed")
     assert any("repaired" in record.getMessage() for record in caplog.records)
+
+
+async def test_handlers_read_the_conversation_history_while_it_runs() -> None:
+    seen: list[list[str]] = []
+
+    async def historian(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        history = get_context_buffer().get_thread(metadata.conversation_id)
+        seen.append([f"{slot.from_id}->{slot.to_id}:{slot.payload.text}" for slot in history])
+        return HandlerResponse.respond(Pong(payload.text))
+
+    async with running(organism(Listener("historian", [Ping], historian))) as pump:
+        assert get_registry() is pump.registry
+        await ask(pump, Ping("remember me"), to="historian")
+    assert seen == [["console->historian:remember me"]]
+
+
+async def test_huh_is_a_valid_reply_payload() -> None:
+    async def puzzled(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        return HandlerResponse.respond(Huh("I did not understand", original=payload.text))
+
+    async with running(organism(Listener("puzzled", [Ping], puzzled))) as pump:
+        reply = await ask(pump, Ping("qwxz"), to="puzzled")
+    assert reply.payload == Huh("I did not understand", original="qwxz")
+    assert b"<huh><message>I did not understand</message><original>qwxz</original></huh>" in reply.envelope
+
+
+async def test_a_bug_in_the_pump_is_reported_and_logged_never_lost(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_route(self: Pump, delivery: object, result: object) -> None:
+        raise KeyError("simulated bug")
+
+    async with running(organism()) as pump:
+        monkeypatch.setattr(Pump, "_route", broken_route)
+        reply = await ask(pump, Ping("x"), to="echo")
+        monkeypatch.undo()
+        assert (await ask(pump, Ping("y"), to="echo")).payload == Pong("y")
+    assert reply.error_code is ErrorCode.INTERNAL
+    assert any("simulated bug" in (record.exc_text or "") or record.exc_info for record in caplog.records)

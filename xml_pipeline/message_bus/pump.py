@@ -35,7 +35,7 @@ from typing import Any
 from lxml import etree
 
 from xml_pipeline.handler import Handler, HandlerMetadata, HandlerResponse
-from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer
+from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_context_buffer
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
 from xml_pipeline.message.envelope import (
@@ -53,7 +53,7 @@ from xml_pipeline.message.payload_codec import (
 from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
-from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id
+from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
 from xml_pipeline.organism import Listener, Organism
 
 log = logging.getLogger("xml_pipeline.pump")
@@ -134,12 +134,16 @@ class Pump:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Start dispatching. The pump's registry and buffer become the process-wide
+        ones (``get_registry()``, ``get_context_buffer()``) so handlers can reach them."""
         if self._runner is not None:
             raise RuntimeError("the pump is already running")
         self._queue = asyncio.Queue(self.limits.queue_size)
         self._slots = asyncio.Semaphore(self.limits.max_in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
+        set_registry(self.registry)
+        set_context_buffer(self.buffer)
         self._runner = asyncio.create_task(self._run(), name="xml-pipeline-pump")
         self._runner.add_done_callback(self._on_runner_done)
         self._accepting = True
