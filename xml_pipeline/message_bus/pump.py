@@ -39,6 +39,7 @@ from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_co
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
 from xml_pipeline.message.envelope import (
+    Envelope,
     best_effort_origin,
     build_envelope,
     read_envelope,
@@ -53,6 +54,7 @@ from xml_pipeline.message.payload_codec import (
 from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
+from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
 from xml_pipeline.organism import Listener, Organism
 
@@ -78,6 +80,20 @@ class _Delivery:
 class _Failure:
     code: ErrorCode
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Why a client's message was not accepted, and whom to tell."""
+
+    code: ErrorCode
+    detail: str
+    sender: str | None = None
+    thread: str | None = None
+    target: str | None = None
+
+
+_Admitted = tuple[Listener, Any, bytes, Envelope]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +125,10 @@ class Pump:
         *,
         backend: SharedBackend | None = None,
         on_conversation_end: ConversationEndHook | None = None,
+        metrics: PumpMetrics | None = None,
     ) -> None:
         self.organism = organism
+        self.metrics = metrics if metrics is not None else PumpMetrics()
         self.limits = organism.limits
         self._xml_limits = organism.limits.xml_limits()
         self._listeners: dict[str, Listener] = dict(organism.listeners)
@@ -180,7 +198,7 @@ class Pump:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
-        while not self._queue.empty():
+        while not self._queue.empty():  # taken by no dispatcher: report each
             self._abandon(self._queue.get_nowait())
         self._runner = None
         log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
@@ -270,61 +288,24 @@ class Pump:
     async def inject(self, raw: bytes) -> Submission:
         """Accept one envelope from outside. Never raises for bad input: a refused
         message comes back as a Submission whose first reply is the SystemError."""
-        if not self._accepting:
-            return self._refuse(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages")
-        try:
-            parsed = parse_checked(raw, self._xml_limits)
-        except XmlRejected as rejected:
-            return self._refuse(rejected.code, rejected.detail)
-        if parsed.repairs:
-            log.warning("message repaired before use: %s", "; ".join(parsed.repairs))
-        try:
-            envelope = read_envelope(parsed.root)
-        except XmlRejected as rejected:
-            sender, thread = best_effort_origin(parsed.root)
-            return self._refuse(rejected.code, rejected.detail, sender=sender, thread=thread)
-        sender, thread, to = envelope.sender, envelope.thread, envelope.to
-        if to is None:
-            return self._refuse(
-                ErrorCode.ENVELOPE_INVALID,
-                "<meta> has no <to>: say which listener it is for",
-                sender=sender,
-                thread=thread,
-            )
-        listener = self._listeners.get(to)
-        if listener is None:
-            return self._refuse(ErrorCode.UNKNOWN_TARGET, f"no listener is named {to!r}", sender=sender, thread=thread)
-        sending_listener = self._listeners.get(sender)
-        if sending_listener is not None and not sending_listener.may_call(to):
-            return self._refuse(
-                ErrorCode.PEER_NOT_ALLOWED, f"{sender!r} may not send to {to!r}", sender=sender, thread=thread
-            )
-        codec = listener.codecs_by_tag.get(envelope.payload.tag)
-        if codec is None:
-            return self._refuse(
-                ErrorCode.PAYLOAD_INVALID,
-                f"{to!r} accepts {listener.accepted_names}, not <{etree.QName(envelope.payload).localname}>",
-                sender=sender,
-                thread=thread,
-            )
-        problem = codec.validate(envelope.payload)
-        if problem is not None:
-            return self._refuse(
-                ErrorCode.PAYLOAD_INVALID, f"<{codec.xml_name}>: {problem}", sender=sender, thread=thread
-            )
-        try:
-            payload = codec.from_element(envelope.payload)
-        except PayloadDecodeError as exc:
-            return self._refuse(ErrorCode.PAYLOAD_INVALID, str(exc), sender=sender, thread=thread)
-
-        conversation, delivery_thread = self._assign_thread(sender, to, thread)
+        admitted = self._admit(raw)
+        if isinstance(admitted, _Refusal):
+            return self._refuse(admitted)
+        listener, payload, payload_xml, envelope = admitted
+        sender, thread = envelope.sender, envelope.thread
+        conversation, delivery_thread = self._assign_thread(sender, listener.name, thread)
         if conversation is None:
             return self._refuse(
-                ErrorCode.OVERLOAD, "too many conversations are open; try again later", sender=sender, thread=thread
+                _Refusal(
+                    ErrorCode.OVERLOAD,
+                    "too many conversations are open; try again later",
+                    sender,
+                    thread,
+                    listener.name,
+                )
             )
         assert conversation.submission is not None
-        payload_xml = etree.tostring(envelope.payload)
-        failure = self._record(conversation, sender, to, delivery_thread, payload, payload_xml)
+        failure = self._record(conversation, sender, listener.name, delivery_thread, payload, payload_xml)
         self._begin_one(conversation)
         if failure is None:
             assert self._queue is not None
@@ -332,10 +313,52 @@ class Pump:
                 self._queue.put_nowait(_Delivery(listener, payload, sender, delivery_thread, conversation))
             except asyncio.QueueFull:
                 failure = _Failure(ErrorCode.OVERLOAD, "the pump's queue is full; try again later")
-        if failure is not None:
-            self._client_error(conversation, failure.code, failure.detail)
+        if failure is None:
+            self.metrics.ingress(accepted=True)
+        else:
+            self.metrics.ingress(accepted=False)
+            self._client_error(conversation, failure.code, failure.detail, listener.name)
             self._finish_one(conversation)
         return conversation.submission
+
+    def _admit(self, raw: bytes) -> _Admitted | _Refusal:
+        """Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, target, peers, payload."""
+        if not self._accepting:
+            return _Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages")
+        try:
+            parsed = parse_checked(raw, self._xml_limits)
+        except XmlRejected as rejected:
+            return _Refusal(rejected.code, rejected.detail)
+        if parsed.repairs:
+            log.warning("message repaired before use: %s", "; ".join(parsed.repairs))
+        try:
+            envelope = read_envelope(parsed.root)
+        except XmlRejected as rejected:
+            return _Refusal(rejected.code, rejected.detail, *best_effort_origin(parsed.root))
+        sender, thread, to = envelope.sender, envelope.thread, envelope.to
+        if to is None:
+            return _Refusal(
+                ErrorCode.ENVELOPE_INVALID, "<meta> has no <to>: say which listener it is for", sender, thread
+            )
+        listener = self._listeners.get(to)
+        if listener is None:
+            return _Refusal(ErrorCode.UNKNOWN_TARGET, f"no listener is named {to!r}", sender, thread, to)
+        sending_listener = self._listeners.get(sender)
+        if sending_listener is not None and not sending_listener.may_call(to):
+            return _Refusal(ErrorCode.PEER_NOT_ALLOWED, f"{sender!r} may not send to {to!r}", sender, thread, to)
+        codec = listener.codecs_by_tag.get(envelope.payload.tag)
+        if codec is None:
+            name = etree.QName(envelope.payload).localname
+            detail = f"{to!r} accepts {listener.accepted_names}, not <{name}>"
+            return _Refusal(ErrorCode.PAYLOAD_INVALID, detail, sender, thread, to)
+        problem = codec.validate(envelope.payload)
+        if problem is not None:
+            return _Refusal(ErrorCode.PAYLOAD_INVALID, f"<{codec.xml_name}>: {problem}", sender, thread, to)
+        try:
+            payload = codec.from_element(envelope.payload)
+        except PayloadDecodeError as exc:
+            return _Refusal(ErrorCode.PAYLOAD_INVALID, str(exc), sender, thread, to)
+        return listener, payload, etree.tostring(envelope.payload), envelope
 
     def _assign_thread(self, sender: str, to: str, thread: str) -> tuple[Conversation | None, str]:
         """Continue the sender's own live thread, or start a new conversation."""
@@ -354,38 +377,43 @@ class Pump:
         self._conversations[conversation_id] = conversation
         return conversation, delivery_thread
 
-    def _refuse(
-        self, code: ErrorCode, detail: str, *, sender: str | None = None, thread: str | None = None
-    ) -> Submission:
+    def _refuse(self, refusal: _Refusal) -> Submission:
         """A client message that never became part of a conversation: answer it directly."""
-        submission = Submission(thread or new_thread_id(), self.limits.mailbox_size)
-        submission.deliver(self._error_reply(code, detail, to=sender, thread=submission.thread_id, listener=""))
+        submission = Submission(refusal.thread or new_thread_id(), self.limits.mailbox_size)
+        submission.deliver(
+            self._error_reply(refusal.code, refusal.detail, to=refusal.sender, thread=submission.thread_id)
+        )
         submission.close()
-        log.warning("message refused code=%s from=%s thread=%s: %s", code.value, sender, submission.thread_id, detail)
+        self.metrics.ingress(accepted=False)
+        self._note_error(
+            refusal.code, refusal.detail, listener=refusal.target, thread=submission.thread_id, sender=refusal.sender
+        )
         return submission
 
     # ------------------------------------------------------------------ handling
     async def _handle(self, delivery: _Delivery) -> None:
-        conversation = delivery.conversation
+        conversation, name = delivery.conversation, delivery.listener.name
         try:
             assert self._slots is not None
+            self.metrics.message_in(name)
             try:
                 outcome = await self._invoke(delivery)
             finally:
                 self._slots.release()
             if isinstance(outcome, _Failure):
-                await self._report_to_caller(conversation, delivery.thread, outcome, delivery.listener.name)
+                self._note_error(
+                    outcome.code, outcome.detail, listener=name, thread=delivery.thread, sender=delivery.sender
+                )
+                await self._climb(conversation, delivery.thread, outcome, name)
             else:
                 await self._route(delivery, outcome)
         except asyncio.CancelledError:
-            self._client_error(
-                conversation, ErrorCode.SHUTTING_DOWN, f"{delivery.listener.name} was stopped at shutdown"
-            )
+            self._client_error(conversation, ErrorCode.SHUTTING_DOWN, f"{name} was stopped at shutdown", name)
             raise
         except Exception:  # a bug in the pump itself: report it, never let it vanish
-            log.exception("internal error thread=%s listener=%s", delivery.thread, delivery.listener.name)
+            log.exception("internal error listener=%s thread=%s", name, delivery.thread)
             self._client_error(
-                conversation, ErrorCode.INTERNAL, "internal error in the pump; the daemon log has details"
+                conversation, ErrorCode.INTERNAL, "internal error in the pump; the daemon log has details", name
             )
         finally:
             self._finish_one(conversation)
@@ -397,9 +425,8 @@ class Pump:
             async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
                 await listener.slots.acquire()
         except TimeoutError:
-            return _Failure(
-                ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {self.limits.enqueue_timeout_seconds:g}s"
-            )
+            waited = self.limits.enqueue_timeout_seconds
+            return _Failure(ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {waited:g}s")
         try:
             metadata = HandlerMetadata(
                 thread_id=delivery.thread,
@@ -410,20 +437,20 @@ class Pump:
             )
             deadline = asyncio.timeout(listener.timeout_seconds)
             self._running += 1
+            started = time.perf_counter()
             try:
                 async with deadline:
                     return await listener.handler(delivery.payload, metadata)
             except TimeoutError as exc:
                 if deadline.expired():
-                    return _Failure(
-                        ErrorCode.HANDLER_TIMEOUT,
-                        f"{listener.name} did not finish within {listener.timeout_seconds:g}s",
-                    )
+                    limit = listener.timeout_seconds
+                    return _Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
                 return self._handler_raised(delivery, exc)
             except Exception as exc:
                 return self._handler_raised(delivery, exc)
             finally:
                 self._running -= 1
+                self.metrics.handler_finished(listener.name, time.perf_counter() - started)
         finally:
             listener.slots.release()
 
@@ -435,61 +462,52 @@ class Pump:
     async def _route(self, delivery: _Delivery, result: Any) -> None:
         if result is None:
             return
+        name = delivery.listener.name
+        failure = await self._deliver_result(delivery, result)
+        if failure is None:
+            self.metrics.message_out(name)
+        else:
+            await self._report_output_error(delivery.conversation, delivery.thread, failure, name)
+
+    async def _deliver_result(self, delivery: _Delivery, result: Any) -> _Failure | None:
+        """Send what a handler returned where it asked; the failure if it cannot go."""
         listener, conversation = delivery.listener, delivery.conversation
         if not isinstance(result, HandlerResponse):
-            not_a_response = _Failure(
-                ErrorCode.BAD_RESPONSE,
-                f"{listener.name} returned {type(result).__name__}; a handler returns HandlerResponse or None",
+            kind = type(result).__name__
+            return _Failure(
+                ErrorCode.BAD_RESPONSE, f"{listener.name} returned {kind}; a handler returns HandlerResponse or None"
             )
-            await self._report_to_head(conversation, delivery.thread, not_a_response, listener.name)
-            return
-        if result.to is None:
-            pruned = self.registry.prune_for_response(delivery.thread)
-            if pruned is None:
-                log.warning(
-                    "response dropped: %s is the root of thread=%s and has no caller", listener.name, delivery.thread
+        if result.to is not None:
+            target = self._listeners.get(result.to)
+            if target is None:
+                return _Failure(
+                    ErrorCode.UNKNOWN_TARGET, f"{listener.name} sent to {result.to!r}, which is no listener"
                 )
-                return
-            target_name, thread = pruned.target, pruned.thread_id
-        else:
-            target_name = result.to
-            if target_name not in self._listeners:
-                await self._report_to_head(
-                    conversation,
-                    delivery.thread,
-                    _Failure(
-                        ErrorCode.UNKNOWN_TARGET, f"{listener.name} sent to {target_name!r}, which is no listener"
-                    ),
-                    listener.name,
-                )
-                return
-            if not listener.may_call(target_name):
-                await self._report_to_head(
-                    conversation,
-                    delivery.thread,
-                    _Failure(ErrorCode.PEER_NOT_ALLOWED, f"{listener.name} may not send to {target_name!r}"),
-                    listener.name,
-                )
-                return
-            thread = ""  # claimed below, once the payload is known to be deliverable
-        target = self._listeners.get(target_name)
-        failure: _Failure | None
-        if target is None:
-            failure = self._to_client(conversation, listener.name, target_name, thread, result.payload)
-        else:
-            failure = await self._send(
-                conversation, target, result.payload, listener.name, thread or None, delivery.thread
+            if not listener.may_call(result.to):
+                return _Failure(ErrorCode.PEER_NOT_ALLOWED, f"{listener.name} may not send to {result.to!r}")
+            return await self._send(conversation, target, result.payload, listener.name, None, delivery.thread)
+        pruned = self.registry.prune_for_response(delivery.thread)
+        if pruned is None:
+            log.warning(
+                "response dropped: %s is the root of thread=%s and has no caller", listener.name, delivery.thread
             )
-        if failure is not None:
-            await self._report_to_head(conversation, delivery.thread, failure, listener.name)
+            return None
+        caller = self._listeners.get(pruned.target)
+        if caller is not None:
+            return await self._send(
+                conversation, caller, result.payload, listener.name, pruned.thread_id, delivery.thread
+            )
+        if pruned.target == conversation.initiator:
+            return self._to_client(conversation, listener.name, pruned.target, pruned.thread_id, result.payload)
+        return _Failure(ErrorCode.UNKNOWN_TARGET, f"{listener.name}'s caller {pruned.target!r} is no longer a listener")
 
     def _prepare(self, target: Listener, payload: Any, sender: str) -> tuple[Any, bytes] | _Failure:
         """Write ``payload`` as XML for ``target``, validate it, decode a fresh copy."""
         codec = target.codecs_by_class.get(type(payload))
         if codec is None:
+            kind = type(payload).__name__
             return _Failure(
-                ErrorCode.BAD_RESPONSE,
-                f"{sender} sent {type(payload).__name__} to {target.name}, which accepts {target.accepted_names}",
+                ErrorCode.BAD_RESPONSE, f"{sender} sent {kind} to {target.name}, which accepts {target.accepted_names}"
             )
         try:
             element = codec.to_element(payload)
@@ -538,15 +556,14 @@ class Pump:
             raise
         except TimeoutError:
             self._finish_one(conversation)
-            return _Failure(
-                ErrorCode.OVERLOAD, f"the pump's queue stayed full for {self.limits.enqueue_timeout_seconds:g}s"
-            )
+            waited = self.limits.enqueue_timeout_seconds
+            return _Failure(ErrorCode.OVERLOAD, f"the pump's queue stayed full for {waited:g}s")
         return None
 
     def _to_client(
         self, conversation: Conversation, sender: str, to: str, thread: str, payload: Any
     ) -> _Failure | None:
-        """Deliver a message addressed to a non-listener into the client's mailbox."""
+        """Deliver a message addressed to the conversation's client into its mailbox."""
         try:
             codec = codec_for(type(payload))
             element = codec.to_element(payload)
@@ -555,75 +572,73 @@ class Pump:
                 ErrorCode.BAD_RESPONSE, f"{sender} responded with something that cannot travel as XML: {exc}"
             )
         fresh = codec.from_element(element)
-        payload_xml = etree.tostring(element)
-        failure = self._record(conversation, sender, to, thread, fresh, payload_xml)
+        failure = self._record(conversation, sender, to, thread, fresh, etree.tostring(element))
         if failure is not None:
-            log.warning("reply delivered unrecorded thread=%s: %s", thread, failure.detail)
+            log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
         envelope = etree.tostring(build_envelope(sender, to, thread, element))
-        reply = Reply(sender=sender, to=to, thread=thread, payload=fresh, envelope=envelope)
-        if conversation.submission is None:
-            log.warning("reply dropped: no client listens on thread=%s to=%s", thread, to)
-        else:
-            conversation.submission.deliver(reply)
+        assert conversation.submission is not None  # every conversation with an initiator has one
+        conversation.submission.deliver(Reply(sender=sender, to=to, thread=thread, payload=fresh, envelope=envelope))
         return None
 
     # ------------------------------------------------------------------ errors
-    async def _report_to_head(self, conversation: Conversation, thread: str, failure: _Failure, listener: str) -> None:
-        """An error caused by the listener at the head of ``thread``'s chain (its output was bad)."""
+    def _note_error(
+        self, code: ErrorCode, detail: str, *, listener: str | None, thread: str, sender: str | None
+    ) -> None:
+        """The one log line and the one count that every SystemError gets."""
+        self.metrics.error(code)
+        log.warning(
+            "message failed code=%s listener=%s thread=%s from=%s: %s",
+            code.value,
+            listener or "-",
+            thread,
+            sender or "-",
+            detail,
+        )
+
+    async def _report_output_error(
+        self, conversation: Conversation, thread: str, failure: _Failure, listener: str
+    ) -> None:
+        """``listener`` (at the head of ``thread``'s chain) produced output that cannot go where it asked."""
+        self._note_error(failure.code, failure.detail, listener=listener, thread=thread, sender=listener)
         head = self._listeners.get(listener)
         if head is not None and head.accepts_errors:
             await self._error_to_listener(conversation, head, thread, failure, listener)
         else:
-            await self._report_to_caller(conversation, thread, failure, listener)
+            await self._climb(conversation, thread, failure, listener)
 
-    async def _report_to_caller(
-        self, conversation: Conversation, thread: str, failure: _Failure, listener: str
-    ) -> None:
-        """An error in handling a message on ``thread``: it climbs to the nearest caller that can take it."""
-        log.warning(
-            "message failed code=%s listener=%s thread=%s: %s", failure.code.value, listener, thread, failure.detail
-        )
+    async def _climb(self, conversation: Conversation, thread: str, failure: _Failure, listener: str) -> None:
+        """Carry an error up ``thread``'s call chain to the nearest caller that can take it."""
         current = thread
-        while True:
-            pruned = self.registry.prune_for_response(current)
-            if pruned is None:
-                log.error(
-                    "error had no caller to go to code=%s listener=%s thread=%s", failure.code.value, listener, thread
-                )
-                return
+        while (pruned := self.registry.prune_for_response(current)) is not None:
             caller = self._listeners.get(pruned.target)
-            if caller is None:
-                payload = _error_payload(failure, listener)
-                self._to_client(conversation, SYSTEM_SENDER, pruned.target, pruned.thread_id, payload)
-                return
-            if caller.accepts_errors:
+            if caller is not None and caller.accepts_errors:
                 await self._error_to_listener(conversation, caller, pruned.thread_id, failure, listener)
                 return
+            if caller is None and pruned.target == conversation.initiator:
+                self._to_client(
+                    conversation, SYSTEM_SENDER, pruned.target, pruned.thread_id, _error_payload(failure, listener)
+                )
+                return
             current = pruned.thread_id
+        log.error("error had no caller to go to code=%s listener=%s thread=%s", failure.code.value, listener, thread)
 
     async def _error_to_listener(
         self, conversation: Conversation, target: Listener, thread: str, failure: _Failure, listener: str
     ) -> None:
-        problem = await self._send(
-            conversation, target, _error_payload(failure, listener), SYSTEM_SENDER, thread, thread
-        )
+        error = _error_payload(failure, listener)
+        problem = await self._send(conversation, target, error, SYSTEM_SENDER, thread, thread)
         if problem is not None:  # the error itself could not be delivered: tell the client instead
-            self._client_error(
-                conversation, failure.code, f"{failure.detail} (and it could not reach {target.name}: {problem.detail})"
-            )
+            detail = f"{failure.detail} (and it could not reach {target.name}: {problem.detail})"
+            self._client_error(conversation, failure.code, detail, listener)
 
-    def _client_error(self, conversation: Conversation, code: ErrorCode, detail: str) -> None:
+    def _client_error(self, conversation: Conversation, code: ErrorCode, detail: str, listener: str) -> None:
         """Straight into the client's mailbox; never awaits, so it works while cancelling."""
-        if conversation.submission is None:
-            log.error(
-                "error with no client to report to code=%s conversation=%s: %s", code.value, conversation.id, detail
-            )
-            return
-        reply = self._error_reply(code, detail, to=conversation.initiator, thread=conversation.id, listener="")
+        self._note_error(code, detail, listener=listener, thread=conversation.id, sender=None)
+        assert conversation.submission is not None
+        reply = self._error_reply(code, detail, to=conversation.initiator, thread=conversation.id, listener=listener)
         conversation.submission.deliver(reply)
-        log.warning("message failed code=%s conversation=%s: %s", code.value, conversation.id, detail)
 
-    def _error_reply(self, code: ErrorCode, detail: str, *, to: str | None, thread: str, listener: str) -> Reply:
+    def _error_reply(self, code: ErrorCode, detail: str, *, to: str | None, thread: str, listener: str = "") -> Reply:
         payload = _error_payload(_Failure(code, detail), listener)
         element = codec_for(SystemErrorPayload).to_element(payload)
         envelope = etree.tostring(build_envelope(SYSTEM_SENDER, to, thread, element))
@@ -631,11 +646,9 @@ class Pump:
 
     def _abandon(self, delivery: _Delivery) -> None:
         """A queued message that will never be handled (shutdown): report it and count it done."""
-        self._client_error(
-            delivery.conversation,
-            ErrorCode.SHUTTING_DOWN,
-            f"the daemon stopped before {delivery.listener.name} could handle this message",
-        )
+        name = delivery.listener.name
+        detail = f"the daemon stopped before {name} could handle this message"
+        self._client_error(delivery.conversation, ErrorCode.SHUTTING_DOWN, detail, name)
         self._finish_one(delivery.conversation)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -652,10 +665,8 @@ class Pump:
                 payload_xml=payload_xml,
             )
         except BufferFull:
-            return _Failure(
-                ErrorCode.HISTORY_FULL,
-                f"the conversation reached its limit of {self.limits.max_slots_per_thread} messages",
-            )
+            limit = self.limits.max_slots_per_thread
+            return _Failure(ErrorCode.HISTORY_FULL, f"the conversation reached its limit of {limit} messages")
         except TooManyThreads:
             return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
         return None
