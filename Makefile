@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## run the example organism; type messages such as: greeter <Greeting><name>Ada</name></Greeting>
+## run the example organism's daemon in the foreground; talk to it with .venv/bin/xml-pipeline send
 run: $(STAMP)
-	$(BIN)/xml-pipeline run organism.yaml --stdin
+	$(BIN)/xml-pipeline run organism.yaml
 
 check: $(STAMP)
 	$(BIN)/xml-pipeline check organism.yaml

@@ -102,3 +102,9 @@ def misbehaving_organism(limits: PumpLimits | None = None) -> Organism:
         ],
         limits,
     )
+
+
+async def slow_echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """Answers after half a second: long enough to be in flight when a test stops the daemon."""
+    await asyncio.sleep(0.5)
+    return HandlerResponse.respond(Pong(payload.text))

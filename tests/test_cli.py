@@ -69,3 +69,55 @@ def test_run_with_stdin_answers_each_message_and_exits_cleanly() -> None:
     ]
     assert "pump started organism=hello" in result.stderr
     assert "pump stopped organism=hello drained=True" in result.stderr
+
+
+def test_send_and_status_without_a_daemon_say_so_plainly(tmp_path: Path) -> None:
+    socket_path = str(tmp_path / "nobody.sock")
+    for args in (
+        ["send", "--socket", socket_path, "greeter", "<Greeting><name>x</name></Greeting>"],
+        ["status", "--socket", socket_path],
+    ):
+        result = cli(*args)
+        assert result.returncode == 4, result
+        assert "no daemon is listening on" in result.stderr
+        assert "is it running?" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_send_refuses_bad_input_before_calling_the_daemon(tmp_path: Path) -> None:
+    socket_path = str(tmp_path / "nobody.sock")
+    cases = {
+        ("greeter", "<Greeting><name>x</Greeting>"): "PAYLOAD is not usable XML",
+        ("not a name!", "<Greeting/>"): "is not a listener name",
+        ("greeter", "<!DOCTYPE x [<!ENTITY a 'b'>]><x>&a;</x>"): "DOCTYPE",
+    }
+    for (target, payload), message in cases.items():
+        result = cli("send", "--socket", socket_path, target, payload)
+        assert result.returncode == 2, result
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+    thread = cli("send", "--socket", socket_path, "--thread", "nope", "greeter", "<G/>")
+    assert (thread.returncode, "is not a thread id" in thread.stderr) == (2, True)
+
+
+def test_run_refuses_a_non_loopback_tcp_address() -> None:
+    result = cli("run", "organism.yaml", "--tcp", "10.1.2.3:8470")
+    assert result.returncode == 2
+    assert "loopback" in result.stderr
+
+
+def test_run_with_a_missing_organism_is_a_clear_error(tmp_path: Path) -> None:
+    result = cli("run", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert "cannot read the file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_second_daemon_on_the_same_socket_refuses_to_start() -> None:
+    from tests.daemon_support import running_daemon
+
+    with running_daemon(ROOT / "organism.yaml") as daemon:
+        second = cli("run", "organism.yaml", "--socket", str(daemon.socket_path))
+        assert second.returncode == 1
+        assert f"another daemon is already listening on {daemon.socket_path}" in second.stderr
+        assert daemon.client.request("GET", "/healthz").status == 200

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import types
 from typing import Any
 
 from tests.conftest import ROOT
+from tests.daemon_support import cli, running_daemon
 from workers.hello import GreetingReply
 from xml_pipeline import ErrorCode, SystemErrorPayload
 from xml_pipeline.config import loader
@@ -17,6 +19,7 @@ from xml_pipeline.testing import running
 
 README = (ROOT / "README.md").read_text()
 ORGANISM_DOC = (ROOT / "docs" / "organism-yaml.md").read_text()
+SYSTEMD_DOC = (ROOT / "docs" / "systemd.md").read_text()
 
 
 def blocks(language: str, text: str = README) -> list[str]:
@@ -57,9 +60,22 @@ async def test_readme_envelope_example_is_answered(example_organism: Organism) -
     assert reply.payload == GreetingReply("HELLO, ADA!")
 
 
-def test_readme_stdin_example_matches_the_cli_test() -> None:
-    assert "greeter <Greeting><name>Ada</name><excitement>2</excitement></Greeting>" in README
-    assert "<GreetingReply><text>HELLO, ADA!!</text></GreetingReply>" in README
+def test_readme_send_example_gets_the_reply_it_shows() -> None:
+    (line,) = [line for block in blocks("sh") for line in block.splitlines() if " send " in line]
+    command = shlex.split(line)
+    assert command[0] == ".venv/bin/xml-pipeline"
+    shown = next(block for block in blocks("xml") if "GreetingReply" in block)
+    expected_payload = shown[shown.index("<GreetingReply>") : shown.index("</xp:message>")]
+    with running_daemon(ROOT / "organism.yaml") as daemon:
+        result = cli(*command[1:], "--socket", str(daemon.socket_path))
+    assert result.returncode == 0, result.stderr
+    assert expected_payload in result.stdout
+
+
+def test_docs_link_to_files_that_exist() -> None:
+    for text, base in ((README, ROOT), (ORGANISM_DOC, ROOT / "docs"), (SYSTEMD_DOC, ROOT / "docs")):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (base / target).exists(), target
 
 
 def test_every_error_code_is_in_the_readme_table() -> None:

@@ -1,18 +1,30 @@
-"""The ``xml-pipeline`` command."""
+"""The ``xml-pipeline`` command.
+
+Exit codes, for scripts: 0 success; 1 the daemon or a reply reported an error;
+2 bad usage or an invalid organism.yaml; 3 timed out waiting for replies;
+4 no daemon answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
 from xml_pipeline import __version__
-from xml_pipeline.config.loader import ConfigError, load_organism
+from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address, read_organism_section
+from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable
+from xml_pipeline.daemon.paths import default_socket_path
+from xml_pipeline.daemon.service import Daemon, DaemonOptions, DaemonStartError
 from xml_pipeline.logs import configure_logging
-from xml_pipeline.message.envelope import serialize_envelope
+from xml_pipeline.message.envelope import LISTENER_NAME, THREAD_ID, serialize_envelope
 from xml_pipeline.message.safe_xml import XmlRejected, parse_untrusted
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Submission
 from xml_pipeline.message_bus.pump import Pump
@@ -21,7 +33,14 @@ from xml_pipeline.organism import Organism
 from xml_pipeline.runtime import run as run_on_uvloop
 
 DEFAULT_ORGANISM = "organism.yaml"
-EXIT_CONFIG = 2
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+organism_argument = click.argument("organism", default=DEFAULT_ORGANISM, type=click.Path(dir_okay=False))
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"xml-pipeline: {message}", err=True)
+    sys.exit(code)
 
 
 def _load_or_exit(path: str) -> Organism:
@@ -31,7 +50,7 @@ def _load_or_exit(path: str) -> Organism:
         click.echo(f"{path}: {len(exc.problems)} problem(s):", err=True)
         for problem in exc.problems:
             click.echo("  " + problem.render(path), err=True)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(EXIT_USAGE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,15 +58,19 @@ def _load_or_exit(path: str) -> Organism:
 def main() -> None:
     """Run an organism: listeners that exchange validated XML messages.
 
-    Start with `xml-pipeline check organism.yaml`, then
-    `xml-pipeline run organism.yaml --stdin` and type a message such as
+    \b
+    Getting started, from the directory holding organism.yaml:
+      xml-pipeline check                 validate organism.yaml
+      xml-pipeline run                   start the daemon (Ctrl-C stops it)
+      xml-pipeline send greeter '<Greeting><name>Ada</name></Greeting>'
+      xml-pipeline status                what the daemon is doing
 
-        greeter <Greeting><name>Ada</name></Greeting>
+    Every command takes --help.
     """
 
 
 @main.command()
-@click.argument("organism", default=DEFAULT_ORGANISM, type=click.Path(dir_okay=False))
+@organism_argument
 def check(organism: str) -> None:
     """Validate ORGANISM (default: organism.yaml) without starting anything.
 
@@ -58,34 +81,227 @@ def check(organism: str) -> None:
 
 
 @main.command()
-@click.argument("organism", default=DEFAULT_ORGANISM, type=click.Path(dir_okay=False))
+@organism_argument
 @click.option(
-    "--stdin", "use_stdin", is_flag=True, help="Read messages from standard input, print replies, stop at end of input."
+    "--socket", "socket_path", help="Unix socket to listen on (default: organism.socket, else the runtime directory)."
 )
-@click.option(
-    "--sender", default="console", show_default=True, help="Sender name for shorthand messages read with --stdin."
-)
+@click.option("--tcp", help="Also listen on this loopback HOST:PORT (default: organism.tcp).")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Overrides organism.log_level."
 )
 @click.option("--log-json", is_flag=True, help="Log JSON objects, one per line.")
+@click.option("--drain-timeout", type=float, help="Seconds to let in-flight work finish when stopping (default 20).")
 @click.option(
-    "--drain-timeout", default=10.0, show_default=True, help="Seconds to let in-flight work finish when stopping."
+    "--stdin",
+    "use_stdin",
+    is_flag=True,
+    help="No sockets: read messages from standard input, print replies, stop at end of input.",
 )
+@click.option("--sender", default="console", show_default=True, help="With --stdin: sender of shorthand messages.")
 def run(
-    organism: str, use_stdin: bool, sender: str, log_level: str | None, log_json: bool, drain_timeout: float
+    organism: str,
+    socket_path: str | None,
+    tcp: str | None,
+    log_level: str | None,
+    log_json: bool,
+    drain_timeout: float | None,
+    use_stdin: bool,
+    sender: str,
 ) -> None:
-    """Run ORGANISM (default: organism.yaml) in the foreground until SIGTERM or SIGINT.
+    """Run ORGANISM (default: organism.yaml) in the foreground: the systemd entry point.
 
-    With --stdin, each input line is either a whole envelope or the shorthand
+    \b
+    Serves HTTP on a Unix socket (and optionally loopback TCP):
+      SIGTERM, SIGINT  stop accepting, drain in-flight work, exit 0
+      SIGHUP           re-read ORGANISM; if it is invalid, keep running the old one
+    Logs go to stderr, one line per event.
+
+    With --stdin, each input line is a whole envelope or the shorthand
     `TARGET <Payload>...</Payload>`; replies are printed as envelopes, one per line.
     """
     loaded = _load_or_exit(organism)
-    configure_logging(log_level or str(loaded.settings.get("log_level", "info")), as_json=log_json)
-    sys.exit(run_on_uvloop(_serve(loaded, use_stdin, sender, drain_timeout)))
+    as_json = log_json or loaded.settings.get("log_format") == "json"
+    configure_logging(log_level or str(loaded.settings.get("log_level", "info")), as_json=as_json)
+    if use_stdin:
+        sys.exit(run_on_uvloop(_serve_stdin(loaded, sender, drain_timeout or 10.0)))
+    try:
+        options = DaemonOptions.for_organism(loaded, socket_path=socket_path, tcp=tcp, drain_timeout=drain_timeout)
+    except ValueError as exc:
+        _fail(f"--tcp {exc}", EXIT_USAGE)
+    try:
+        sys.exit(run_on_uvloop(_run_daemon(loaded, Path(organism), options)))
+    except DaemonStartError as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
 
 
-async def _serve(organism: Organism, use_stdin: bool, sender: str, drain_timeout: float) -> int:
+async def _run_daemon(organism: Organism, path: Path, options: DaemonOptions) -> int:
+    return await Daemon(organism, path, options).run()
+
+
+def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> DaemonClient:
+    if socket_path:
+        return DaemonClient(socket_path=Path(socket_path))
+    if tcp:
+        try:
+            return DaemonClient(tcp=parse_tcp_address(tcp))
+        except ValueError as exc:
+            _fail(f"--tcp {exc}", EXIT_USAGE)
+    try:
+        section = read_organism_section(organism)
+    except ConfigError as exc:
+        _fail(f"{exc} (give --socket or --tcp, or the daemon's organism.yaml with -o)", EXIT_USAGE)
+    configured = section.get("socket")
+    if isinstance(configured, str):
+        path = Path(configured)
+        return DaemonClient(socket_path=path if path.is_absolute() else Path(section["base_dir"]) / path)
+    return DaemonClient(socket_path=default_socket_path(section["name"]))
+
+
+daemon_address_options = [
+    click.option(
+        "-o",
+        "--organism",
+        default=DEFAULT_ORGANISM,
+        show_default=True,
+        help="The daemon's organism.yaml, to find its socket.",
+    ),
+    click.option("--socket", "socket_path", help="The daemon's Unix socket."),
+    click.option("--tcp", help="The daemon's loopback HOST:PORT."),
+]
+
+
+def _with_daemon_address(command: Any) -> Any:
+    for option in reversed(daemon_address_options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.argument("payload", required=False)
+@click.option(
+    "--envelope", "envelope_file", type=click.File("rb"), help="Send this whole envelope file as is ('-' for stdin)."
+)
+@click.option("--sender", default="console", show_default=True, help="Who the message is from.")
+@click.option("--thread", help="Continue this conversation (the thread printed by an earlier send).")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for replies.")
+@click.option(
+    "--first", is_flag=True, help="Return after the first reply instead of waiting for the conversation to end."
+)
+@_with_daemon_address
+def send(
+    target: str | None,
+    payload: str | None,
+    envelope_file: Any,
+    sender: str,
+    thread: str | None,
+    timeout: float,
+    first: bool,
+    organism: str,
+    socket_path: str | None,
+    tcp: str | None,
+) -> None:
+    """Send a message to the running daemon and print the replies.
+
+    \b
+    xml-pipeline send greeter '<Greeting><name>Ada</name></Greeting>'
+    echo '<Greeting><name>Ada</name></Greeting>' | xml-pipeline send greeter
+    xml-pipeline send --envelope message.xml
+
+    Each reply is printed as an envelope on its own line; the thread goes to
+    stderr. Exits 1 if a reply is a SystemError, 3 on timeout, 4 if no daemon answers.
+    """
+    envelope = _envelope_to_send(target, payload, envelope_file, sender, thread)
+    client = _client_for(organism, socket_path, tcp)
+    try:
+        answer = client.send(envelope, wait="first" if first else "end", timeout=timeout)
+    except DaemonUnreachable as exc:
+        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    try:
+        body = answer.json()
+    except ValueError:
+        _fail(f"the daemon answered HTTP {answer.status}: {answer.body[:200]!r}", EXIT_ERROR_REPLY)
+    for reply in body.get("replies", []):
+        click.echo(reply)
+    if not body.get("accepted", False):
+        error = body.get("error", {})
+        _fail(
+            f"refused ({error.get('code', answer.status)}): {error.get('message', body.get('error'))}", EXIT_ERROR_REPLY
+        )
+    replies = body.get("replies", [])
+    click.echo(f"thread {body['thread']}: {len(replies)} repl{'y' if len(replies) == 1 else 'ies'}", err=True)
+    if any("<SystemError>" in reply for reply in replies):
+        sys.exit(EXIT_ERROR_REPLY)
+    if (first and not replies) or (not first and not body.get("ended")):
+        _fail(f"no {'reply' if first else 'end of the conversation'} within {timeout:g}s", EXIT_TIMEOUT)
+
+
+def _envelope_to_send(
+    target: str | None, payload: str | None, envelope_file: Any, sender: str, thread: str | None
+) -> bytes:
+    if envelope_file is not None:
+        if target or payload:
+            _fail("give either --envelope or TARGET [PAYLOAD], not both", EXIT_USAGE)
+        raw = envelope_file.read()
+        try:
+            parse_untrusted(raw)
+        except XmlRejected as exc:
+            _fail(f"the envelope is not usable XML: {exc.detail}", EXIT_USAGE)
+        return bytes(raw)
+    if not target:
+        _fail("say which listener to send to: xml-pipeline send TARGET PAYLOAD", EXIT_USAGE)
+    if not LISTENER_NAME.match(target):
+        _fail(f"{target!r} is not a listener name", EXIT_USAGE)
+    if thread is not None and not THREAD_ID.match(thread):
+        _fail(f"--thread {thread!r} is not a thread id (a UUID)", EXIT_USAGE)
+    if not LISTENER_NAME.match(sender):
+        _fail(f"--sender {sender!r} is not a valid name", EXIT_USAGE)
+    text = payload if payload is not None else sys.stdin.read()
+    try:
+        element = parse_untrusted(text.strip().encode())
+    except XmlRejected as exc:
+        _fail(f"PAYLOAD is not usable XML: {exc.detail}", EXIT_USAGE)
+    return serialize_envelope(sender, target, thread or new_thread_id(), element)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+@_with_daemon_address
+def status(as_json: bool, organism: str, socket_path: str | None, tcp: str | None) -> None:
+    """Show what the running daemon is doing: listeners, queue, in-flight work, threads, uptime."""
+    client = _client_for(organism, socket_path, tcp)
+    try:
+        data = client.status()
+    except DaemonUnreachable as exc:
+        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    state = "accepting messages" if data["accepting"] else "stopping"
+    uptime = _duration(data["uptime_seconds"])
+    click.echo(f"organism {data['organism']}: {state}, pid {data['pid']}, up {uptime}, version {data['version']}")
+    click.echo(f"listening on {data['socket']}" + (f" and {data['tcp']}" if data["tcp"] else ""))
+    click.echo(
+        f"queue {data['queue_depth']}  in flight {data['in_flight']}  conversations {data['conversations']}"
+        f"  threads {data['threads']}  uncollected replies {data['uncollected_replies']}"
+    )
+    click.echo("listeners:")
+    for listener in data["listeners"]:
+        peers = "anyone" if listener["peers"] is None else (", ".join(listener["peers"]) or "no one (responds only)")
+        click.echo(
+            f"  {listener['name']:<20} accepts {', '.join(listener['accepts'])}; may call {peers};"
+            f" timeout {listener['timeout_seconds']:g}s, concurrency {listener['max_concurrency']}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+# ---------------------------------------------------------------------- --stdin mode
+async def _serve_stdin(organism: Organism, sender: str, drain_timeout: float) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -93,20 +309,17 @@ async def _serve(organism: Organism, use_stdin: bool, sender: str, drain_timeout
     pump = Pump(organism)
     await pump.start()
     try:
-        if use_stdin:
-            reading = asyncio.create_task(_read_stdin(pump, sender))
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (reading, stopping):
-                task.cancel()
-            await asyncio.gather(reading, stopping, return_exceptions=True)
-            if reading.done() and not reading.cancelled() and reading.exception() is not None:
-                raise reading.exception()  # type: ignore[misc]
-        else:
-            await stop.wait()
+        reading = asyncio.create_task(_read_stdin(pump, sender))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (reading, stopping):
+            task.cancel()
+        await asyncio.gather(reading, stopping, return_exceptions=True)
+        if reading.done() and not reading.cancelled() and (error := reading.exception()) is not None:
+            raise error
     finally:
         await pump.stop(drain_timeout)
-    return 0
+    return EXIT_OK
 
 
 def _envelope_from_line(line: str, sender: str) -> bytes:
@@ -140,9 +353,10 @@ async def _read_stdin(pump: Pump, sender: str) -> None:
 
 
 async def _print_replies(submission: Submission, timeout: float = 60.0) -> None:
+    started = time.monotonic()
     try:
         while True:
-            reply = await submission.next_reply(timeout)
+            reply = await submission.next_reply(timeout - (time.monotonic() - started))
             click.echo(reply.envelope.decode())
     except NoMoreReplies:
         return

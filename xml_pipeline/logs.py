@@ -30,6 +30,10 @@ class _LineFormatter(logging.Formatter):
         return f"{stamp} {record.levelname} {record.name} {message.replace(chr(10), ' | ')}"
 
 
+def set_level(level: str) -> None:
+    logging.getLogger("xml_pipeline").setLevel(level.upper())
+
+
 def configure_logging(level: str = "info", *, as_json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter(as_json))

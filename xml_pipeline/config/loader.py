@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import ipaddress
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from xml_pipeline.message.payload_codec import PayloadTypeError, codec_for
 from xml_pipeline.organism import Listener, Organism, PumpLimits, is_reserved
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 BACKEND_TYPES = ("memory", "manager", "redis")
 AVAILABLE_BACKENDS = ("memory",)
 
@@ -76,6 +79,34 @@ def _one_of(choices: tuple[str, ...]) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
+def _organism_name(value: Any) -> str | None:
+    return None if ORGANISM_NAME.match(value) else "may hold only letters, digits, '_', '-' and '.'"
+
+
+def parse_tcp_address(value: str) -> tuple[str, int]:
+    """``host:port`` with a loopback host; raises ValueError with a plain sentence."""
+    host, separator, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not separator or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must look like 127.0.0.1:8470")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError("must name a loopback host such as 127.0.0.1, ::1 or localhost") from None
+        if not loopback:
+            raise ValueError("must be a loopback address: the HTTP interface has no authentication")
+    return host, int(port)
+
+
+def _loopback_address(value: Any) -> str | None:
+    try:
+        parse_tcp_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _listener_name(value: Any) -> str | None:
     if not LISTENER_NAME.match(value):
         return "is not a valid listener name (letters, digits, _ and -, parts joined by dots)"
@@ -85,10 +116,16 @@ def _listener_name(value: Any) -> str | None:
 
 
 _NUMBER = (int, float)
+ORGANISM_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
 _SECTIONS: dict[str, dict[str, _Key]] = {
     "organism": {
-        "name": _Key(str, required=True),
+        "name": _Key(str, required=True, check=_organism_name),
+        "socket": _Key(str),
+        "tcp": _Key(str, check=_loopback_address),
         "log_level": _Key(str, check=_one_of(LOG_LEVELS)),
+        "log_format": _Key(str, check=_one_of(LOG_FORMATS)),
+        "drain_timeout_seconds": _Key(_NUMBER, check=_positive),
+        "reply_retention_seconds": _Key(_NUMBER, check=_positive),
     },
     "pump": {
         "queue_size": _Key(int, check=_at_least(1)),
@@ -310,7 +347,7 @@ def _read_listeners(reader: _Reader, node: yaml.Node) -> list[_ListenerSpec]:
     return specs
 
 
-def load_organism_text(text: str, path: str = "organism.yaml") -> Organism:
+def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | None = None) -> Organism:
     """Build an Organism from YAML text; raises ConfigError listing every problem."""
     loader = yaml.SafeLoader(text)
     try:
@@ -354,7 +391,8 @@ def load_organism_text(text: str, path: str = "organism.yaml") -> Organism:
             raise ConfigError(path, reader.problems)
         organism = Organism.of(sections["organism"]["name"], listeners, limits)
         organism.settings = {
-            "log_level": sections["organism"].get("log_level", "info"),
+            **sections["organism"],
+            "base_dir": str(base_dir) if base_dir is not None else None,
             "backend": sections["backend"],
             "process_pool": sections["process_pool"],
         }
@@ -372,7 +410,24 @@ def load_organism(path: str | Path) -> Organism:
         raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), [Problem(None, "the file is not UTF-8 text")]) from None
-    base = str(file.resolve().parent)
-    if base not in sys.path:
-        sys.path.insert(0, base)
-    return load_organism_text(text, str(path))
+    base = file.resolve().parent
+    if str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    return load_organism_text(text, str(path), base)
+
+
+def read_organism_section(path: str | Path) -> dict[str, Any]:
+    """Only the ``organism`` mapping (name, socket, tcp...), without importing any handler.
+
+    Clients such as ``xml-pipeline send`` use it to find the daemon's socket.
+    """
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [Problem(None, f"not valid YAML: {exc}")]) from None
+    section = document.get("organism") if isinstance(document, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+        raise ConfigError(str(path), [Problem(None, "the 'organism' section with a 'name' is missing")])
+    return {**section, "base_dir": str(Path(path).resolve().parent)}

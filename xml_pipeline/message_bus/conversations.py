@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class Submission:
         self._capacity = capacity
         self._arrived = asyncio.Event()
         self._closed = False
+        self.closed_at: float | None = None
         self.dropped = 0
 
     def deliver(self, reply: Reply) -> bool:
@@ -76,6 +78,8 @@ class Submission:
 
     def close(self) -> None:
         """No more replies will come; waiting readers wake up."""
+        if not self._closed:
+            self.closed_at = time.monotonic()
         self._closed = True
         self._arrived.set()
 
@@ -86,6 +90,17 @@ class Submission:
     def pending(self) -> list[Reply]:
         """The replies that arrived and were not collected yet, without waiting."""
         return list(self._replies)
+
+    def take_pending(self) -> list[Reply]:
+        """Collect every reply that has arrived, without waiting."""
+        replies = list(self._replies)
+        self._replies.clear()
+        return replies
+
+    @property
+    def finished(self) -> bool:
+        """The conversation has ended and every reply has been collected."""
+        return self._closed and not self._replies
 
     async def next_reply(self, timeout: float) -> Reply:
         """The next reply; TimeoutError if none comes in time, NoMoreReplies at the end."""

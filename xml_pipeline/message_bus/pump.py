@@ -262,10 +262,21 @@ class Pump:
         """Remove a listener; messages already dispatched to it still finish."""
         return self._listeners.pop(name, None) is not None
 
-    def replace_listeners(self, listeners: dict[str, Listener]) -> None:
-        """Swap in a new listener table (reload); in-flight deliveries keep their listener."""
+    def reload(self, organism: Organism) -> None:
+        """Swap in a reloaded organism's listeners; ephemeral ones stay.
+
+        Messages already queued or running keep the listener they were given;
+        everything routed from now on uses the new table. Limits are fixed for
+        the pump's lifetime.
+        """
         ephemeral = {name: lst for name, lst in self._listeners.items() if name not in self.organism.listeners}
-        self._listeners = {**listeners, **ephemeral}
+        self._listeners = {**organism.listeners, **ephemeral}
+        self.organism = organism
+
+    @property
+    def healthy(self) -> bool:
+        """True while the dispatcher runs."""
+        return self._runner is not None and not self._runner.done()
 
     def stats(self) -> PumpStats:
         return PumpStats(

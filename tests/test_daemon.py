@@ -1,0 +1,241 @@
+"""The daemon as operators run it: a real subprocess, its socket, its signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import ROOT
+from tests.daemon_support import cli, free_loopback_port, running_daemon, short_directory, write_organism
+from xml_pipeline.daemon.client import DaemonClient
+from xml_pipeline.message.envelope import read_envelope
+from xml_pipeline.message.safe_xml import parse_untrusted
+
+EXAMPLE = ROOT / "organism.yaml"
+GREETING = "<Greeting><name>Ada</name><excitement>2</excitement></Greeting>"
+ECHO_LISTENER = """
+  - name: echo
+    payload_class: tests.support.Ping
+    handler: tests.support.echo
+    peers: []
+"""
+
+
+def test_send_gets_the_reply_and_status_and_metrics_show_the_traffic() -> None:
+    with running_daemon(EXAMPLE) as daemon:
+        sent = cli("send", "--socket", str(daemon.socket_path), "greeter", GREETING)
+        assert sent.returncode == 0, sent.stderr
+        (line,) = sent.stdout.splitlines()
+        reply = read_envelope(parse_untrusted(line.encode()))
+        assert (reply.sender, reply.payload.findtext("text")) == ("greeter", "HELLO, ADA!!")
+        assert f"thread {reply.thread}: 1 reply" in sent.stderr
+
+        refused = cli("send", "--socket", str(daemon.socket_path), "greeter", "<Nope/>")
+        assert refused.returncode == 1
+        assert "refused (payload-invalid)" in refused.stderr
+
+        shown = cli("status", "--socket", str(daemon.socket_path))
+        assert shown.returncode == 0, shown.stderr
+        assert "organism hello: accepting messages" in shown.stdout
+        assert "greeter" in shown.stdout
+        status = json.loads(cli("status", "--json", "--socket", str(daemon.socket_path)).stdout)
+        assert [listener["name"] for listener in status["listeners"]] == ["greeter", "shouter", "exclaimer"]
+        assert (status["conversations"], status["threads"], status["queue_depth"], status["in_flight"]) == (0, 0, 0, 0)
+        assert status["uptime_seconds"] > 0
+
+        metrics = daemon.client.metrics()
+        assert 'xml_pipeline_messages_in_total{listener="greeter"} 2.0' in metrics
+        assert 'xml_pipeline_messages_out_total{listener="exclaimer"} 1.0' in metrics
+        assert 'xml_pipeline_errors_total{code="payload-invalid"} 1.0' in metrics
+        assert 'xml_pipeline_handler_seconds_count{listener="shouter"} 2.0' in metrics
+        assert 'xml_pipeline_ingress_total{outcome="accepted"} 1.0' in metrics
+        assert "xml_pipeline_queue_depth 0.0" in metrics
+        assert daemon.stop() == 0
+    assert not daemon.socket_path.exists()
+
+
+def test_http_interface_answers_bad_requests_with_clear_4xx() -> None:
+    port = free_loopback_port()
+    with running_daemon(EXAMPLE, "--tcp", f"127.0.0.1:{port}") as daemon:
+        over_tcp = DaemonClient(tcp=("127.0.0.1", port))
+        assert over_tcp.request("GET", "/healthz").json() == {"status": "ok"}
+        client = daemon.client
+        cases = {
+            b"<not xml": (400, "malformed-xml"),
+            b"<a/>": (400, "envelope-invalid"),
+            _envelope("nobody", GREETING): (404, "unknown-target"),
+            _envelope("greeter", "<Greeting><nom>x</nom></Greeting>"): (422, "payload-invalid"),
+            _envelope("greeter", f"<Greeting><name>{'x' * 1_100_000}</name></Greeting>"): (413, None),
+        }
+        for body, (status, code) in cases.items():
+            answer = client.request("POST", "/messages", body=body)
+            assert answer.status == status, (body[:40], answer.body[:200])
+            if code is not None:
+                assert answer.json()["error"]["code"] == code
+        assert client.request("GET", f"/threads/{uuid.uuid4()}/replies").status == 404
+        assert client.request("POST", "/messages?wait=sometimes", body=b"<a/>").status == 400
+        accepted = client.request("POST", "/messages", body=_envelope("greeter", GREETING))
+        assert accepted.status == 202
+        thread = accepted.json()["thread"]
+        collected = client.request("GET", f"/threads/{thread}/replies?wait=end&timeout=10").json()
+        assert collected["ended"] is True
+        assert "HELLO, ADA!!" in collected["replies"][0]
+        assert client.request("GET", f"/threads/{thread}/replies").status == 404  # collected: forgotten
+        assert daemon.stop() == 0
+
+
+def test_systemd_sees_ready_watchdog_reloading_and_stopping() -> None:
+    with running_daemon(EXAMPLE, env={"WATCHDOG_USEC": "200000"}) as daemon:
+        daemon.notify.expect("WATCHDOG=1")
+        daemon.signal(signal.SIGHUP)
+        reloading = daemon.notify.expect("RELOADING=1")
+        assert any(field.startswith("MONOTONIC_USEC=") for field in reloading.split("\n"))
+        daemon.notify.expect("READY=1")
+        daemon.signal(signal.SIGTERM)
+        daemon.notify.expect("STOPPING=1")
+        assert daemon.stop() == 0
+
+
+def test_sighup_with_a_valid_edit_changes_behaviour() -> None:
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml")
+        with running_daemon(organism) as daemon:
+            before = cli("send", "--socket", str(daemon.socket_path), "echo", "<Ping><text>hi</text></Ping>")
+            assert before.returncode == 1
+            assert "unknown-target" in before.stderr
+            write_organism(organism, ECHO_LISTENER)
+            daemon.signal(signal.SIGHUP)
+            daemon.notify.expect("RELOADING=1")
+            daemon.notify.expect("READY=1")
+            after = cli("send", "--socket", str(daemon.socket_path), "echo", "<Ping><text>hi</text></Ping>")
+            assert after.returncode == 0, after.stderr
+            assert "<Pong><text>hi</text></Pong>" in after.stdout
+            assert len(daemon.client.status()["listeners"]) == 4
+            assert 'xml_pipeline_reloads_total{result="ok"} 1.0' in daemon.client.metrics()
+            assert daemon.stop() == 0
+
+
+def test_sighup_with_a_broken_edit_keeps_the_old_organism_answering() -> None:
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml")
+        with running_daemon(organism) as daemon:
+            organism.write_text("organism:\n  name: hello\n  colour: red\nlisteners:\n  - name: greeter\n")
+            daemon.signal(signal.SIGHUP)
+            daemon.notify.expect("RELOADING=1")
+            daemon.notify.expect("READY=1")
+            still = cli("send", "--socket", str(daemon.socket_path), "greeter", GREETING)
+            assert still.returncode == 0, still.stderr
+            assert "HELLO, ADA!!" in still.stdout
+            log = daemon.log()
+            assert "reload refused: " in log
+            assert "organism.yaml:3: organism: unknown key 'colour'" in log
+            assert "organism.yaml:5: listeners[0]: 'payload_class' is missing" in log
+            assert "the previous organism keeps running" in log
+            assert 'xml_pipeline_reloads_total{result="failed"} 1.0' in daemon.client.metrics()
+            assert daemon.stop() == 0
+
+
+SLOW_LISTENERS = """
+  - name: slow
+    payload_class: tests.support.Ping
+    handler: tests.support.slow_echo
+    max_concurrency: 1000
+  - name: hanger
+    payload_class: tests.support.Ping
+    handler: tests.support.hangs
+    timeout_seconds: 120
+    max_concurrency: 1000
+"""
+ROOMY_PUMP = "pump:\n  max_in_flight: 1000\n  queue_size: 2000\n"
+
+
+async def _post_all(socket_path: Path, target: str, count: int) -> list[str]:
+    connector = aiohttp.UnixConnector(path=str(socket_path), limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(index: int) -> str:
+            body = _envelope(target, f"<Ping><text>m{index}</text></Ping>")
+            async with session.post("http://daemon/messages", data=body) as answer:
+                assert answer.status == 202, await answer.text()
+                return str((await answer.json())["thread"])
+
+        return list(await asyncio.gather(*(post(i) for i in range(count))))
+
+
+async def _collect_all(socket_path: Path, threads: list[str]) -> list[list[str]]:
+    connector = aiohttp.UnixConnector(path=str(socket_path), limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def collect(thread: str) -> list[str]:
+            url = f"http://daemon/threads/{thread}/replies?wait=end&timeout=30"
+            async with session.get(url) as answer:
+                assert answer.status == 200, await answer.text()
+                body = await answer.json()
+                assert body["ended"] is True
+                return list(body["replies"])
+
+        return list(await asyncio.gather(*(collect(thread) for thread in threads)))
+
+
+async def test_sigterm_with_500_in_flight_answers_every_accepted_message() -> None:
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", SLOW_LISTENERS, pump=ROOMY_PUMP)
+        with running_daemon(organism) as daemon:
+            threads = await _post_all(daemon.socket_path, "slow", 500)
+            daemon.signal(signal.SIGTERM)
+            daemon.notify.expect("STOPPING=1")
+            replies = await _collect_all(daemon.socket_path, threads)
+            assert await asyncio.to_thread(daemon.stop) == 0
+            assert "drained=True" in daemon.log()
+    kinds = Counter(_kind(reply) for thread_replies in replies for reply in thread_replies)
+    assert [len(r) for r in replies] == [1] * 500
+    assert kinds == {"Pong": 500}
+
+
+async def test_sigterm_past_the_drain_deadline_reports_what_was_cut_short() -> None:
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", SLOW_LISTENERS, pump=ROOMY_PUMP)
+        with running_daemon(organism, "--drain-timeout", "0.2") as daemon:
+            threads = await _post_all(daemon.socket_path, "hanger", 50)
+            daemon.signal(signal.SIGTERM)
+            replies = await _collect_all(daemon.socket_path, threads)
+            assert await asyncio.to_thread(daemon.stop) == 0
+            assert "50 message(s) were cut short" in daemon.log()
+    assert [[_kind(reply) for reply in r] for r in replies] == [["SystemError:shutting-down"]] * 50
+
+
+def _envelope(target: str, payload: str) -> bytes:
+    return (
+        (
+            '<message xmlns="https://xml-pipeline.org/ns/envelope/v1"><meta><from>console</from>'
+            f"<to>{target}</to><thread>{uuid.uuid4()}</thread></meta>{payload.replace('<', '<', 1)}</message>"
+        )
+        .encode()
+        .replace(b"><Greeting>", b'><Greeting xmlns="">')
+        .replace(b"><Ping>", b'><Ping xmlns="">')
+    )
+
+
+def _kind(envelope: str) -> str:
+    payload = read_envelope(parse_untrusted(envelope.encode())).payload
+    return f"SystemError:{payload.findtext('code')}" if payload.tag == "SystemError" else str(payload.tag)
+
+
+def test_a_repeated_sigterm_during_the_drain_does_not_cut_it_short() -> None:
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", SLOW_LISTENERS, pump=ROOMY_PUMP)
+        with running_daemon(organism) as daemon:
+            accepted = daemon.client.request("POST", "/messages", body=_envelope("slow", "<Ping><text>x</text></Ping>"))
+            thread = accepted.json()["thread"]
+            daemon.signal(signal.SIGTERM)
+            daemon.notify.expect("STOPPING=1")
+            daemon.process.send_signal(signal.SIGTERM)
+            collected = daemon.client.request("GET", f"/threads/{thread}/replies?wait=end&timeout=10").json()
+            assert daemon.stop() == 0
+    assert [_kind(reply) for reply in collected["replies"]] == ["Pong"]

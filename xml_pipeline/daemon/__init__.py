@@ -1,0 +1,1 @@
+"""The long-running service around the pump: HTTP ingress, signals, systemd, reload."""

@@ -1,0 +1,85 @@
+"""A small synchronous client for the daemon's HTTP interface, used by the CLI.
+
+The standard library's http.client is enough here: one request at a time, no
+event loop, and a Unix socket is one ``connect`` away.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers at the address; the message says where we looked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.body)
+        if not isinstance(data, dict):
+            raise ValueError("the daemon answered with something other than a JSON object")
+        return data
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self._path))
+
+
+class DaemonClient:
+    def __init__(self, *, socket_path: Path | None = None, tcp: tuple[str, int] | None = None) -> None:
+        if (socket_path is None) == (tcp is None):
+            raise ValueError("give exactly one of socket_path and tcp")
+        self.socket_path = socket_path
+        self.tcp = tcp
+
+    @property
+    def address(self) -> str:
+        return str(self.socket_path) if self.socket_path is not None else f"{self.tcp[0]}:{self.tcp[1]}"  # type: ignore[index]
+
+    def request(self, method: str, path: str, *, body: bytes | None = None, timeout: float = 10.0) -> Response:
+        connection: http.client.HTTPConnection
+        if self.socket_path is not None:
+            connection = _UnixConnection(self.socket_path, timeout)
+        else:
+            assert self.tcp is not None
+            connection = http.client.HTTPConnection(self.tcp[0], self.tcp[1], timeout=timeout)
+        headers = {"Content-Type": "application/xml"} if body is not None else {}
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            answer = connection.getresponse()
+            return Response(answer.status, answer.read())
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachable(f"no daemon is listening on {self.address} ({exc.strerror})") from None
+        except TimeoutError:
+            raise DaemonUnreachable(f"the daemon on {self.address} did not answer within {timeout:g}s") from None
+        except OSError as exc:
+            raise DaemonUnreachable(f"cannot talk to the daemon on {self.address}: {exc}") from None
+        finally:
+            connection.close()
+
+    def send(self, envelope: bytes, *, wait: str, timeout: float) -> Response:
+        query = urlencode({"wait": wait, "timeout": f"{timeout:g}"})
+        return self.request("POST", f"/messages?{query}", body=envelope, timeout=timeout + 5)
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/status").json()
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics").body.decode()

@@ -1,0 +1,180 @@
+"""The daemon's HTTP interface (served on a Unix socket, optionally loopback TCP).
+
+    POST /messages                  an envelope in, {"thread": ...} out (202)
+         ?wait=first|end&timeout=S  ... or wait for replies in the same request (200)
+    GET  /threads/{thread}/replies  collect replies (?wait=none|first|end&timeout=S)
+    GET  /healthz                   200 while serving, 503 while stopping
+    GET  /status                    listeners, queue depth, in-flight work, threads, uptime
+    GET  /metrics                   Prometheus text format
+
+Replies are envelopes, as strings in JSON, so shell users can pipe them
+through ``jq -r '.replies[]'``. A message refused at the door answers with a
+4xx (or 503 when retrying may help) and the SystemError envelope in the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
+from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
+from xml_pipeline.message.system_payloads import ErrorCode
+from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
+from xml_pipeline.message_bus.pump import Pump
+
+MAX_WAIT_SECONDS = 300.0
+DEFAULT_WAIT_SECONDS = 10.0
+WAIT_MODES = ("none", "first", "end")
+
+STATUS_FOR_CODE = {
+    ErrorCode.MALFORMED_XML: 400,
+    ErrorCode.FORBIDDEN_DTD: 400,
+    ErrorCode.TOO_DEEP: 400,
+    ErrorCode.ENVELOPE_INVALID: 400,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNKNOWN_TARGET: 404,
+    ErrorCode.PEER_NOT_ALLOWED: 403,
+    ErrorCode.PAYLOAD_INVALID: 422,
+    ErrorCode.HISTORY_FULL: 409,
+    ErrorCode.OVERLOAD: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+}
+
+
+class DaemonView(Protocol):
+    """What the HTTP layer needs from the daemon."""
+
+    pump: Pump
+    submissions: SubmissionTable
+    metrics: PrometheusMetrics
+
+    @property
+    def accepting(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, ensure_ascii=False), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _problem(status: int, message: str, **extra: Any) -> web.Response:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return _json({"error": message, **extra}, status=status, headers=headers)
+
+
+def _wait_parameters(request: web.Request, default_mode: str) -> tuple[str, float] | web.Response:
+    mode = request.query.get("wait", default_mode)
+    if mode not in WAIT_MODES:
+        return _problem(400, f"wait must be one of {', '.join(WAIT_MODES)}")
+    try:
+        timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
+    except ValueError:
+        return _problem(400, "timeout must be a number of seconds")
+    if not 0 <= timeout <= MAX_WAIT_SECONDS:
+        return _problem(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:g} seconds")
+    return mode, timeout
+
+
+async def _collect(submission: Submission, mode: str, timeout: float) -> list[Reply]:
+    replies = submission.take_pending()
+    if mode == "none" or (mode == "first" and replies):
+        return replies
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                replies.append(await submission.next_reply(timeout))
+                if mode == "first":
+                    return replies + submission.take_pending()
+    except (TimeoutError, NoMoreReplies):
+        return replies
+
+
+def _replies_body(submission: Submission, replies: list[Reply]) -> dict[str, Any]:
+    return {
+        "thread": submission.thread_id,
+        "replies": [reply.envelope.decode() for reply in replies],
+        "ended": submission.closed,
+        "complete": submission.finished,
+    }
+
+
+def build_app(daemon: DaemonView, *, max_body_bytes: int) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes)
+
+    async def post_message(request: web.Request) -> web.Response:
+        if not daemon.accepting:
+            return _problem(503, "the daemon is stopping and accepts no new messages")
+        wait = _wait_parameters(request, "none")
+        if isinstance(wait, web.Response):
+            return wait
+        body = await request.read()
+        submission = await daemon.pump.inject(body)
+        if submission.closed and submission.pending() and submission.pending()[0].is_error:
+            refusal = submission.take_pending()[0]
+            status = STATUS_FOR_CODE.get(refusal.error_code or ErrorCode.INTERNAL, 400)
+            return _json(
+                {
+                    "thread": submission.thread_id,
+                    "accepted": False,
+                    "error": {
+                        "code": refusal.payload.code.value,
+                        "message": refusal.payload.message,
+                        "retry_allowed": refusal.payload.retry_allowed,
+                    },
+                    "replies": [refusal.envelope.decode()],
+                },
+                status=status,
+                headers={"Retry-After": "1"} if status == 503 else None,
+            )
+        try:
+            daemon.submissions.add(submission)
+        except SubmissionTableFull as exc:
+            return _problem(503, f"too many replies are waiting to be collected: {exc}")
+        mode, timeout = wait
+        if mode == "none":
+            return _json({"thread": submission.thread_id, "accepted": True}, status=202)
+        replies = await _collect(submission, mode, timeout)
+        daemon.submissions.forget_if_finished(submission)
+        return _json({"accepted": True, **_replies_body(submission, replies)})
+
+    async def get_replies(request: web.Request) -> web.Response:
+        thread = request.match_info["thread"]
+        submission = daemon.submissions.get(thread)
+        if submission is None:
+            return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
+        wait = _wait_parameters(request, "first")
+        if isinstance(wait, web.Response):
+            return wait
+        replies = await _collect(submission, *wait)
+        daemon.submissions.forget_if_finished(submission)
+        return _json(_replies_body(submission, replies))
+
+    async def healthz(request: web.Request) -> web.Response:
+        if daemon.accepting:
+            return _json({"status": "ok"})
+        return _json({"status": "stopping"}, status=503)
+
+    async def status(request: web.Request) -> web.Response:
+        return _json(daemon.status())
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    routes: list[tuple[str, str, Callable[[web.Request], Any]]] = [
+        ("POST", "/messages", post_message),
+        ("GET", "/threads/{thread}/replies", get_replies),
+        ("GET", "/healthz", healthz),
+        ("GET", "/status", status),
+        ("GET", "/metrics", metrics),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    return app

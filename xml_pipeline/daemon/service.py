@@ -1,0 +1,290 @@
+"""The daemon: a pump, its HTTP doors, and what systemd and operators expect of a service.
+
+Lifecycle::
+
+    start pump -> bind sockets -> READY=1 -> serve
+      SIGHUP   -> RELOADING=1 -> re-read organism.yaml -> swap listeners (or keep the old) -> READY=1
+      SIGTERM  -> STOPPING=1 -> refuse new messages -> drain (deadline) -> let clients
+      SIGINT      collect their last replies (grace) -> close sockets -> exit 0
+
+Signals only put a command on a small queue; the main loop carries commands
+out one at a time, so a reload never overlaps another reload or the shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from xml_pipeline import __version__
+from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
+from xml_pipeline.daemon.http_api import build_app
+from xml_pipeline.daemon.metrics import PrometheusMetrics
+from xml_pipeline.daemon.notify import SystemdNotifier
+from xml_pipeline.daemon.paths import default_socket_path
+from xml_pipeline.daemon.submissions import SubmissionTable
+from xml_pipeline.logs import set_level
+from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.organism import Organism
+
+log = logging.getLogger("xml_pipeline.daemon")
+
+HOUSEKEEPING_SECONDS = 5.0
+HTTP_SHUTDOWN_SECONDS = 5.0
+HTTP_BODY_SLACK = 4096
+"""HTTP bodies may exceed max_message_bytes a little, so the pump (not aiohttp)
+answers a slightly oversized message with a proper too-large SystemError."""
+RESTART_ONLY_SETTINGS = ("socket", "tcp", "drain_timeout_seconds", "reply_retention_seconds", "log_format")
+
+
+class DaemonStartError(Exception):
+    """The daemon cannot start (socket taken, address in use...); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonOptions:
+    socket_path: Path
+    tcp: tuple[str, int] | None
+    drain_timeout: float
+    reply_retention: float
+    collect_grace: float = 5.0
+
+    @classmethod
+    def for_organism(
+        cls,
+        organism: Organism,
+        *,
+        socket_path: str | None = None,
+        tcp: str | None = None,
+        drain_timeout: float | None = None,
+    ) -> DaemonOptions:
+        """Command-line values win over organism.yaml, which wins over defaults."""
+        settings = organism.settings
+        configured_socket = socket_path or settings.get("socket")
+        if configured_socket:
+            path = Path(configured_socket)
+            if not path.is_absolute() and socket_path is None and settings.get("base_dir"):
+                path = Path(settings["base_dir"]) / path
+        else:
+            path = default_socket_path(organism.name)
+        address = tcp or settings.get("tcp")
+        return cls(
+            socket_path=path,
+            tcp=parse_tcp_address(address) if address else None,
+            drain_timeout=float(drain_timeout or settings.get("drain_timeout_seconds", 20.0)),
+            reply_retention=float(settings.get("reply_retention_seconds", 300.0)),
+        )
+
+
+class Daemon:
+    def __init__(self, organism: Organism, organism_path: Path, options: DaemonOptions) -> None:
+        self.organism_path = organism_path
+        self.options = options
+        self.notifier = SystemdNotifier()
+        self.pump = Pump(organism)
+        self.metrics = PrometheusMetrics(self.pump.stats)
+        self.pump.metrics = self.metrics
+        self.submissions = SubmissionTable(
+            capacity=organism.limits.max_conversations, retention_seconds=options.reply_retention
+        )
+        self._accepting = False
+        self._commands: asyncio.Queue[str] = asyncio.Queue(maxsize=4)
+        self._stopped = asyncio.Event()
+        self._started_at = time.monotonic()
+        self._exit_code = 0
+
+    # ------------------------------------------------------------------ views for the HTTP layer
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def status(self) -> dict[str, Any]:
+        stats = self.pump.stats()
+        return {
+            "organism": self.pump.organism.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.monotonic() - self._started_at, 3),
+            "accepting": self._accepting,
+            "socket": str(self.options.socket_path),
+            "tcp": f"{self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else None,
+            "backend": "memory",
+            "queue_depth": stats.queue_depth,
+            "in_flight": stats.in_flight,
+            "conversations": stats.conversations,
+            "threads": stats.threads,
+            "uncollected_replies": self.submissions.uncollected(),
+            "listeners": [
+                {
+                    "name": listener.name,
+                    "description": listener.description,
+                    "accepts": sorted(codec.xml_name for codec in listener.codecs_by_tag.values()),
+                    "peers": None if listener.peers is None else sorted(listener.peers),
+                    "agent": listener.agent,
+                    "timeout_seconds": listener.timeout_seconds,
+                    "max_concurrency": listener.max_concurrency,
+                }
+                for listener in self.pump.listeners.values()
+            ],
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._command, "stop")
+        loop.add_signal_handler(signal.SIGINT, self._command, "stop")
+        loop.add_signal_handler(signal.SIGHUP, self._command, "reload")
+        await self.pump.start()
+        try:
+            runner = await self._serve_http()
+        except BaseException:
+            await self.pump.stop(drain_timeout=0)
+            raise
+        self._accepting = True
+        where = str(self.options.socket_path) + (
+            f" and {self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else ""
+        )
+        log.info("daemon ready organism=%s pid=%d listening on %s", self.pump.organism.name, os.getpid(), where)
+        self.notifier.ready(status=f"serving {self.pump.organism.name}")
+        try:
+            async with asyncio.TaskGroup() as group:
+                if self.notifier.watchdog_interval is not None:
+                    group.create_task(self._every(self.notifier.watchdog_interval, self._watchdog_tick))
+                group.create_task(self._every(HOUSEKEEPING_SECONDS, self._housekeeping_tick))
+                while await self._commands.get() == "reload":
+                    await self._reload()
+                self._stopped.set()
+        finally:
+            # Shutting down is under way: a repeated SIGTERM (an impatient operator, a
+            # second kill) must not cut the drain short or kill the process mid-exit.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, signal.SIG_IGN)
+            await self._shutdown(runner)
+        return self._exit_code
+
+    def _command(self, command: str) -> None:
+        """Called from a signal handler: queue the command; repeats of a pending one coalesce."""
+        try:
+            self._commands.put_nowait(command)
+        except asyncio.QueueFull:
+            log.warning("signal ignored: %d commands are already waiting", self._commands.qsize())
+
+    async def _every(self, interval: float, tick: Callable[[], None]) -> None:
+        while not self._stopped.is_set():
+            try:
+                async with asyncio.timeout(interval):
+                    await self._stopped.wait()
+            except TimeoutError:
+                tick()
+
+    def _watchdog_tick(self) -> None:
+        if self.pump.healthy:  # a dead dispatcher stops the pings, and systemd restarts us
+            self.notifier.watchdog()
+
+    def _housekeeping_tick(self) -> None:
+        self.submissions.sweep()
+        if not self.pump.healthy:
+            log.critical("the pump stopped working; exiting so that the service manager restarts the daemon")
+            self._exit_code = 1
+            self._command("stop")
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reloading %s", self.organism_path)
+        try:
+            organism = await asyncio.to_thread(load_organism, self.organism_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem.render(str(self.organism_path)))
+            log.error("reload failed with %d problem(s); the previous organism keeps running", len(exc.problems))
+            self.metrics.reload(succeeded=False)
+            self.notifier.ready(status=f"reload failed ({len(exc.problems)} problems); serving the previous organism")
+            return
+        old = self.pump.organism
+        for key in RESTART_ONLY_SETTINGS:
+            if old.settings.get(key) != organism.settings.get(key):
+                log.warning("organism.%s changed; it takes effect at the next restart", key)
+        if organism.limits != old.limits:
+            log.warning("pump limits changed; they take effect at the next restart")
+        self.pump.reload(organism)
+        set_level(str(organism.settings.get("log_level", "info")))
+        self.metrics.reload(succeeded=True)
+        log.info("reloaded organism=%s listeners=%d", organism.name, len(organism.listeners))
+        self.notifier.ready(status=f"serving {organism.name}")
+
+    async def _shutdown(self, runner: web.AppRunner) -> None:
+        self._accepting = False
+        self.notifier.stopping()
+        log.info("stopping: draining in-flight work for up to %gs", self.options.drain_timeout)
+        report = await self.pump.stop(self.options.drain_timeout)
+        if report.cancelled:
+            log.warning("stopping: %d message(s) were cut short and reported to their clients", report.cancelled)
+        await self._let_clients_collect()
+        await runner.cleanup()
+        self.options.socket_path.unlink(missing_ok=True)
+        self.notifier.close()
+        log.info("stopped")
+
+    async def _let_clients_collect(self) -> None:
+        """Keep serving reply collection until nobody's replies are waiting, or the grace runs out."""
+        try:
+            async with asyncio.timeout(self.options.collect_grace):
+                while self.submissions.uncollected():
+                    await self.submissions.wait_for_collection()
+        except TimeoutError:
+            log.warning("stopping: %d client(s) did not collect their replies in time", self.submissions.uncollected())
+
+    # ------------------------------------------------------------------ sockets
+    async def _serve_http(self) -> web.AppRunner:
+        app = build_app(self, max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, _bind_unix_socket(self.options.socket_path)).start()
+            if self.options.tcp is not None:
+                host, port = self.options.tcp
+                try:
+                    await web.TCPSite(runner, host, port).start()
+                except OSError as exc:
+                    raise DaemonStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner
+
+
+def _bind_unix_socket(path: Path) -> socket.socket:
+    """Bind ``path`` with mode 0660, replacing a stale socket but never a live daemon's."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as exc:
+        raise DaemonStartError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody answers: a leftover from a daemon that did not stop cleanly
+        else:
+            raise DaemonStartError(f"another daemon is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        sock.close()
+        raise DaemonStartError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return sock
