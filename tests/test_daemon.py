@@ -239,3 +239,41 @@ def test_a_repeated_sigterm_during_the_drain_does_not_cut_it_short() -> None:
             collected = daemon.client.request("GET", f"/threads/{thread}/replies?wait=end&timeout=10").json()
             assert daemon.stop() == 0
     assert [_kind(reply) for reply in collected["replies"]] == ["Pong"]
+
+
+def test_overload_and_stopping_answer_503_with_retry_after() -> None:
+    with short_directory() as directory:
+        tight = "pump:\n  max_in_flight: 1\n  queue_size: 1\n"
+        organism = write_organism(directory / "organism.yaml", SLOW_LISTENERS, pump=tight)
+        with running_daemon(organism, "--drain-timeout", "0.2") as daemon:
+            body = _envelope("hanger", "<Ping><text>x</text></Ping>")
+            # one runs, one waits for a slot in the dispatcher's hand, one fills the queue
+            statuses = [daemon.client.request("POST", "/messages", body=body).status for _ in range(4)]
+            assert statuses == [202, 202, 202, 503]
+            refused = daemon.client.request("POST", "/messages", body=body)
+            assert refused.json()["error"]["code"] == "overload"
+            assert refused.json()["error"]["retry_allowed"] is True
+            daemon.signal(signal.SIGINT)  # SIGINT stops the daemon exactly like SIGTERM
+            daemon.notify.expect("STOPPING=1")
+            assert daemon.client.request("GET", "/healthz").status == 503
+            assert daemon.client.request("POST", "/messages", body=body).status == 503
+            assert daemon.stop() == 0
+
+
+def test_socket_is_group_accessible_only() -> None:
+    with running_daemon(EXAMPLE) as daemon:
+        assert daemon.socket_path.is_socket()
+        assert daemon.socket_path.stat().st_mode & 0o777 == 0o660
+        assert daemon.stop() == 0
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    with running_daemon(EXAMPLE, "--log-json") as daemon:
+        cli("send", "--socket", str(daemon.socket_path), "greeter", "<Nope/>")
+        assert daemon.stop() == 0
+        lines = daemon.log().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {"ts", "level", "logger", "msg"} <= set(records[0])
+    failure = next(record for record in records if record["level"] == "warning")
+    assert "listener=greeter" in failure["msg"]
+    assert "thread=" in failure["msg"]
