@@ -1,14 +1,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
+from tests.redis_server import RedisServer
 from xml_pipeline.config.loader import load_organism
+from xml_pipeline.memory.manager_backend import ManagerBackend
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.organism import Organism
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +45,41 @@ class HistoryLog:
 @pytest.fixture
 def history_log() -> HistoryLog:
     return HistoryLog()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server per test process; tests isolate themselves by key prefix."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def manager_backend() -> Iterator[ManagerBackend]:
+    backend = ManagerBackend.start()
+    yield backend
+    backend.close()
+
+
+BACKENDS = ["memory", "manager", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
+    """Each SharedBackend implementation, empty, for the same behavioural tests."""
+    if request.param == "memory":
+        yield InMemoryBackend()
+    elif request.param == "manager":
+        shared: ManagerBackend = request.getfixturevalue("manager_backend")
+        shared.buffer_clear()
+        shared.registry_clear()
+        yield shared
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        redis_backend = RedisBackend(server.url, prefix=f"test-{uuid.uuid4().hex[:8]}:")
+        yield redis_backend
+        redis_backend.buffer_clear()
+        redis_backend.registry_clear()
+        redis_backend.close()

@@ -1,4 +1,4 @@
-"""ThreadRegistry: opaque UUIDs for call chains, per conversation."""
+"""ThreadRegistry: opaque UUIDs for call chains, per conversation, on every backend."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import uuid
 import pytest
 
 from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus import thread_registry
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, get_registry, reset_registry
 
 
-def test_start_chain_gives_every_conversation_its_own_threads() -> None:
-    registry = ThreadRegistry()
+def test_start_chain_gives_every_conversation_its_own_threads(backend: SharedBackend) -> None:
+    registry = ThreadRegistry(backend)
     first = registry.start_chain("console", "greeter")
     second = registry.start_chain("console", "greeter")
     assert len({*first, *second}) == 4
@@ -21,8 +22,8 @@ def test_start_chain_gives_every_conversation_its_own_threads() -> None:
     assert registry.lookup(first[1]) == registry.lookup(second[1]) == "console.greeter"
 
 
-def test_extend_then_prune_walks_the_chain_back() -> None:
-    registry = ThreadRegistry()
+def test_extend_then_prune_walks_the_chain_back(backend: SharedBackend) -> None:
+    registry = ThreadRegistry(backend)
     root, at_router = registry.start_chain("console", "router")
     at_greeter = registry.extend_chain(at_router, "greeter")
     assert registry.lookup(at_greeter) == "console.router.greeter"
@@ -31,14 +32,14 @@ def test_extend_then_prune_walks_the_chain_back() -> None:
     assert registry.prune_for_response(root) is None
 
 
-def test_extending_the_same_chain_twice_in_a_conversation_reuses_the_thread() -> None:
-    registry = ThreadRegistry()
+def test_extending_the_same_chain_twice_in_a_conversation_reuses_the_thread(backend: SharedBackend) -> None:
+    registry = ThreadRegistry(backend)
     _, thread = registry.start_chain("console", "router")
     assert registry.extend_chain(thread, "greeter") == registry.extend_chain(thread, "greeter")
 
 
-def test_dotted_listener_names_stay_single_segments() -> None:
-    registry = ThreadRegistry()
+def test_dotted_listener_names_stay_single_segments(backend: SharedBackend) -> None:
+    registry = ThreadRegistry(backend)
     root, thread = registry.start_chain("console", "system.buffer")
     deeper = registry.extend_chain(thread, "team.alpha")
     record = registry.lookup_record(deeper)
@@ -48,8 +49,8 @@ def test_dotted_listener_names_stay_single_segments() -> None:
     assert registry.prune_for_response(thread) == Pruned("console", root)
 
 
-def test_root_and_get_or_create() -> None:
-    registry = ThreadRegistry()
+def test_root_and_get_or_create(backend: SharedBackend) -> None:
+    registry = ThreadRegistry(backend)
     with pytest.raises(RuntimeError, match="initialize_root"):
         registry.get_or_create("a.b")
     root = registry.initialize_root("hello")
@@ -62,8 +63,7 @@ def test_root_and_get_or_create() -> None:
         registry.get_or_create("console..greeter")
 
 
-def test_register_cleanup_debug_dump_and_clear() -> None:
-    backend = InMemoryBackend()
+def test_register_cleanup_debug_dump_and_clear(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
     given = str(uuid.uuid4())
     registry.register_thread(given, ["remote", "here"])
@@ -75,7 +75,7 @@ def test_register_cleanup_debug_dump_and_clear() -> None:
     assert len(registry) == 2
     registry.clear()
     assert (len(registry), registry.root_uuid) == (0, None)
-    assert registry.is_shared is False
+    assert registry.is_shared is not isinstance(backend, InMemoryBackend)
     with pytest.raises(KeyError):
         registry.extend_chain(given, "x")
 

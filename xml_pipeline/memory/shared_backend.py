@@ -22,6 +22,10 @@ class TooManyThreads(Exception):
     """The buffer already holds the most threads it may hold."""
 
 
+class BackendUnavailable(Exception):
+    """The shared store cannot be reached (after the retries the backend allows itself)."""
+
+
 @runtime_checkable
 class SharedBackend(Protocol):
     @property

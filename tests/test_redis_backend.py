@@ -1,0 +1,99 @@
+"""What only Redis has: TTLs, prefixes, SCAN not KEYS, passwords, reconnects."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from tests.redis_server import RedisServer
+from xml_pipeline.memory.context_buffer import ContextBuffer
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.shared_backend import BackendUnavailable
+from xml_pipeline.message_bus.thread_registry import ThreadRegistry
+
+
+def raw_client(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url)
+
+
+def test_every_key_carries_the_ttl_and_use_refreshes_it(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url, prefix="ttl-test:", ttl=100)
+    client = raw_client(redis_server)
+    registry = ThreadRegistry(backend)
+    _, thread = registry.start_chain("console", "greeter")
+    ContextBuffer(backend).append(thread, from_id="a", to_id="b", payload_type="x:y", payload_xml=b"<y/>")
+    keys = backend.keys()
+    assert keys, "nothing was written"
+    assert all(0 < client.ttl(key) <= 100 for key in keys)
+    for key in keys:
+        client.expire(key, 5)
+    registry.lookup(thread)  # reading refreshes
+    ContextBuffer(backend).get_thread(thread)
+    assert client.ttl(f"ttl-test:reg:u:{thread}") > 5
+    assert client.ttl(f"ttl-test:buf:{thread}") > 5
+    backend.buffer_clear()
+    backend.registry_clear()
+    assert backend.keys() == []
+
+
+def test_prefixes_isolate_organisms_sharing_a_server(redis_server: RedisServer) -> None:
+    first = RedisBackend(redis_server.url, prefix="org-a:")
+    second = RedisBackend(redis_server.url, prefix="org-b:")
+    first.registry_set("c/x", "u1")
+    first.buffer_append("t", b"a", max_slots=5, max_threads=5)
+    assert second.registry_list_all() == {}
+    assert second.buffer_list_threads() == []
+    second.registry_clear()
+    second.buffer_clear()
+    assert first.registry_list_all() == {"u1": "c/x"}
+    first.registry_clear()
+    first.buffer_clear()
+    assert first.keys() == []
+
+
+def test_listing_and_clearing_never_use_keys(redis_server: RedisServer) -> None:
+    client = raw_client(redis_server)
+    client.config_resetstat()
+    backend = RedisBackend(redis_server.url, prefix=f"scan-{uuid.uuid4().hex[:6]}:")
+    for index in range(1200):
+        backend.registry_set(f"c/{index}", f"u{index}")
+    assert len(backend.registry_list_all()) == 1200
+    backend.registry_clear()
+    assert backend.registry_list_all() == {}
+    stats = client.info("commandstats")
+    assert "cmdstat_keys" not in stats
+    assert stats["cmdstat_scan"]["calls"] > 0
+
+
+def test_url_with_password(tmp_path: object) -> None:
+    server = RedisServer(password="s3cret!")
+    server.start()
+    try:
+        backend = RedisBackend(server.url, prefix="pw:")
+        assert backend.registry_get_or_set("c/a", "u1") == "u1"
+        wrong = RedisBackend(server.url.replace("s3cret!", "wrong"), prefix="pw:", retries=0)
+        with pytest.raises(BackendUnavailable):
+            wrong.registry_get_uuid("c/a")
+        assert wrong.ping() is False
+    finally:
+        server.close()
+
+
+def test_unreachable_server_is_backend_unavailable_and_reconnects_when_back() -> None:
+    server = RedisServer()
+    server.start()
+    backend = RedisBackend(server.url, prefix="gone:", retries=1, socket_timeout=0.5)
+    try:
+        backend.registry_set("c/a", "u1")
+        server.stop()
+        with pytest.raises(BackendUnavailable, match="unreachable"):
+            backend.registry_get_uuid("c/a")
+        assert backend.ping() is False
+        server.start()  # same port, empty (no persistence)
+        assert backend.ping() is True
+        assert backend.registry_get_or_set("c/a", "u2") == "u2"
+    finally:
+        backend.close()
+        server.close()

@@ -1,0 +1,155 @@
+"""Shared state on one machine without a server: a multiprocessing manager.
+
+One manager process holds an :class:`InMemoryBackend`; the daemon and every
+spawned worker talk to it through proxies, by address and authkey. Each
+backend method is one call served under the backend's lock, so every method is
+atomic across processes, exactly as on the memory backend within one.
+
+The address is a Unix socket in a private temporary directory; the authkey is
+32 random bytes. Workers receive both through :attr:`ManagerBackend.spec`
+(a small picklable value), never a private manager of their own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from multiprocessing.managers import BaseManager
+from typing import Any
+
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, TooManyThreads
+
+_STATE = InMemoryBackend()
+
+
+def _state() -> InMemoryBackend:
+    return _STATE
+
+
+class _StateManager(BaseManager):
+    pass
+
+
+_StateManager.register("state", callable=_state)
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSpec:
+    """How a worker process reaches the manager."""
+
+    address: str
+    authkey: bytes
+
+
+class ManagerBackend:
+    """A SharedBackend whose state lives in a manager process."""
+
+    def __init__(
+        self, proxy: Any, spec: ManagerSpec, owner: _StateManager | None = None, workdir: str | None = None
+    ) -> None:
+        self._state = proxy
+        self.spec = spec
+        self._owner = owner
+        self._workdir = workdir
+
+    @classmethod
+    def start(cls) -> ManagerBackend:
+        """Start the manager process (spawned) and connect to it; the caller owns it."""
+        workdir = tempfile.mkdtemp(prefix="xp-manager-")
+        os.chmod(workdir, 0o700)
+        spec = ManagerSpec(address=os.path.join(workdir, "state.sock"), authkey=os.urandom(32))
+        manager = _StateManager(address=spec.address, authkey=spec.authkey, ctx=multiprocessing.get_context("spawn"))
+        manager.start()
+        return cls(manager.state(), spec, owner=manager, workdir=workdir)  # type: ignore[attr-defined]
+
+    @classmethod
+    def connect(cls, spec: ManagerSpec) -> ManagerBackend:
+        """Reach a running manager from another process."""
+        manager = _StateManager(address=spec.address, authkey=spec.authkey)
+        try:
+            manager.connect()
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot reach the state manager at {spec.address}: {exc}") from None
+        return cls(manager.state(), spec)  # type: ignore[attr-defined]
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._state, method)(*args, **kwargs)
+        except (BufferFull, TooManyThreads):
+            raise
+        except (OSError, EOFError) as exc:
+            raise BackendUnavailable(f"the state manager is gone: {exc}") from None
+
+    @property
+    def is_shared(self) -> bool:
+        return True
+
+    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
+        return int(self._call("buffer_append", thread_id, slot, max_slots=max_slots, max_threads=max_threads))
+
+    def buffer_get_thread(self, thread_id: str) -> list[bytes]:
+        return list(self._call("buffer_get_thread", thread_id))
+
+    def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
+        result: bytes | None = self._call("buffer_get_slot", thread_id, index)
+        return result
+
+    def buffer_thread_len(self, thread_id: str) -> int:
+        return int(self._call("buffer_thread_len", thread_id))
+
+    def buffer_thread_exists(self, thread_id: str) -> bool:
+        return bool(self._call("buffer_thread_exists", thread_id))
+
+    def buffer_delete_thread(self, thread_id: str) -> bool:
+        return bool(self._call("buffer_delete_thread", thread_id))
+
+    def buffer_list_threads(self) -> list[str]:
+        return list(self._call("buffer_list_threads"))
+
+    def buffer_clear(self) -> None:
+        self._call("buffer_clear")
+
+    def registry_set(self, chain: str, uuid: str) -> None:
+        self._call("registry_set", chain, uuid)
+
+    def registry_get_or_set(self, chain: str, uuid: str) -> str:
+        return str(self._call("registry_get_or_set", chain, uuid))
+
+    def registry_get_uuid(self, chain: str) -> str | None:
+        result: str | None = self._call("registry_get_uuid", chain)
+        return result
+
+    def registry_get_chain(self, uuid: str) -> str | None:
+        result: str | None = self._call("registry_get_chain", uuid)
+        return result
+
+    def registry_delete(self, uuid: str) -> bool:
+        return bool(self._call("registry_delete", uuid))
+
+    def registry_list_all(self) -> dict[str, str]:
+        return dict(self._call("registry_list_all"))
+
+    def registry_clear(self) -> None:
+        self._call("registry_clear")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._call("ping"))
+        except BackendUnavailable:
+            return False
+
+    def info(self) -> dict[str, Any]:
+        return {**self._call("info"), "type": "manager", "address": self.spec.address}
+
+    def close(self) -> None:
+        """Disconnect; the owner also stops the manager process and removes its socket."""
+        if self._owner is not None:
+            self._owner.shutdown()
+            self._owner = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
