@@ -17,7 +17,9 @@ from pathlib import Path
 from tests.conftest import ROOT
 from xml_pipeline.daemon.client import DaemonClient
 
-EXAMPLE_LISTENERS = (ROOT / "organism.yaml").read_text().split("listeners:", 1)[1]
+EXAMPLE_LISTENERS, EXAMPLE_POOL = (
+    (ROOT / "organism.yaml").read_text().split("listeners:", 1)[1].split("\nprocess_pool:", 1)
+)
 
 
 @contextlib.contextmanager
@@ -146,5 +148,7 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 def write_organism(path: Path, extra_listeners: str = "", *, pump: str = "") -> Path:
     """The example organism (its workers import from the project root), plus extras."""
-    path.write_text(f"organism:\n  name: hello\n{pump}listeners:{EXAMPLE_LISTENERS}{extra_listeners}")
+    path.write_text(
+        f"organism:\n  name: hello\n{pump}listeners:{EXAMPLE_LISTENERS}{extra_listeners}\nprocess_pool:{EXAMPLE_POOL}"
+    )
     return path

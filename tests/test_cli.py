@@ -29,13 +29,13 @@ def test_version_and_help() -> None:
 
 def test_check_accepts_the_example_organism() -> None:
     result = cli("check", "organism.yaml")
-    assert (result.returncode, result.stdout.strip()) == (0, "organism.yaml: organism 'hello' is valid (3 listeners)")
+    assert (result.returncode, result.stdout.strip()) == (0, "organism.yaml: organism 'hello' is valid (4 listeners)")
 
 
 def test_check_lists_every_problem_and_exits_2() -> None:
     result = cli("check", str(BROKEN))
     assert result.returncode == 2
-    assert "19 problem(s)" in result.stderr
+    assert "18 problem(s)" in result.stderr
     assert f"{BROKEN}:14: listener 'greeter' is defined twice" in result.stderr
     assert "Traceback" not in result.stderr
 

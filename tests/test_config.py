@@ -18,13 +18,12 @@ EXPECTED = [
     (4, "pump.queue_size must be at least 1: -1"),
     (5, "pump.max_depth must be a whole number, not True"),
     (6, "pump.repair must be true or false, not 'sometimes'"),
-    (8, "backend.type 'redis' is not available in this version"),
+    (8, "backend.type redis needs backend.redis_url"),
     (11, "listener 'greeter': cannot import payload class 'workers.hello.Nope'"),
     (13, "listener 'greeter': peer 'ghost' is not a listener of this organism"),
     (14, "listener 'greeter' is defined twice (first on line 10)"),
     (17, "listeners[2].name starts with 'system', which is reserved"),
     (19, "handler 'workers.hello.Greeting' is not an async function"),
-    (20, "cpu_bound listeners need the process pool"),
     (21, "listeners[2]: unknown key 'colour'"),
     (23, "listener 'sync': cannot import payload class 'no_such_module.Thing': ModuleNotFoundError"),
     (24, "listener 'sync': handler 'os.path.join' is not an async function"),
@@ -37,7 +36,9 @@ EXPECTED = [
 
 def test_example_organism_loads(example_organism: Organism) -> None:
     assert example_organism.name == "hello"
-    assert list(example_organism.listeners) == ["greeter", "shouter", "exclaimer"]
+    assert list(example_organism.listeners) == ["greeter", "shouter", "exclaimer", "cruncher"]
+    assert example_organism.listeners["cruncher"].cpu_bound is True
+    assert example_organism.settings["process_pool"] == {"workers": 2}
     assert example_organism.listeners["exclaimer"].peers == frozenset()
     assert example_organism.listeners["greeter"].peers == frozenset({"shouter"})
 

@@ -45,7 +45,7 @@ def test_send_gets_the_reply_and_status_and_metrics_show_the_traffic() -> None:
         assert "organism hello: accepting messages" in shown.stdout
         assert "greeter" in shown.stdout
         status = json.loads(cli("status", "--json", "--socket", str(daemon.socket_path)).stdout)
-        assert [listener["name"] for listener in status["listeners"]] == ["greeter", "shouter", "exclaimer"]
+        assert [listener["name"] for listener in status["listeners"]] == ["greeter", "shouter", "exclaimer", "cruncher"]
         assert (status["conversations"], status["threads"], status["queue_depth"], status["in_flight"]) == (0, 0, 0, 0)
         assert status["uptime_seconds"] > 0
 
@@ -116,7 +116,7 @@ def test_sighup_with_a_valid_edit_changes_behaviour() -> None:
             after = cli("send", "--socket", str(daemon.socket_path), "echo", "<Ping><text>hi</text></Ping>")
             assert after.returncode == 0, after.stderr
             assert "<Pong><text>hi</text></Pong>" in after.stdout
-            assert len(daemon.client.status()["listeners"]) == 4
+            assert len(daemon.client.status()["listeners"]) == 5
             assert 'xml_pipeline_reloads_total{result="ok"} 1.0' in daemon.client.metrics()
             assert daemon.stop() == 0
 
@@ -156,7 +156,7 @@ ROOMY_PUMP = "pump:\n  max_in_flight: 1000\n  queue_size: 2000\n"
 
 
 async def _post_all(socket_path: Path, target: str, count: int) -> list[str]:
-    connector = aiohttp.UnixConnector(path=str(socket_path), limit=0)
+    connector = aiohttp.UnixConnector(path=str(socket_path), limit=100)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def post(index: int) -> str:
@@ -169,7 +169,7 @@ async def _post_all(socket_path: Path, target: str, count: int) -> list[str]:
 
 
 async def _collect_all(socket_path: Path, threads: list[str]) -> list[list[str]]:
-    connector = aiohttp.UnixConnector(path=str(socket_path), limit=0)
+    connector = aiohttp.UnixConnector(path=str(socket_path), limit=100)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def collect(thread: str) -> list[str]:

@@ -24,6 +24,8 @@ from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.service import Daemon, DaemonOptions, DaemonStartError
 from xml_pipeline.logs import configure_logging
+from xml_pipeline.memory.factory import open_backend
+from xml_pipeline.memory.shared_backend import BackendUnavailable
 from xml_pipeline.message.envelope import LISTENER_NAME, THREAD_ID, serialize_envelope
 from xml_pipeline.message.safe_xml import XmlRejected, parse_untrusted
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Submission
@@ -135,7 +137,11 @@ def run(
 
 
 async def _run_daemon(organism: Organism, path: Path, options: DaemonOptions) -> int:
-    return await Daemon(organism, path, options).run()
+    try:
+        backend = open_backend(organism.settings.get("backend", {}))
+    except BackendUnavailable as exc:
+        raise DaemonStartError(f"the backend is unavailable: {exc}") from None
+    return await Daemon(organism, path, options, backend).run()
 
 
 def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> DaemonClient:

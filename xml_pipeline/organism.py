@@ -75,6 +75,18 @@ class Listener:
             raise ValueError(f"listener {name!r} accepts no payload class")
         self.accepts_errors = SystemErrorPayload in self.codecs_by_class
         self._slots: asyncio.Semaphore | None = None
+        if cpu_bound:
+            for qualname in (handler.__qualname__, *(cls.__qualname__ for cls in self.codecs_by_class)):
+                if "<locals>" in qualname:
+                    raise ValueError(
+                        f"listener {name!r}: cpu_bound handlers and payload classes must be defined at module"
+                        f" level, so worker processes can import them ({qualname} is not)"
+                    )
+
+    @property
+    def handler_path(self) -> str:
+        """Where a worker process imports the handler from."""
+        return f"{self.handler.__module__}:{self.handler.__qualname__}"
 
     @property
     def slots(self) -> asyncio.Semaphore:

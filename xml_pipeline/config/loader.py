@@ -13,7 +13,6 @@ handler modules next to it (``workers.hello``) import as written.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import ipaddress
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from xml_pipeline.imports import import_object
 from xml_pipeline.message.envelope import LISTENER_NAME
 from xml_pipeline.message.payload_codec import PayloadTypeError, codec_for
 from xml_pipeline.organism import Listener, Organism, PumpLimits, is_reserved
@@ -32,7 +32,6 @@ from xml_pipeline.organism import Listener, Organism, PumpLimits, is_reserved
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 BACKEND_TYPES = ("memory", "manager", "redis")
-AVAILABLE_BACKENDS = ("memory",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +106,12 @@ def _loopback_address(value: Any) -> str | None:
     return None
 
 
+def _redis_url(value: Any) -> str | None:
+    if value.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return None
+    return "must be a redis://, rediss:// (TLS) or unix:// URL"
+
+
 def _listener_name(value: Any) -> str | None:
     if not LISTENER_NAME.match(value):
         return "is not a valid listener name (letters, digits, _ and -, parts joined by dots)"
@@ -140,7 +145,7 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
     },
     "backend": {
         "type": _Key(str, check=_one_of(BACKEND_TYPES)),
-        "redis_url": _Key(str),
+        "redis_url": _Key(str, check=_redis_url),
         "redis_prefix": _Key(str),
         "redis_ttl": _Key(int, check=_at_least(1)),
     },
@@ -236,20 +241,6 @@ class _ListenerSpec:
     """False when the name is missing or invalid: checked, but never built."""
 
 
-def _import(dotted: str) -> Any:
-    """Import ``package.module.attr`` (or ``package.module:attr``)."""
-    if ":" in dotted:
-        module_name, _, attribute = dotted.partition(":")
-    else:
-        module_name, _, attribute = dotted.rpartition(".")
-    if not module_name or not attribute:
-        raise ImportError(f"'{dotted}' is not a dotted path like package.module.name")
-    target: Any = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    return target
-
-
 def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
     values, nodes = spec.values, spec.nodes
     name = values["name"]
@@ -262,7 +253,7 @@ def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
             reader.problem(nodes["payload_class"], f"{where}: payload_class entries must be dotted paths, not {path!r}")
             continue
         try:
-            cls = _import(path)
+            cls = import_object(path)
         except Exception as exc:
             reader.problem(
                 nodes["payload_class"], f"{where}: cannot import payload class '{path}': {type(exc).__name__}: {exc}"
@@ -277,7 +268,7 @@ def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
     handler_path = values["handler"]
     handler: Any = None
     try:
-        handler = _import(handler_path)
+        handler = import_object(handler_path)
     except Exception as exc:
         reader.problem(
             nodes["handler"], f"{where}: cannot import handler '{handler_path}': {type(exc).__name__}: {exc}"
@@ -287,11 +278,6 @@ def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
             nodes["handler"], f"{where}: handler '{handler_path}' is not an async function (write 'async def')"
         )
         handler = None
-    if values.get("cpu_bound"):
-        reader.problem(
-            nodes["cpu_bound"],
-            f"{where}: cpu_bound listeners need the process pool, which this version does not provide yet",
-        )
     if handler is None or len(classes) != len(class_paths) or not spec.named:
         return None
     try:
@@ -373,12 +359,14 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             reader.problem(root, "the 'organism' section is missing")
         if "listeners" not in entries:
             reader.problem(root, "the 'listeners' section is missing")
-        backend_type = sections["backend"].get("type", "memory")
-        if backend_type not in AVAILABLE_BACKENDS:
+        backend = sections["backend"]
+        if backend.get("type") == "redis" and "redis_url" not in backend:
             reader.problem(
-                entries["backend"][1],
-                f"backend.type '{backend_type}' is not available in this version"
-                f" (available: {', '.join(AVAILABLE_BACKENDS)})",
+                entries["backend"][1], "backend.type redis needs backend.redis_url, e.g. redis://127.0.0.1:6379/0"
+            )
+        if backend.get("type") != "redis" and backend.keys() & {"redis_url", "redis_prefix", "redis_ttl"}:
+            reader.problem(
+                entries["backend"][1], "redis_url, redis_prefix and redis_ttl only apply to backend.type redis"
             )
         specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
         limits: PumpLimits | None = None

@@ -43,6 +43,7 @@ STATUS_FOR_CODE = {
     ErrorCode.HISTORY_FULL: 409,
     ErrorCode.OVERLOAD: 503,
     ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.BACKEND_UNAVAILABLE: 503,
 }
 
 

@@ -34,6 +34,7 @@ from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.submissions import SubmissionTable
 from xml_pipeline.logs import set_level
+from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Organism
 
@@ -41,10 +42,21 @@ log = logging.getLogger("xml_pipeline.daemon")
 
 HOUSEKEEPING_SECONDS = 5.0
 HTTP_SHUTDOWN_SECONDS = 5.0
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues before accept(); a full Unix-socket backlog refuses
+clients outright (EAGAIN) instead of making them wait, so keep it deep."""
 HTTP_BODY_SLACK = 4096
 """HTTP bodies may exceed max_message_bytes a little, so the pump (not aiohttp)
 answers a slightly oversized message with a proper too-large SystemError."""
-RESTART_ONLY_SETTINGS = ("socket", "tcp", "drain_timeout_seconds", "reply_retention_seconds", "log_format")
+RESTART_ONLY_SETTINGS = (
+    "socket",
+    "tcp",
+    "drain_timeout_seconds",
+    "reply_retention_seconds",
+    "log_format",
+    "backend",
+    "process_pool",
+)
 
 
 class DaemonStartError(Exception):
@@ -87,11 +99,12 @@ class DaemonOptions:
 
 
 class Daemon:
-    def __init__(self, organism: Organism, organism_path: Path, options: DaemonOptions) -> None:
+    def __init__(self, organism: Organism, organism_path: Path, options: DaemonOptions, backend: SharedBackend) -> None:
         self.organism_path = organism_path
         self.options = options
+        self.backend = backend
         self.notifier = SystemdNotifier()
-        self.pump = Pump(organism)
+        self.pump = Pump(organism, backend=backend)
         self.metrics = PrometheusMetrics(self.pump.stats)
         self.pump.metrics = self.metrics
         self.submissions = SubmissionTable(
@@ -118,7 +131,8 @@ class Daemon:
             "accepting": self._accepting,
             "socket": str(self.options.socket_path),
             "tcp": f"{self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else None,
-            "backend": "memory",
+            "backend": self.pump.organism.settings.get("backend", {}).get("type", "memory"),
+            "worker_pids": self.pump.pool.worker_pids() if self.pump.pool is not None else [],
             "queue_depth": stats.queue_depth,
             "in_flight": stats.in_flight,
             "conversations": stats.conversations,
@@ -233,6 +247,7 @@ class Daemon:
         await self._let_clients_collect()
         await runner.cleanup()
         self.options.socket_path.unlink(missing_ok=True)
+        self.backend.close()
         self.notifier.close()
         log.info("stopped")
 
@@ -251,11 +266,11 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
         try:
-            await web.SockSite(runner, _bind_unix_socket(self.options.socket_path)).start()
+            await web.SockSite(runner, _bind_unix_socket(self.options.socket_path), backlog=LISTEN_BACKLOG).start()
             if self.options.tcp is not None:
                 host, port = self.options.tcp
                 try:
-                    await web.TCPSite(runner, host, port).start()
+                    await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
                 except OSError as exc:
                     raise DaemonStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         except BaseException:

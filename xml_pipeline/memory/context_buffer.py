@@ -15,11 +15,11 @@ forgetting its beginning.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from xml_pipeline.imports import import_object
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
 
@@ -44,11 +44,7 @@ class BufferSlot:
         """The payload decoded into a fresh instance of its class."""
         from xml_pipeline.message.payload_codec import codec_for
 
-        module_name, _, qualname = self.payload_type.partition(":")
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-        return codec_for(target).from_bytes(self.payload_xml)
+        return codec_for(import_object(self.payload_type)).from_bytes(self.payload_xml)
 
 
 def _encode(from_id: str, to_id: str, hop_thread: str, payload_type: str, timestamp: float, xml: bytes) -> bytes:

@@ -27,6 +27,8 @@ class ErrorCode(enum.Enum):
     OVERLOAD = "overload"
     HISTORY_FULL = "history-full"
     SHUTTING_DOWN = "shutting-down"
+    BACKEND_UNAVAILABLE = "backend-unavailable"
+    WORKER_CRASH = "worker-crash"
     INTERNAL = "internal"
 
     @property
@@ -35,7 +37,15 @@ class ErrorCode(enum.Enum):
         return self in _TRANSIENT
 
 
-_TRANSIENT = frozenset({ErrorCode.HANDLER_TIMEOUT, ErrorCode.OVERLOAD, ErrorCode.SHUTTING_DOWN})
+_TRANSIENT = frozenset(
+    {
+        ErrorCode.HANDLER_TIMEOUT,
+        ErrorCode.OVERLOAD,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.BACKEND_UNAVAILABLE,
+        ErrorCode.WORKER_CRASH,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

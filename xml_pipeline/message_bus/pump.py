@@ -35,9 +35,11 @@ from typing import Any
 from lxml import etree
 
 from xml_pipeline.handler import Handler, HandlerMetadata, HandlerResponse
+from xml_pipeline.imports import import_object
 from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_context_buffer
+from xml_pipeline.memory.factory import spec_of
 from xml_pipeline.memory.memory_backend import InMemoryBackend
-from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
+from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, SharedBackend, TooManyThreads
 from xml_pipeline.message.envelope import (
     Envelope,
     best_effort_origin,
@@ -57,6 +59,8 @@ from xml_pipeline.message_bus.conversations import Conversation, Reply, Submissi
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
 from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.process_pool.pool import CpuPool, WorkerCrashed, WorkerStuck
+from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.pump")
 
@@ -71,6 +75,7 @@ class _Delivery:
 
     listener: Listener
     payload: Any
+    payload_xml: bytes
     sender: str
     thread: str
     conversation: Conversation
@@ -143,6 +148,7 @@ class Pump:
         self._conversations: dict[str, Conversation] = {}
         self._pending_total = 0
         self._running = 0
+        self._pool: CpuPool | None = None
         self._idle: asyncio.Event | None = None
         self._queue: asyncio.Queue[_Delivery] | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -164,6 +170,8 @@ class Pump:
         set_context_buffer(self.buffer)
         self._runner = asyncio.create_task(self._run(), name="xml-pipeline-pump")
         self._runner.add_done_callback(self._on_runner_done)
+        if any(listener.cpu_bound for listener in self._listeners.values()):
+            await self._process_pool().warm_up()
         self._accepting = True
         self.started_at = time.monotonic()
         log.info("pump started organism=%s listeners=%d", self.organism.name, len(self._listeners))
@@ -200,6 +208,9 @@ class Pump:
             await runner
         while not self._queue.empty():  # taken by no dispatcher: report each
             self._abandon(self._queue.get_nowait())
+        if self._pool is not None:
+            await self._pool.close(kill=not drained)
+            self._pool = None
         self._runner = None
         log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
         return ShutdownReport(drained=drained, cancelled=cancelled)
@@ -304,7 +315,10 @@ class Pump:
             return self._refuse(admitted)
         listener, payload, payload_xml, envelope = admitted
         sender, thread = envelope.sender, envelope.thread
-        conversation, delivery_thread = self._assign_thread(sender, listener.name, thread)
+        try:
+            conversation, delivery_thread = self._assign_thread(sender, listener.name, thread)
+        except BackendUnavailable as exc:
+            return self._refuse(_Refusal(ErrorCode.BACKEND_UNAVAILABLE, str(exc), sender, thread, listener.name))
         if conversation is None:
             return self._refuse(
                 _Refusal(
@@ -321,7 +335,7 @@ class Pump:
         if failure is None:
             assert self._queue is not None
             try:
-                self._queue.put_nowait(_Delivery(listener, payload, sender, delivery_thread, conversation))
+                self._queue.put_nowait(_Delivery(listener, payload, payload_xml, sender, delivery_thread, conversation))
             except asyncio.QueueFull:
                 failure = _Failure(ErrorCode.OVERLOAD, "the pump's queue is full; try again later")
         if failure is None:
@@ -421,6 +435,10 @@ class Pump:
         except asyncio.CancelledError:
             self._client_error(conversation, ErrorCode.SHUTTING_DOWN, f"{name} was stopped at shutdown", name)
             raise
+        except BackendUnavailable as exc:
+            self._client_error(
+                conversation, ErrorCode.BACKEND_UNAVAILABLE, f"routing {name}'s result failed: {exc}", name
+            )
         except Exception:  # a bug in the pump itself: report it, never let it vanish
             log.exception("internal error listener=%s thread=%s", name, delivery.thread)
             self._client_error(
@@ -449,6 +467,12 @@ class Pump:
             deadline = asyncio.timeout(listener.timeout_seconds)
             self._running += 1
             started = time.perf_counter()
+            if listener.cpu_bound:
+                try:
+                    return await self._invoke_in_worker(delivery, metadata)
+                finally:
+                    self._running -= 1
+                    self.metrics.handler_finished(listener.name, time.perf_counter() - started)
             try:
                 async with deadline:
                     return await listener.handler(delivery.payload, metadata)
@@ -464,6 +488,51 @@ class Pump:
                 self.metrics.handler_finished(listener.name, time.perf_counter() - started)
         finally:
             listener.slots.release()
+
+    async def _invoke_in_worker(self, delivery: _Delivery, metadata: HandlerMetadata) -> Any:
+        """Run a cpu_bound handler in the process pool; same outcomes as in-process."""
+        listener = delivery.listener
+        task = Task(
+            handler_path=listener.handler_path,
+            payload_type=payload_type_name(type(delivery.payload)),
+            payload_xml=delivery.payload_xml,
+            metadata=metadata,
+            timeout=listener.timeout_seconds,
+        )
+        try:
+            outcome = await self._process_pool().run(task)
+        except WorkerCrashed as exc:
+            return _Failure(ErrorCode.WORKER_CRASH, f"{listener.name}: {exc}")
+        except WorkerStuck as exc:
+            return _Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name}: {exc}")
+        if outcome.kind == "none":
+            return None
+        if outcome.kind == "response":
+            payload = codec_for(import_object(outcome.payload_type)).from_bytes(outcome.payload_xml)
+            return HandlerResponse(payload, outcome.to)
+        if outcome.kind == "timeout":
+            limit = listener.timeout_seconds
+            return _Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
+        code = ErrorCode.HANDLER_ERROR if outcome.kind == "raised" else ErrorCode.BAD_RESPONSE
+        verb = "raised" if outcome.kind == "raised" else ""
+        return _Failure(code, f"{listener.name} {verb} {outcome.detail}".replace("  ", " "))
+
+    def _process_pool(self) -> CpuPool:
+        if self._pool is None:
+            settings = self.organism.settings.get("process_pool", {})
+            self._pool = CpuPool(
+                workers=settings.get("workers"),
+                max_tasks_per_child=settings.get("max_tasks_per_child"),
+                backend_spec=spec_of(self.buffer.backend),
+                max_slots_per_thread=self.limits.max_slots_per_thread,
+                max_threads=self.limits.max_conversations,
+            )
+        return self._pool
+
+    @property
+    def pool(self) -> CpuPool | None:
+        """The process pool, once a cpu_bound listener has needed it."""
+        return self._pool
 
     def _handler_raised(self, delivery: _Delivery, exc: Exception) -> _Failure:
         log.debug("handler traceback listener=%s thread=%s", delivery.listener.name, delivery.thread, exc_info=exc)
@@ -561,7 +630,7 @@ class Pump:
         self._begin_one(conversation)
         try:
             async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
-                await self._queue.put(_Delivery(target, fresh, sender, thread, conversation))
+                await self._queue.put(_Delivery(target, fresh, payload_xml, sender, thread, conversation))
         except asyncio.CancelledError:
             self._finish_one(conversation)
             raise
@@ -680,6 +749,8 @@ class Pump:
             return _Failure(ErrorCode.HISTORY_FULL, f"the conversation reached its limit of {limit} messages")
         except TooManyThreads:
             return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        except BackendUnavailable as exc:
+            return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
         return None
 
     def _begin_one(self, conversation: Conversation) -> None:
@@ -704,8 +775,11 @@ class Pump:
                 self._on_conversation_end(conversation.id, self.buffer.get_thread(conversation.id))
             except Exception:
                 log.exception("on_conversation_end hook failed conversation=%s", conversation.id)
-        self.registry.cleanup_many(conversation.threads)
-        self.buffer.delete_thread(conversation.id)
+        try:
+            self.registry.cleanup_many(conversation.threads)
+            self.buffer.delete_thread(conversation.id)
+        except BackendUnavailable as exc:
+            log.warning("conversation=%s ended but its state stays until its TTL: %s", conversation.id, exc)
         self._conversations.pop(conversation.id, None)
         if conversation.submission is not None:
             conversation.submission.close()

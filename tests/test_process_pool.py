@@ -1,0 +1,195 @@
+"""cpu_bound listeners in worker processes, on every backend, and what happens when workers fail."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests import cpu_handlers
+from tests.daemon_support import cli, running_daemon, short_directory, write_organism
+from tests.redis_server import RedisServer, free_port
+from tests.support import Ping, Pong, echo, forwarder
+from workers.cpu import Crunch, Crunched, checksum, crunch
+from xml_pipeline import ErrorCode
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.shared_backend import SharedBackend
+from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.testing import ask
+
+
+def cpu_organism(**pool: int) -> Organism:
+    organism = Organism.of(
+        "cpu",
+        [
+            Listener("cruncher", [Crunch], crunch, cpu_bound=True, peers=[], timeout_seconds=10),
+            Listener("whoami", [Ping], cpu_handlers.whoami, cpu_bound=True),
+            Listener("explode", [Ping], cpu_handlers.explode, cpu_bound=True),
+            Listener("spin", [Ping], cpu_handlers.spin, cpu_bound=True, timeout_seconds=0.3),
+            Listener("nap", [Ping], cpu_handlers.nap, cpu_bound=True, timeout_seconds=0.3),
+            Listener("victim", [Ping], cpu_handlers.pid_then_nap, cpu_bound=True, timeout_seconds=60),
+            Listener("liar", [Ping], cpu_handlers.wrong_type, cpu_bound=True),
+            Listener("historian", [Ping], cpu_handlers.writes_history, cpu_bound=True),
+            Listener("relay", [Ping, Pong], forwarder("historian"), peers=["historian"]),
+            Listener("echo", [Ping], echo),
+        ],
+    )
+    organism.settings = {"process_pool": {"workers": 2, **pool}}
+    return organism
+
+
+async def started(organism: Organism, backend: SharedBackend) -> AsyncIterator[Pump]:
+    pump = Pump(organism, backend=backend)
+    await pump.start()
+    try:
+        yield pump
+    finally:
+        await pump.stop(drain_timeout=5)
+
+
+@pytest.fixture
+async def memory_pump() -> AsyncIterator[Pump]:
+    async for pump in started(cpu_organism(), InMemoryBackend()):
+        yield pump
+
+
+async def test_cpu_bound_handlers_answer_and_see_history_on_shared_backends(backend: SharedBackend) -> None:
+    shared = not isinstance(backend, InMemoryBackend)
+    async for pump in started(cpu_organism(), backend):
+        reply = await ask(pump, Crunch("abc", 100), to="cruncher")
+        assert isinstance(reply.payload, Crunched)
+        assert reply.payload.checksum == checksum("abc", 100)
+        assert reply.payload.worker_pid != os.getpid()
+        assert reply.payload.worker_pid in pump.pool.worker_pids()  # type: ignore[union-attr]
+        # the worker reads the history the daemon wrote (shared backends only)
+        assert reply.payload.history_seen == (1 if shared else 0)
+        seen = await ask(pump, Ping("x"), to="relay")
+        assert seen.payload == Pong("console>relay|relay>historian" if shared else "")
+        answers = await asyncio.gather(*(ask(pump, Crunch(f"t{i}", 50), to="cruncher") for i in range(20)))
+        assert [a.payload.checksum for a in answers] == [checksum(f"t{i}", 50) for i in range(20)]
+        assert pump.registry.debug_dump() == {}
+        assert pump.buffer.list_threads() == []
+    if isinstance(backend, RedisBackend):
+        assert backend.keys() == []
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "detail"),
+    [
+        ("explode", ErrorCode.HANDLER_ERROR, "ValueError: boom in worker"),
+        ("spin", ErrorCode.HANDLER_TIMEOUT, "did not finish within 0.3s"),
+        ("nap", ErrorCode.HANDLER_TIMEOUT, "did not finish within 0.3s"),
+        ("liar", ErrorCode.BAD_RESPONSE, "returned int"),
+    ],
+)
+async def test_worker_failures_become_system_errors_and_workers_survive(
+    memory_pump: Pump, target: str, code: ErrorCode, detail: str
+) -> None:
+    workers_before = sorted(memory_pump.pool.worker_pids())  # type: ignore[union-attr]
+    reply = await ask(memory_pump, Ping("x"), to=target)
+    assert reply.error_code is code, reply.payload
+    assert detail in reply.payload.message
+    after = await ask(memory_pump, Ping("x"), to="whoami")
+    assert int(after.payload.text) in workers_before
+    assert sorted(memory_pump.pool.worker_pids()) == workers_before  # type: ignore[union-attr]
+    assert memory_pump.pool.rebuilds == 0  # type: ignore[union-attr]
+
+
+async def test_a_worker_killed_mid_task_is_a_worker_crash_and_the_pool_is_rebuilt(
+    memory_pump: Pump, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "victim.pid"
+    submission = await memory_pump.inject_payload(Ping(str(pid_file)), "victim")
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():  # the worker writes it when the call starts
+        assert time.monotonic() < deadline, "the victim never started"
+        await asyncio.sleep(0.01)
+    victim = int(pid_file.read_text())
+    os.kill(victim, signal.SIGKILL)
+    reply = await submission.next_reply(20)
+    assert reply.error_code is ErrorCode.WORKER_CRASH
+    assert reply.payload.retry_allowed is True
+    assert memory_pump.pool.rebuilds == 1  # type: ignore[union-attr]
+    after = await ask(memory_pump, Ping("x"), to="whoami", timeout=20)
+    assert int(after.payload.text) != victim
+    assert (await ask(memory_pump, Crunch("ok", 10), to="cruncher")).payload.checksum == checksum("ok", 10)
+
+
+async def test_max_tasks_per_child_replaces_workers() -> None:
+    async for pump in started(cpu_organism(workers=1, max_tasks_per_child=2), InMemoryBackend()):
+        pids = [int((await ask(pump, Ping("x"), to="whoami", timeout=20)).payload.text) for _ in range(6)]
+    # no worker serves more than two tasks (the pool's warm-up call counts as one)
+    assert max(Counter(pids).values()) <= 2
+    assert len(set(pids)) >= 3
+
+
+async def test_redis_stopping_and_returning_during_traffic() -> None:
+    server = RedisServer()
+    server.start()
+    backend = RedisBackend(server.url, prefix="restart:", retries=1, socket_timeout=0.5)
+    try:
+        async for pump in started(cpu_organism(), backend):
+            assert (await ask(pump, Ping("before"), to="echo")).payload == Pong("before")
+            server.stop()
+            down = await ask(pump, Ping("during"), to="echo")
+            assert down.error_code is ErrorCode.BACKEND_UNAVAILABLE
+            assert down.payload.retry_allowed is True
+            assert pump.healthy
+            server.start()
+            assert (await ask(pump, Ping("after"), to="echo")).payload == Pong("after")
+            crunched = await ask(pump, Crunch("after", 10), to="cruncher", timeout=20)
+            assert crunched.payload.history_seen == 1  # the workers reconnected too
+    finally:
+        backend.close()
+        server.close()
+
+
+def test_daemon_with_redis_down_at_start_exits_with_a_clear_error() -> None:
+    with short_directory() as directory:
+        organism = directory / "organism.yaml"
+        write_organism(organism)
+        organism.write_text(
+            organism.read_text() + f"\nbackend:\n  type: redis\n  redis_url: redis://127.0.0.1:{free_port()}/0\n"
+        )
+        result = cli("run", str(organism), "--socket", str(directory / "d.sock"))
+    assert result.returncode == 1
+    assert "the backend is unavailable: redis at redis://127.0.0.1:" in result.stderr
+    assert "does not answer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["manager", "redis"])
+def test_daemon_runs_the_example_cpu_bound_listener_on_shared_backends(kind: str, redis_server: RedisServer) -> None:
+    prefix = f"daemon-{uuid.uuid4().hex[:8]}:"
+    backend_yaml = f"\nbackend:\n  type: {kind}\n"
+    if kind == "redis":
+        backend_yaml += f'  redis_url: {redis_server.url}\n  redis_prefix: "{prefix}"\n'
+    with short_directory() as directory:
+        organism = directory / "organism.yaml"
+        write_organism(organism)
+        organism.write_text(organism.read_text() + backend_yaml)
+        with running_daemon(organism) as daemon:
+            sent = cli(
+                "send",
+                "--socket",
+                str(daemon.socket_path),
+                "cruncher",
+                "<Crunch><text>abc</text><rounds>100</rounds></Crunch>",
+            )
+            assert sent.returncode == 0, sent.stderr
+            assert f"<checksum>{checksum('abc', 100)}</checksum><history_seen>1</history_seen>" in sent.stdout
+            status = daemon.client.status()
+            assert status["backend"] == kind
+            assert len(status["worker_pids"]) == 2
+            assert daemon.stop() == 0
+    if kind == "redis":
+        assert RedisBackend(redis_server.url, prefix=prefix).keys() == []

@@ -1,0 +1,1 @@
+"""Running cpu_bound handlers in worker processes."""

@@ -1,0 +1,125 @@
+"""What runs inside a worker process.
+
+A task crosses the process boundary as a few strings and the payload's XML;
+the outcome comes back the same way. The worker imports the handler and the
+payload class itself (cached per process), decodes and validates the payload,
+runs the async handler on its own event loop, and encodes what the handler
+returned. It reads and writes thread and history state through the configured
+shared backend, installed as the process-wide registry and context buffer.
+
+Timeouts are enforced inside the worker: an awaiting handler is cancelled at
+the deadline, and a handler stuck in pure-Python computation is interrupted
+by SIGALRM a moment later. Either way the worker survives for the next task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+
+from xml_pipeline.handler import HandlerMetadata, HandlerResponse
+from xml_pipeline.imports import import_object
+from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
+from xml_pipeline.memory.manager_backend import ManagerBackend, ManagerSpec
+from xml_pipeline.memory.redis_backend import RedisBackend, RedisSpec
+from xml_pipeline.message.payload_codec import PayloadDecodeError, PayloadTypeError, codec_for, payload_type_name
+from xml_pipeline.message.safe_xml import XmlRejected
+from xml_pipeline.message_bus.thread_registry import ThreadRegistry, set_registry
+
+HARD_DEADLINE_GRACE = 1.0
+"""Seconds after the timeout before SIGALRM interrupts a handler that does not await."""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    handler_path: str
+    payload_type: str
+    payload_xml: bytes
+    metadata: HandlerMetadata
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """``kind``: response, none, raised, timeout, bad."""
+
+    kind: str
+    to: str | None = None
+    payload_type: str = ""
+    payload_xml: bytes = b""
+    detail: str = ""
+    worker_pid: int = 0
+
+
+class _HardTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so handlers' ``except Exception`` cannot swallow it."""
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def initialize(backend_spec: ManagerSpec | RedisSpec | None, max_slots_per_thread: int, max_threads: int) -> None:
+    """Pool initializer: connect to the shared state, prepare the loop."""
+    global _loop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle, not each worker's
+    signal.signal(signal.SIGALRM, _on_alarm)
+    if backend_spec is not None:
+        backend = (
+            ManagerBackend.connect(backend_spec)
+            if isinstance(backend_spec, ManagerSpec)
+            else RedisBackend.from_spec(backend_spec)
+        )
+        set_registry(ThreadRegistry(backend))
+        set_context_buffer(ContextBuffer(backend, max_slots_per_thread=max_slots_per_thread, max_threads=max_threads))
+    _loop = asyncio.new_event_loop()
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _HardTimeout
+
+
+def run_task(task: Task) -> Outcome:
+    global _loop
+    pid = os.getpid()
+    assert _loop is not None, "initialize() runs first"
+    try:
+        handler = import_object(task.handler_path)
+        payload = codec_for(import_object(task.payload_type)).from_bytes(task.payload_xml)
+    except (ImportError, AttributeError, PayloadDecodeError, XmlRejected) as exc:
+        return Outcome("raised", detail=f"the worker could not prepare the call: {exc}", worker_pid=pid)
+    signal.setitimer(signal.ITIMER_REAL, task.timeout + HARD_DEADLINE_GRACE)
+    try:
+        result = _loop.run_until_complete(asyncio.wait_for(handler(payload, task.metadata), task.timeout))
+    except (TimeoutError, _HardTimeout):
+        _loop = _fresh_loop(_loop)  # an interrupted loop may be in any state
+        return Outcome("timeout", worker_pid=pid)
+    except Exception as exc:
+        return Outcome("raised", detail=f"{type(exc).__name__}: {exc}", worker_pid=pid)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    if result is None:
+        return Outcome("none", worker_pid=pid)
+    if not isinstance(result, HandlerResponse):
+        return Outcome("bad", detail=f"returned {type(result).__name__}", worker_pid=pid)
+    try:
+        payload_xml = codec_for(type(result.payload)).to_bytes(result.payload)
+    except PayloadTypeError as exc:
+        return Outcome("bad", detail=f"responded with something that cannot travel as XML: {exc}", worker_pid=pid)
+    return Outcome("response", result.to, payload_type_name(type(result.payload)), payload_xml, worker_pid=pid)
+
+
+def _fresh_loop(old: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    try:
+        for task in asyncio.all_tasks(old):
+            task.cancel()
+        old.close()
+    except Exception:  # closing a loop torn by a signal may fail; the new one is what matters
+        pass
+    return asyncio.new_event_loop()
+
+
+def pid() -> int:
+    """A no-op task: which worker ran it (the pool uses it to warm up)."""
+    return os.getpid()
