@@ -19,40 +19,54 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, password: str | None = None) -> None:
+    """redis-server on 127.0.0.1, without persistence; restartable on the same port."""
+
+    def __init__(self, password: str | None = None, *, tls: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it (Debian package redis-server)")
         self.binary = binary
         self.port = free_port()
         self.password = password
+        self.tls = tls
         self.directory = Path(tempfile.mkdtemp(prefix="xp-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        if tls:
+            self._make_certificate()
+
+    @property
+    def certificate(self) -> Path:
+        return self.directory / "cert.pem"
 
     @property
     def url(self) -> str:
         credentials = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{credentials}127.0.0.1:{self.port}/0?ssl_ca_certs={self.certificate}"
         return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
-        arguments = [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
-            "--protected-mode",
-            "yes",
-        ]
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1, which the client trusts as its CA."""
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        command += ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        command += ["-keyout", str(self.directory / "key.pem"), "-out", str(self.certificate)]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def _arguments(self) -> list[str]:
+        arguments = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        arguments += ["--dir", str(self.directory), "--protected-mode", "yes"]
+        if self.tls:
+            arguments += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            arguments += ["--tls-cert-file", str(self.certificate), "--tls-key-file", str(self.directory / "key.pem")]
+            arguments += ["--tls-ca-cert-file", str(self.certificate)]
+        else:
+            arguments += ["--port", str(self.port)]
         if self.password:
             arguments += ["--requirepass", self.password]
-        self.process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return arguments
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.process = subprocess.Popen(self._arguments(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         try:
@@ -63,7 +77,7 @@ class RedisServer:
                 except redis.ConnectionError:
                     if self.process.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                    time.sleep(0.02)  # the server is starting; nothing else to wait on
+                    time.sleep(0.02)  # the server is starting; there is nothing else to wait on
         finally:
             client.close()
 

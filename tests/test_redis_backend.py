@@ -97,3 +97,18 @@ def test_unreachable_server_is_backend_unavailable_and_reconnects_when_back() ->
     finally:
         backend.close()
         server.close()
+
+
+def test_tls_url_verifies_the_server_certificate() -> None:
+    server = RedisServer(password="tls-pass", tls=True)
+    server.start()
+    try:
+        assert server.url.startswith("rediss://")
+        backend = RedisBackend(server.url, prefix="tls:")
+        assert backend.registry_get_or_set("c/a", "u1") == "u1"
+        untrusting = RedisBackend(server.url.split("?")[0], prefix="tls:", retries=0)  # no CA: must refuse
+        assert untrusting.ping() is False
+        backend.close()
+        untrusting.close()
+    finally:
+        server.close()
