@@ -76,3 +76,22 @@ def test_payload_bytes_survive_exactly(backend: SharedBackend) -> None:
     every_byte = bytes(range(256))
     backend.buffer_append("t", every_byte, max_slots=5, max_threads=5)
     assert backend.buffer_get_thread("t") == [every_byte]
+
+
+def test_records_hold_fields_and_refuse_overwrites_when_asked(backend: SharedBackend) -> None:
+    assert backend.record_put("buffer", "b1", "meta", b"{}") is True
+    assert backend.record_put("buffer", "b1", "r:0", b"first", only_if_absent=True) is True
+    assert backend.record_put("buffer", "b1", "r:0", b"second", only_if_absent=True) is False
+    assert backend.record_get("buffer", "b1") == {"meta": b"{}", "r:0": b"first"}
+    assert backend.record_put("buffer", "b1", "meta", b"{1}") is True
+    assert backend.record_get("buffer", "b1")["meta"] == b"{1}"
+    backend.record_put("buffer", "b2", "meta", b"{}")
+    backend.record_put("sequence", "s1", "meta", b"{}")
+    assert sorted(backend.record_list("buffer")) == ["b1", "b2"]
+    assert backend.record_delete("buffer", "b1") is True
+    assert backend.record_delete("buffer", "b1") is False
+    assert backend.record_get("buffer", "b1") == {}
+    backend.record_clear("buffer")
+    assert backend.record_list("buffer") == []
+    assert backend.record_list("sequence") == ["s1"]
+    backend.record_clear("sequence")

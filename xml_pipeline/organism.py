@@ -46,6 +46,8 @@ class Listener:
         timeout_seconds: float = 30.0,
         max_concurrency: int = 16,
         system: bool = False,
+        accepts_any: bool = False,
+        coordinator: bool = False,
     ) -> None:
         if not LISTENER_NAME.match(name):
             raise ValueError(f"{name!r} is not a valid listener name")
@@ -63,6 +65,10 @@ class Listener:
         self.cpu_bound = cpu_bound
         self.timeout_seconds = timeout_seconds
         self.max_concurrency = max_concurrency
+        self.accepts_any = accepts_any
+        """Takes any payload dataclass from other listeners (collectors of answers)."""
+        self.coordinator = coordinator
+        """Waits on other listeners' work, so it holds no global in-flight slot while it runs."""
         self.codecs_by_tag: dict[str, PayloadCodec[Any]] = {}
         self.codecs_by_class: dict[type, PayloadCodec[Any]] = {}
         for cls in payload_classes:

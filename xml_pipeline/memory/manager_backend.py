@@ -136,6 +136,21 @@ class ManagerBackend:
     def registry_clear(self) -> None:
         self._call("registry_clear")
 
+    def record_put(self, kind: str, record_id: str, field: str, value: bytes, *, only_if_absent: bool = False) -> bool:
+        return bool(self._call("record_put", kind, record_id, field, value, only_if_absent=only_if_absent))
+
+    def record_get(self, kind: str, record_id: str) -> dict[str, bytes]:
+        return dict(self._call("record_get", kind, record_id))
+
+    def record_delete(self, kind: str, record_id: str) -> bool:
+        return bool(self._call("record_delete", kind, record_id))
+
+    def record_list(self, kind: str) -> list[str]:
+        return list(self._call("record_list", kind))
+
+    def record_clear(self, kind: str) -> None:
+        self._call("record_clear", kind)
+
     def ping(self) -> bool:
         try:
             return bool(self._call("ping"))

@@ -19,6 +19,7 @@ class InMemoryBackend:
         self._buffers: dict[str, list[bytes]] = {}
         self._chain_to_uuid: dict[str, str] = {}
         self._uuid_to_chain: dict[str, str] = {}
+        self._records: dict[tuple[str, str], dict[str, bytes]] = {}
         self._closed = False
 
     @property
@@ -108,6 +109,31 @@ class InMemoryBackend:
         with self._lock:
             self._chain_to_uuid.clear()
             self._uuid_to_chain.clear()
+
+    def record_put(self, kind: str, record_id: str, field: str, value: bytes, *, only_if_absent: bool = False) -> bool:
+        with self._lock:
+            fields = self._records.setdefault((kind, record_id), {})
+            if only_if_absent and field in fields:
+                return False
+            fields[field] = value
+            return True
+
+    def record_get(self, kind: str, record_id: str) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._records.get((kind, record_id), {}))
+
+    def record_delete(self, kind: str, record_id: str) -> bool:
+        with self._lock:
+            return self._records.pop((kind, record_id), None) is not None
+
+    def record_list(self, kind: str) -> list[str]:
+        with self._lock:
+            return [record_id for (record_kind, record_id) in self._records if record_kind == kind]
+
+    def record_clear(self, kind: str) -> None:
+        with self._lock:
+            for key in [key for key in self._records if key[0] == kind]:
+                del self._records[key]
 
     def ping(self) -> bool:
         return not self._closed

@@ -7,6 +7,7 @@ share a server and a prefix can be wiped with ``SCAN`` + ``UNLINK``:
     {prefix}buf-index           ZSET thread -> expiry time (unix seconds)
     {prefix}reg:c:{chain key}   STRING thread UUID of a chain
     {prefix}reg:u:{uuid}        STRING chain key of a UUID
+    {prefix}rec:{kind}:{id}     HASH orchestration state (buffers, sequences)
 
 Every multi-key update is one Lua script, so it is atomic however many
 processes race. Every key carries the TTL, refreshed whenever it is used, so
@@ -261,6 +262,39 @@ class RedisBackend:
 
     def registry_clear(self) -> None:
         self._unlink_matching(f"{self.prefix}reg:*")
+
+    # --- records ---
+    def _record_key(self, kind: str, record_id: str) -> str:
+        return f"{self.prefix}rec:{kind}:{record_id}"
+
+    def record_put(self, kind: str, record_id: str, field: str, value: bytes, *, only_if_absent: bool = False) -> bool:
+        key = self._record_key(kind, record_id)
+        pipe = self._client.pipeline(transaction=True)
+        if only_if_absent:
+            pipe.hsetnx(key, field, value)
+        else:
+            pipe.hset(key, field, value)
+        pipe.expire(key, self.ttl)
+        written, _ = self._run(pipe.execute)
+        return bool(written) or not only_if_absent
+
+    def record_get(self, kind: str, record_id: str) -> dict[str, bytes]:
+        key = self._record_key(kind, record_id)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.expire(key, self.ttl)
+        fields, _ = self._run(pipe.execute)
+        return {name.decode(): value for name, value in fields.items()}
+
+    def record_delete(self, kind: str, record_id: str) -> bool:
+        return bool(self._run(self._client.unlink, self._record_key(kind, record_id)))
+
+    def record_list(self, kind: str) -> list[str]:
+        start = len(self._record_key(kind, ""))
+        return [key.decode()[start:] for key in self._scan(self._record_key(kind, "*"))]
+
+    def record_clear(self, kind: str) -> None:
+        self._unlink_matching(self._record_key(kind, "*"))
 
     # --- housekeeping ---
     def ping(self) -> bool:

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +149,7 @@ class Pump:
         self._pending_total = 0
         self._running = 0
         self._pool: CpuPool | None = None
+        self._group: asyncio.TaskGroup | None = None
         self._idle: asyncio.Event | None = None
         self._queue: asyncio.Queue[_Delivery] | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -222,7 +223,25 @@ class Pump:
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
+            self._group = group
             group.create_task(self._dispatch(group), name="xml-pipeline-dispatcher")
+
+    def run_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` in the pump's task group: it ends with the pump, and its errors are logged."""
+        if self._group is None:
+            work.close()
+            raise PumpNotRunning("the pump is not running")
+
+        async def guarded() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                log.warning("background work %s was stopped with the pump", name)
+                raise
+            except Exception:
+                log.exception("background work %s failed", name)
+
+        self._group.create_task(guarded(), name=name)
 
     async def _dispatch(self, group: asyncio.TaskGroup) -> None:
         assert self._queue is not None
@@ -230,11 +249,12 @@ class Pump:
         queue, slots = self._queue, self._slots
         while True:
             delivery = await queue.get()
-            try:
-                await slots.acquire()
-            except asyncio.CancelledError:
-                self._abandon(delivery)
-                raise
+            if not delivery.listener.coordinator:
+                try:
+                    await slots.acquire()
+                except asyncio.CancelledError:
+                    self._abandon(delivery)
+                    raise
             group.create_task(self._handle(delivery))
 
     # ------------------------------------------------------------------ listeners
@@ -252,6 +272,8 @@ class Pump:
         timeout_seconds: float = 30.0,
         max_concurrency: int = 16,
         description: str = "",
+        accepts_any: bool = False,
+        coordinator: bool = False,
     ) -> Listener:
         """Add a listener while running, e.g. a short-lived collector of replies."""
         if name in self._listeners:
@@ -265,9 +287,45 @@ class Pump:
             max_concurrency=max_concurrency,
             description=description,
             system=name.startswith("system."),
+            accepts_any=accepts_any,
+            coordinator=coordinator,
         )
         self._listeners[name] = listener
         return listener
+
+    async def start_internal(
+        self, initiator: str, target_name: str, payload: Any, on_started: Callable[[str], None]
+    ) -> _Failure | None:
+        """Start a conversation from listener ``initiator`` to ``target_name``.
+
+        The target's answer (or error) comes back to ``initiator`` as a message.
+        ``on_started`` gets the conversation id before anything can answer, so
+        the initiator can match the answer to the call.
+        """
+        target = self._listeners.get(target_name)
+        if target is None:
+            return _Failure(ErrorCode.UNKNOWN_TARGET, f"no listener is named {target_name!r}")
+        prepared = self._prepare(target, payload, initiator)
+        if isinstance(prepared, _Failure):
+            return prepared
+        fresh, payload_xml = prepared
+        if len(self._conversations) >= self.limits.max_conversations:
+            return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        try:
+            conversation_id, thread = self.registry.start_chain(initiator, target_name)
+        except BackendUnavailable as exc:
+            return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+        conversation = Conversation(conversation_id, initiator, None)
+        conversation.threads.update((conversation_id, thread))
+        self._conversations[conversation_id] = conversation
+        on_started(conversation_id)
+        failure = self._record(conversation, initiator, target_name, thread, fresh, payload_xml)
+        if failure is None:
+            delivery = _Delivery(target, fresh, payload_xml, initiator, thread, conversation)
+            return await self._enqueue(conversation, delivery)
+        self._begin_one(conversation)
+        self._finish_one(conversation)  # nothing was queued: the conversation ends here
+        return failure
 
     def unregister_listener(self, name: str) -> bool:
         """Remove a listener; messages already dispatched to it still finish."""
@@ -424,7 +482,8 @@ class Pump:
             try:
                 outcome = await self._invoke(delivery)
             finally:
-                self._slots.release()
+                if not delivery.listener.coordinator:
+                    self._slots.release()
             if isinstance(outcome, _Failure):
                 self._note_error(
                     outcome.code, outcome.detail, listener=name, thread=delivery.thread, sender=delivery.sender
@@ -584,6 +643,11 @@ class Pump:
     def _prepare(self, target: Listener, payload: Any, sender: str) -> tuple[Any, bytes] | _Failure:
         """Write ``payload`` as XML for ``target``, validate it, decode a fresh copy."""
         codec = target.codecs_by_class.get(type(payload))
+        if codec is None and target.accepts_any:
+            try:
+                codec = codec_for(type(payload))
+            except PayloadTypeError as exc:
+                return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent something that cannot travel as XML: {exc}")
         if codec is None:
             kind = type(payload).__name__
             return _Failure(
@@ -626,11 +690,15 @@ class Pump:
         failure = self._record(conversation, sender, target.name, thread, fresh, payload_xml)
         if failure is not None:
             return failure
+        return await self._enqueue(conversation, _Delivery(target, fresh, payload_xml, sender, thread, conversation))
+
+    async def _enqueue(self, conversation: Conversation, delivery: _Delivery) -> _Failure | None:
+        """Queue an internal message, waiting for room (bounded); the failure if there is none."""
         assert self._queue is not None
         self._begin_one(conversation)
         try:
             async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
-                await self._queue.put(_Delivery(target, fresh, payload_xml, sender, thread, conversation))
+                await self._queue.put(delivery)
         except asyncio.CancelledError:
             self._finish_one(conversation)
             raise
@@ -655,8 +723,10 @@ class Pump:
         failure = self._record(conversation, sender, to, thread, fresh, etree.tostring(element))
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
+        if conversation.submission is None:  # a listener started it and is gone (e.g. a finished buffer)
+            log.info("late answer dropped: %s is no longer listening (thread=%s from=%s)", to, thread, sender)
+            return None
         envelope = etree.tostring(build_envelope(sender, to, thread, element))
-        assert conversation.submission is not None  # every conversation with an initiator has one
         conversation.submission.deliver(Reply(sender=sender, to=to, thread=thread, payload=fresh, envelope=envelope))
         return None
 
@@ -714,7 +784,8 @@ class Pump:
     def _client_error(self, conversation: Conversation, code: ErrorCode, detail: str, listener: str) -> None:
         """Straight into the client's mailbox; never awaits, so it works while cancelling."""
         self._note_error(code, detail, listener=listener, thread=conversation.id, sender=None)
-        assert conversation.submission is not None
+        if conversation.submission is None:
+            return  # started by a listener: the log line is all there is to tell
         reply = self._error_reply(code, detail, to=conversation.initiator, thread=conversation.id, listener=listener)
         conversation.submission.deliver(reply)
 
