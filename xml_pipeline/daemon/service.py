@@ -35,7 +35,7 @@ from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.submissions import SubmissionTable
 from xml_pipeline.logs import set_level
 from xml_pipeline.memory.shared_backend import SharedBackend
-from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.pump import Pump, PumpStartError
 from xml_pipeline.organism import Organism
 
 log = logging.getLogger("xml_pipeline.daemon")
@@ -158,7 +158,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._command, "stop")
         loop.add_signal_handler(signal.SIGINT, self._command, "stop")
         loop.add_signal_handler(signal.SIGHUP, self._command, "reload")
-        await self.pump.start()
+        try:
+            await self.pump.start()
+        except PumpStartError as exc:
+            raise DaemonStartError(str(exc)) from None
         try:
             runner = await self._serve_http()
         except BaseException:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,3 +131,5 @@ class Conversation:
     submission: Submission | None
     pending: int = 0
     threads: set[str] = field(default_factory=set)
+    on_end: Callable[[], None] | None = None
+    """For conversations a listener started: told when the conversation ends, answered or not."""

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,10 @@ class PumpNotRunning(RuntimeError):
     pass
 
 
+class PumpStartError(RuntimeError):
+    """The pump cannot start (its worker processes fail); the message says why."""
+
+
 class Pump:
     def __init__(
         self,
@@ -169,10 +174,19 @@ class Pump:
         self._idle.set()
         set_registry(self.registry)
         set_context_buffer(self.buffer)
+        if "system.sequence" not in self._listeners:
+            from xml_pipeline.primitives import install_primitives  # the primitives are built on the pump
+
+            install_primitives(self)
         self._runner = asyncio.create_task(self._run(), name="xml-pipeline-pump")
         self._runner.add_done_callback(self._on_runner_done)
         if any(listener.cpu_bound for listener in self._listeners.values()):
-            await self._process_pool().warm_up()
+            try:
+                await self._process_pool().warm_up()
+            except BrokenProcessPool as exc:
+                await self._process_pool().close(kill=True)
+                self._pool = None
+                raise PumpStartError(f"the worker processes for cpu_bound listeners could not start: {exc}") from None
         self._accepting = True
         self.started_at = time.monotonic()
         log.info("pump started organism=%s listeners=%d", self.organism.name, len(self._listeners))
@@ -226,7 +240,7 @@ class Pump:
             self._group = group
             group.create_task(self._dispatch(group), name="xml-pipeline-dispatcher")
 
-    def run_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def run_background(self, work: Coroutine[Any, Any, object], name: str) -> None:
         """Run ``work`` in the pump's task group: it ends with the pump, and its errors are logged."""
         if self._group is None:
             work.close()
@@ -294,13 +308,19 @@ class Pump:
         return listener
 
     async def start_internal(
-        self, initiator: str, target_name: str, payload: Any, on_started: Callable[[str], None]
+        self,
+        initiator: str,
+        target_name: str,
+        payload: Any,
+        on_started: Callable[[str], None],
+        on_end: Callable[[], None] | None = None,
     ) -> _Failure | None:
         """Start a conversation from listener ``initiator`` to ``target_name``.
 
         The target's answer (or error) comes back to ``initiator`` as a message.
         ``on_started`` gets the conversation id before anything can answer, so
-        the initiator can match the answer to the call.
+        the initiator can match the answer to the call; ``on_end`` is called
+        when the conversation ends, whether an answer came back or not.
         """
         target = self._listeners.get(target_name)
         if target is None:
@@ -315,7 +335,7 @@ class Pump:
             conversation_id, thread = self.registry.start_chain(initiator, target_name)
         except BackendUnavailable as exc:
             return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
-        conversation = Conversation(conversation_id, initiator, None)
+        conversation = Conversation(conversation_id, initiator, None, on_end=on_end)
         conversation.threads.update((conversation_id, thread))
         self._conversations[conversation_id] = conversation
         on_started(conversation_id)
@@ -854,6 +874,11 @@ class Pump:
         self._conversations.pop(conversation.id, None)
         if conversation.submission is not None:
             conversation.submission.close()
+        if conversation.on_end is not None:
+            try:
+                conversation.on_end()
+            except Exception:
+                log.exception("on_end hook failed conversation=%s", conversation.id)
 
 
 def _error_payload(failure: _Failure, listener: str) -> SystemErrorPayload:

@@ -1,0 +1,369 @@
+"""system.sequence and system.buffer: orchestration on top of the pump."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.primitive_support import Ack, Count, add_one, double, fail_on_sevens, puzzled
+from tests.redis_server import RedisServer
+from tests.support import Ping
+from tests.test_pump import Gate
+from workers.cpu import Crunch, Crunched, checksum, crunch
+from xml_pipeline import HandlerMetadata, HandlerResponse
+from xml_pipeline.memory.manager_backend import ManagerBackend
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.shared_backend import SharedBackend
+from xml_pipeline.message.payload_codec import codec_for
+from xml_pipeline.message_bus.buffer_registry import BufferRegistry, get_buffer_registry
+from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.sequence_registry import get_sequence_registry
+from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.primitives import (
+    BufferComplete,
+    BufferDispatched,
+    BufferError,
+    BufferStart,
+    SequenceComplete,
+    SequenceError,
+    SequenceStart,
+)
+from xml_pipeline.primitives.collector import Collector
+from xml_pipeline.testing import ask
+
+
+def xml(payload: Any) -> str:
+    return codec_for(type(payload)).to_bytes(payload).decode()
+
+
+def value_of(result_xml: str) -> int:
+    return int(codec_for(Count).from_bytes(result_xml.encode()).value)
+
+
+class Sink:
+    """A return_to target: remembers what it got and acknowledges it."""
+
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+
+    async def handler(self, payload: Any, metadata: HandlerMetadata) -> HandlerResponse:
+        self.received.append(payload)
+        return HandlerResponse.respond(Ack(type(payload).__name__))
+
+
+def organism(*extra: Listener) -> Organism:
+    return Organism.of(
+        "orchestra",
+        [
+            Listener("add1", [Count], add_one, max_concurrency=1000),
+            Listener("double", [Count], double),
+            Listener("sevens", [Count], fail_on_sevens, max_concurrency=1000),
+            Listener("puzzled", [Count], puzzled),
+            *extra,
+        ],
+    )
+
+
+async def started(organism: Organism, backend: SharedBackend | None = None) -> AsyncIterator[Pump]:
+    pump = Pump(organism, backend=backend or InMemoryBackend())
+    await pump.start()
+    try:
+        yield pump
+    finally:
+        await pump.stop(drain_timeout=5)
+
+
+def assert_nothing_left(pump: Pump) -> None:
+    assert [name for name in pump.listeners if name.count(".") > 1] == []
+    assert get_buffer_registry().list_active() == []
+    assert get_sequence_registry().list_active() == []
+    assert pump.registry.debug_dump() == {}
+    assert pump.buffer.list_threads() == []
+    assert pump.stats().conversations == 0
+
+
+@pytest.fixture
+async def pump() -> AsyncIterator[Pump]:
+    async for started_pump in started(organism()):
+        yield started_pump
+        report = await started_pump.stop(drain_timeout=10)  # abandoned slow items finish first
+        assert report.drained
+        assert_nothing_left(started_pump)
+
+
+# ---------------------------------------------------------------- sequences
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [(["add1"], 1), (["add1", "double", "add1"], 3), (["add1"] * 10, 10)],
+    ids=["1 step", "3 steps", "10 steps"],
+)
+async def test_sequences_feed_each_output_to_the_next_step(pump: Pump, steps: list[str], expected: int) -> None:
+    reply = await ask(pump, SequenceStart(steps=steps, payload=xml(Count(0)), sequence_id="mine"), to="system.sequence")
+    assert reply.payload == SequenceComplete("mine", xml(Count(expected)), len(steps))
+
+
+async def test_a_failing_middle_step_ends_the_sequence_naming_it(pump: Pump) -> None:
+    reply = await ask(
+        pump, SequenceStart(steps=["add1", "sevens", "add1"], payload=xml(Count(6))), to="system.sequence"
+    )
+    assert isinstance(reply.payload, SequenceError)
+    assert (reply.payload.failed_step, reply.payload.step_index) == ("sevens", 1)
+    assert "handler-error" in reply.payload.error
+    assert "7 is a multiple of seven" in reply.payload.error
+
+
+async def test_an_error_payload_answer_ends_the_sequence(pump: Pump) -> None:
+    reply = await ask(
+        pump, SequenceStart(steps=["add1", "puzzled", "add1"], payload=xml(Count(1))), to="system.sequence"
+    )
+    assert isinstance(reply.payload, SequenceError)
+    assert (reply.payload.failed_step, reply.payload.step_index) == ("puzzled", 1)
+    assert "did not understand" in reply.payload.error
+
+
+async def test_a_step_that_cannot_take_the_previous_output_fails_there(pump: Pump) -> None:
+    pump.register_generic_listener("pings", add_one, [Ping])
+    reply = await ask(pump, SequenceStart(steps=["add1", "pings"], payload=xml(Count(1))), to="system.sequence")
+    assert isinstance(reply.payload, SequenceError)
+    assert (reply.payload.failed_step, reply.payload.step_index) == ("pings", 1)
+    assert "bad-response" in reply.payload.error
+    pump.unregister_listener("pings")
+
+
+async def test_unknown_steps_are_rejected_up_front(pump: Pump) -> None:
+    reply = await ask(pump, SequenceStart(steps=["add1", "ghost", "add1"], payload=xml(Count(1))), to="system.sequence")
+    assert reply.payload == SequenceError("", "ghost", 1, "unknown step 'ghost': no listener has that name")
+    empty = await ask(pump, SequenceStart(steps=[], payload=xml(Count(1))), to="system.sequence")
+    assert isinstance(empty.payload, SequenceError)
+    bad_payload = await ask(
+        pump, SequenceStart(steps=["add1"], payload="<Ping><text>x</text></Ping>"), to="system.sequence"
+    )
+    assert isinstance(bad_payload.payload, SequenceError)
+    assert "does not fit the first step" in bad_payload.payload.error
+
+
+async def test_a_sequence_past_its_deadline_names_the_step_that_was_running(pump: Pump) -> None:
+    async def sleepy(payload: Count, metadata: HandlerMetadata) -> HandlerResponse:
+        await asyncio.sleep(1)
+        return HandlerResponse.respond(payload)
+
+    pump.register_generic_listener("sleepy", sleepy, [Count])
+    stuck = SequenceStart(steps=["double", "sleepy", "add1"], payload=xml(Count(0)), timeout_seconds=0.3)
+    reply = await ask(pump, stuck, to="system.sequence")
+    assert isinstance(reply.payload, SequenceError)
+    assert (reply.payload.failed_step, reply.payload.step_index) == ("sleepy", 1)
+    assert "timed out after 0.3s while sleepy was running" in reply.payload.error
+    pump.unregister_listener("sleepy")
+
+
+async def test_a_step_that_answers_nothing_ends_the_sequence(pump: Pump) -> None:
+    async def silent(payload: Count, metadata: HandlerMetadata) -> None:
+        return None
+
+    pump.register_generic_listener("silent", silent, [Count])
+    reply = await ask(
+        pump, SequenceStart(steps=["add1", "silent", "add1"], payload=xml(Count(0))), to="system.sequence"
+    )
+    assert isinstance(reply.payload, SequenceError)
+    assert (reply.payload.failed_step, reply.payload.error) == ("silent", "the listener ended without answering")
+    pump.unregister_listener("silent")
+
+
+async def test_return_to_receives_the_outcome_and_its_answer_comes_back() -> None:
+    sink = Sink()
+    async for pump in started(organism(Listener("sink", [SequenceComplete, BufferComplete], sink.handler))):
+        reply = await ask(
+            pump, SequenceStart(steps=["add1"], payload=xml(Count(1)), return_to="sink"), to="system.sequence"
+        )
+        assert reply.payload == Ack("SequenceComplete")
+        assert sink.received == [SequenceComplete(sink.received[0].sequence_id, xml(Count(2)), 1)]
+        assert_nothing_left(pump)
+
+
+# ---------------------------------------------------------------- buffers
+
+
+@pytest.mark.parametrize("count", [1, 100, 10_000])
+async def test_buffers_collect_results_in_item_order(pump: Pump, count: int) -> None:
+    items = [xml(Count(i)) for i in range(count)]
+    reply = await ask(
+        pump, BufferStart(target="add1", items=items, buffer_id="b", max_in_flight=200), to="system.buffer", timeout=120
+    )
+    result = reply.payload
+    assert isinstance(result, BufferComplete)
+    assert (result.buffer_id, result.total, result.successful, result.timed_out) == ("b", count, count, False)
+    assert [item.index for item in result.results] == list(range(count))
+    assert [value_of(item.result) for item in result.results] == [i + 1 for i in range(count)]
+
+
+@pytest.mark.parametrize("count", [1, 100, 10_000])
+async def test_buffers_without_collect_answer_at_once_and_still_deliver_every_item(count: int) -> None:
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def tally(payload: Count, metadata: HandlerMetadata) -> None:
+        seen.append(payload.value)
+        if len(seen) == count:
+            done.set()
+
+    async for pump in started(organism(Listener("tally", [Count], tally, max_concurrency=1000))):
+        items = [xml(Count(i)) for i in range(count)]
+        reply = await ask(
+            pump, BufferStart(target="tally", items=items, collect=False, buffer_id="fire"), to="system.buffer"
+        )
+        assert reply.payload == BufferDispatched("fire", count)
+        async with asyncio.timeout(120):
+            await done.wait()
+        assert sorted(seen) == list(range(count))
+        await pump.stop(drain_timeout=5)
+        assert_nothing_left(pump)
+
+
+async def test_a_target_that_fails_on_some_items_marks_just_those(pump: Pump) -> None:
+    items = [xml(Count(i)) for i in range(1, 30)]
+    result = (await ask(pump, BufferStart(target="sevens", items=items), to="system.buffer")).payload
+    assert isinstance(result, BufferComplete)
+    failed = [item.index for item in result.results if not item.success]
+    assert failed == [i - 1 for i in range(1, 30) if i % 7 == 0]
+    assert result.successful == 29 - len(failed)
+    assert all("multiple of seven" in result.results[index].error for index in failed)
+
+
+async def test_a_buffer_past_its_deadline_completes_with_partial_results(pump: Pump) -> None:
+    items = [xml(Count(i, delay=0 if i < 5 else 1.5)) for i in range(8)]
+    result = (await ask(pump, BufferStart(target="add1", items=items, timeout_seconds=0.5), to="system.buffer")).payload
+    assert isinstance(result, BufferComplete)
+    assert result.timed_out is True
+    assert [item.success for item in result.results] == [True] * 5 + [False] * 3
+    assert all("no answer within the buffer's 0.5s deadline" in item.error for item in result.results[5:])
+
+
+async def test_max_in_flight_bounds_the_fan_out() -> None:
+    gate = Gate()
+    async for pump in started(organism(Listener("gate", [Ping], gate.handler, max_concurrency=100))):
+        items = [f"<Ping><text>{i}</text></Ping>" for i in range(20)]
+        buffer = asyncio.create_task(
+            ask(pump, BufferStart(target="gate", items=items, max_in_flight=3), to="system.buffer")
+        )
+        await gate.wait_for_active(3)
+        gate.opened.set()
+        result = (await buffer).payload
+        assert result.successful == 20
+        assert gate.most_active == 3
+
+
+async def test_bad_buffer_requests_get_buffer_error(pump: Pump) -> None:
+    empty = await ask(pump, BufferStart(target="add1", items=[], buffer_id="e"), to="system.buffer")
+    assert empty.payload == BufferError("e", "a buffer needs at least one item")
+    unknown = await ask(pump, BufferStart(target="ghost", items=[xml(Count(1))], buffer_id="u"), to="system.buffer")
+    assert unknown.payload == BufferError("u", "unknown target 'ghost': no listener has that name")
+    flood = await ask(pump, BufferStart(target="add1", items=[xml(Count(1))], max_in_flight=0), to="system.buffer")
+    assert isinstance(flood.payload, BufferError)
+
+
+async def test_items_may_be_multi_line_documents_and_bad_items_fail_alone(pump: Pump) -> None:
+    items = ["<Count>\n  <value>\n    41\n  </value>\n</Count>\n", "<Count><value>x</value></Count>", "not xml"]
+    result = (await ask(pump, BufferStart(target="add1", items=items), to="system.buffer")).payload
+    assert [item.success for item in result.results] == [True, False, False]
+    assert value_of(result.results[0].result) == 42
+    assert "item is not a valid payload" in result.results[1].error
+
+
+async def test_a_buffer_item_may_run_a_sequence(pump: Pump) -> None:
+    items = [xml(SequenceStart(steps=["add1", "double"], payload=xml(Count(i)))) for i in range(5)]
+    result = (await ask(pump, BufferStart(target="system.sequence", items=items), to="system.buffer")).payload
+    assert isinstance(result, BufferComplete)
+    finals = [codec_for(SequenceComplete).from_bytes(item.result.encode()) for item in result.results]
+    assert [value_of(final.final_result) for final in finals] == [(i + 1) * 2 for i in range(5)]
+
+
+async def test_ids_are_unguessable_and_shared_labels_do_not_collide(pump: Pump) -> None:
+    ephemeral: list[str] = []
+    original = pump.register_generic_listener
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        ephemeral.append(name)
+        return original(name, *args, **kwargs)
+
+    pump.register_generic_listener = spy  # type: ignore[method-assign]
+    first, second = await asyncio.gather(
+        ask(pump, BufferStart(target="add1", items=[xml(Count(1))], buffer_id="same"), to="system.buffer"),
+        ask(pump, BufferStart(target="add1", items=[xml(Count(100))], buffer_id="same"), to="system.buffer"),
+    )
+    pump.register_generic_listener = original  # type: ignore[method-assign]
+    assert [value_of(first.payload.results[0].result), value_of(second.payload.results[0].result)] == [2, 101]
+    assert len(ephemeral) == 2
+    assert all(re.fullmatch(r"system\.buffer\.[0-9a-f]{32}", name) for name in ephemeral)
+    assert len(set(ephemeral)) == 2
+
+
+async def test_an_item_answered_twice_keeps_its_first_answer(pump: Pump) -> None:
+    registry = BufferRegistry(pump.buffer.backend)
+    state = registry.create(target="add1", total=1)
+    assert registry.record_result(state.buffer_id, 0, success=True, result="<first/>") is True
+    assert registry.record_result(state.buffer_id, 0, success=False, error="second") is False
+    assert registry.get(state.buffer_id).results[0].result == "<first/>"  # type: ignore[union-attr]
+    registry.remove(state.buffer_id)
+    # and the collector resolves each call once, ignoring a repeated answer
+    with Collector(pump, "buffer", "test", concurrency=1) as collector:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        collector._waiting["conversation"] = future
+        metadata = HandlerMetadata("t", "add1", collector.name, "conversation")
+        await collector._receive(Count(1), metadata)
+        await collector._receive(Count(2), metadata)
+        assert future.result() == Count(1)
+
+
+async def test_fifty_sequences_and_buffers_at_once_do_not_mix(pump: Pump) -> None:
+    sequences = [
+        ask(pump, SequenceStart(steps=["add1", "add1"], payload=xml(Count(i * 1000))), to="system.sequence")
+        for i in range(50)
+    ]
+    buffers = [
+        ask(pump, BufferStart(target="double", items=[xml(Count(i * 1000 + j)) for j in range(10)]), to="system.buffer")
+        for i in range(50)
+    ]
+    answers = await asyncio.gather(*sequences, *buffers)
+    assert [value_of(answer.payload.final_result) for answer in answers[:50]] == [i * 1000 + 2 for i in range(50)]
+    for i, answer in enumerate(answers[50:]):
+        assert [value_of(item.result) for item in answer.payload.results] == [2 * (i * 1000 + j) for j in range(10)]
+
+
+@pytest.fixture(params=["manager", "redis"])
+def shared_backend(request: pytest.FixtureRequest) -> SharedBackend:
+    """The backends whose state worker processes share (memory workers see none, by design)."""
+    if request.param == "manager":
+        manager: ManagerBackend = request.getfixturevalue("manager_backend")
+        manager.buffer_clear()
+        manager.registry_clear()
+        return manager
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisBackend(server.url, prefix=f"prim-{uuid.uuid4().hex[:8]}:")
+
+
+async def test_buffer_with_a_cpu_bound_target_on_shared_backends(shared_backend: SharedBackend) -> None:
+    backend = shared_backend
+    cruncher = Listener("cruncher", [Crunch], crunch, cpu_bound=True, timeout_seconds=20)
+    cpu = organism(cruncher)
+    cpu.settings = {"process_pool": {"workers": 2}}
+    async for pump in started(cpu, backend):
+        items = [xml(Crunch(f"item{i}", 50)) for i in range(20)]
+        result = (
+            await ask(
+                pump, BufferStart(target="cruncher", items=items, max_in_flight=4), to="system.buffer", timeout=60
+            )
+        ).payload
+        assert result.successful == 20
+        crunched = [codec_for(Crunched).from_bytes(item.result.encode()) for item in result.results]
+        assert [c.checksum for c in crunched] == [checksum(f"item{i}", 50) for i in range(20)]
+        assert all(c.history_seen == 1 for c in crunched)  # each item is its own conversation, visible to the worker
+        assert len({c.worker_pid for c in crunched}) >= 1
+        assert_nothing_left(pump)

@@ -1,0 +1,94 @@
+"""Calling other listeners from a coordinator and awaiting their answers.
+
+Each run of a primitive registers one ephemeral listener,
+``system.<kind>.<128-bit random id>``, which accepts any payload. Every call
+starts a fresh conversation from that listener to the target; the target's
+answer (or the SystemError that climbs back) arrives at the ephemeral listener,
+which resolves the waiting call by conversation id. Calls of one run therefore
+never share a thread, and calls of different runs never share a listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+from xml_pipeline.handler import HandlerMetadata
+from xml_pipeline.message.system_payloads import SystemErrorPayload
+from xml_pipeline.message_bus.pump import Pump
+
+log = logging.getLogger("xml_pipeline.primitives")
+
+
+class NoAnswer:
+    """What a call returns when the target ended its branch without answering."""
+
+    def __repr__(self) -> str:
+        return "NoAnswer"
+
+
+NO_ANSWER = NoAnswer()
+
+
+class Collector:
+    def __init__(self, pump: Pump, kind: str, run_id: str, *, concurrency: int) -> None:
+        self.pump = pump
+        self.name = f"system.{kind}.{run_id}"
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._concurrency = concurrency
+
+    def __enter__(self) -> Collector:
+        self.pump.register_generic_listener(
+            self.name,
+            self._receive,
+            [SystemErrorPayload],
+            peers=[],
+            accepts_any=True,
+            max_concurrency=max(self._concurrency, 1),
+            description="ephemeral collector of answers",
+        )
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.pump.unregister_listener(self.name)
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+
+    async def _receive(self, payload: Any, metadata: HandlerMetadata) -> None:
+        future = self._waiting.pop(metadata.conversation_id, None)
+        if future is None or future.done():
+            log.info("duplicate or late answer ignored by %s (conversation=%s)", self.name, metadata.conversation_id)
+            return
+        future.set_result(payload)
+
+    async def call(self, target: str, payload: Any) -> Any:
+        """Send ``payload`` to ``target``; its answer, the SystemErrorPayload, or NO_ANSWER.
+
+        Callers bound the wait with their run's deadline.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        conversation_ids: list[str] = []
+
+        def started(conversation_id: str) -> None:
+            conversation_ids.append(conversation_id)
+            self._waiting[conversation_id] = future
+
+        def ended() -> None:
+            if not future.done():
+                future.set_result(NO_ANSWER)
+
+        failure = await self.pump.start_internal(self.name, target, payload, started, ended)
+        if failure is not None:
+            for conversation_id in conversation_ids:
+                self._waiting.pop(conversation_id, None)
+            return SystemErrorPayload(failure.code, failure.detail, failure.code.retry_allowed, target)
+        try:
+            return await future
+        finally:
+            for conversation_id in conversation_ids:
+                self._waiting.pop(conversation_id, None)
