@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup run check test lint typecheck unit redis-server clean
+.PHONY: setup run check test lint typecheck unit redis-server bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ unit: $(STAMP) redis-server
 
 ## lint, type-check and run the whole test suite
 test: lint typecheck unit
+
+## measure the pump, the pool and the primitives against their floors (a few minutes)
+bench: $(STAMP) redis-server
+	$(BIN)/python -m benchmarks.run --out bench-results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
