@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -193,3 +194,21 @@ def test_daemon_runs_the_example_cpu_bound_listener_on_shared_backends(kind: str
             assert daemon.stop() == 0
     if kind == "redis":
         assert RedisBackend(redis_server.url, prefix=prefix).keys() == []
+
+
+def test_workers_exit_when_the_daemon_is_killed_outright() -> None:
+    with short_directory() as directory:
+        organism = directory / "organism.yaml"
+        write_organism(organism)
+        organism.write_text(organism.read_text() + "\nbackend:\n  type: manager\n")
+        with running_daemon(organism) as daemon:
+            workers = daemon.client.status()["worker_pids"]
+            helpers = [int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(daemon.process.pid)]).split()]
+            assert set(workers) <= set(helpers)
+            assert len(helpers) >= 3  # two workers and the manager's server
+            daemon.process.kill()
+            daemon.process.wait(10)
+            deadline = time.monotonic() + 10
+            while any(Path(f"/proc/{pid}").exists() for pid in helpers):
+                assert time.monotonic() < deadline, "helper processes outlived the daemon"
+                time.sleep(0.05)  # waiting on other processes' exit; nothing to await

@@ -22,6 +22,7 @@ from typing import Any
 
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, TooManyThreads
+from xml_pipeline.process_pool.orphans import exit_with_parent
 
 _STATE = InMemoryBackend()
 
@@ -63,7 +64,7 @@ class ManagerBackend:
         os.chmod(workdir, 0o700)
         spec = ManagerSpec(address=os.path.join(workdir, "state.sock"), authkey=os.urandom(32))
         manager = _StateManager(address=spec.address, authkey=spec.authkey, ctx=multiprocessing.get_context("spawn"))
-        manager.start()
+        manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
         return cls(manager.state(), spec, owner=manager, workdir=workdir)  # type: ignore[attr-defined]
 
     @classmethod

@@ -46,7 +46,7 @@ class CpuPool:
     ) -> None:
         self.workers = workers or os.cpu_count() or 1
         self.max_tasks_per_child = max_tasks_per_child
-        self._initargs = (backend_spec, max_slots_per_thread, max_threads)
+        self._initargs = (backend_spec, max_slots_per_thread, max_threads, os.getpid())
         self._executor = self._new_executor()
         self.rebuilds = 0
 

@@ -27,6 +27,7 @@ from xml_pipeline.memory.redis_backend import RedisBackend, RedisSpec
 from xml_pipeline.message.payload_codec import PayloadDecodeError, PayloadTypeError, codec_for, payload_type_name
 from xml_pipeline.message.safe_xml import XmlRejected
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, set_registry
+from xml_pipeline.process_pool.orphans import exit_with_parent
 
 HARD_DEADLINE_GRACE = 1.0
 """Seconds after the timeout before SIGALRM interrupts a handler that does not await."""
@@ -60,9 +61,12 @@ class _HardTimeout(BaseException):
 _loop: asyncio.AbstractEventLoop | None = None
 
 
-def initialize(backend_spec: ManagerSpec | RedisSpec | None, max_slots_per_thread: int, max_threads: int) -> None:
-    """Pool initializer: connect to the shared state, prepare the loop."""
+def initialize(
+    backend_spec: ManagerSpec | RedisSpec | None, max_slots_per_thread: int, max_threads: int, parent_pid: int
+) -> None:
+    """Pool initializer: die with the daemon, connect to the shared state, prepare the loop."""
     global _loop
+    exit_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle, not each worker's
     signal.signal(signal.SIGALRM, _on_alarm)
     if backend_spec is not None:
