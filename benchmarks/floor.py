@@ -32,7 +32,10 @@ def hop(raw: bytes, envelope_schema: etree.XMLSchema, payload_schema: etree.XMLS
         raise ValueError("payload")
     order_id = payload.findtext("order_id")
     lines = payload.find("lines")
-    total = sum(int(line.findtext("quantity") or 0) * float(line.findtext("price") or 0) for line in lines or [])
+    total = sum(
+        int(line.findtext("quantity") or 0) * float(line.findtext("price") or 0)
+        for line in (lines if lines is not None else [])
+    )
     out = etree.Element(f"{{{ENVELOPE_NS}}}message", nsmap={"xp": ENVELOPE_NS})
     meta = etree.SubElement(out, f"{{{ENVELOPE_NS}}}meta")
     etree.SubElement(meta, f"{{{ENVELOPE_NS}}}from").text = "orders"

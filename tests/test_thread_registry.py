@@ -87,3 +87,23 @@ def test_module_level_registry_is_a_resettable_singleton() -> None:
     reset_registry()
     assert get_registry() is not first
     assert thread_registry.ThreadRegistry is ThreadRegistry
+
+
+def test_thread_ids_are_random_version_4_uuids() -> None:
+    from xml_pipeline.message_bus.thread_registry import new_thread_id
+
+    ids = {new_thread_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for value in list(ids)[:50]:
+        parsed = uuid.UUID(value)
+        assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
+
+
+def test_payload_bytes_cut_from_an_envelope_equal_the_payload_alone() -> None:
+    from lxml import etree
+
+    from xml_pipeline.message.envelope import build_envelope, payload_bytes
+
+    payload = etree.fromstring(b"<P><a>x &amp; y</a><b/></P>")
+    alone = etree.tostring(payload)
+    assert payload_bytes(etree.tostring(build_envelope("a", "b", "t", payload))) == alone

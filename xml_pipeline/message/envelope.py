@@ -90,6 +90,20 @@ def build_envelope(sender: str, to: str | None, thread: str, payload: etree._Ele
     return message
 
 
+_META_END = b"</xp:meta>"
+_MESSAGE_END = b"</xp:message>"
+
+
+def payload_bytes(envelope: bytes) -> bytes:
+    """The payload's own serialization, cut out of an envelope this module serialized.
+
+    Our envelopes put the payload between ``</xp:meta>`` and ``</xp:message>``
+    and declare no namespace it depends on, so the slice equals serializing the
+    payload element alone, without a second pass over the tree.
+    """
+    return envelope[envelope.index(_META_END) + len(_META_END) : envelope.rindex(_MESSAGE_END)]
+
+
 def serialize_envelope(sender: str, to: str | None, thread: str, payload: etree._Element) -> bytes:
     return etree.tostring(build_envelope(sender, to, thread, payload))
 

@@ -110,15 +110,20 @@ class _FloatSpec:
             element.text = repr(number)
 
     def read(self, element: etree._Element) -> Any:
-        text = _element_text(element).strip()
-        if text == "INF":
-            return math.inf
-        if text == "-INF":
-            return -math.inf
-        return float(text)
+        return _parse_float(_element_text(element))
 
     def xsd_type(self, schema: _SchemaWriter) -> str:
         return "xs:double"
+
+
+def _parse_float(text: str | None) -> float:
+    """xs:double text: Python's float() plus the schema's INF and -INF spellings."""
+    value = (text or "").strip()
+    if value == "INF":
+        return math.inf
+    if value == "-INF":
+        return -math.inf
+    return float(value)
 
 
 class _BoolSpec:
@@ -188,11 +193,10 @@ class _ListSpec:
                 self.item.write(child, entry, f"{path}[{index}]")
 
     def read(self, element: etree._Element) -> Any:
-        item = self.item
-        return [
-            None if child.get(XSI_NIL) in _NIL_TRUE else item.read(child)
-            for child in element.iterchildren(etree.Element)
-        ]
+        read = self.item.read
+        if not self.item_nullable:
+            return [read(child) for child in element]
+        return [None if child.get(XSI_NIL) in _NIL_TRUE else read(child) for child in element]
 
     def xsd_type(self, schema: _SchemaWriter) -> str:
         return schema.list_type(self)
@@ -222,48 +226,126 @@ class _FieldPlan:
 
 
 class _DataclassSpec:
-    """Reads and writes one dataclass's fields as child elements."""
+    """Reads and writes one dataclass's fields as child elements.
+
+    ``read`` and ``write`` are compiled once per class into straight-line
+    Python (see :func:`_compile`): every hop of every message goes through
+    them, and a loop over field plans costs three times as much.
+    """
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
         self.fields: tuple[_FieldPlan, ...] = ()
 
+    def compile(self) -> None:
+        self.read, self.write = _compile(self)  # type: ignore[method-assign,assignment]
+
     def write(self, element: etree._Element, value: Any, path: str) -> None:
-        if type(value) is not self.cls:
-            raise PayloadTypeError(f"{path}: expected {self.cls.__name__}, got {type(value).__name__}")
-        sub = etree.SubElement
-        for plan in self.fields:
-            field_value = getattr(value, plan.name)
-            if field_value is None:
-                if not plan.nullable:
-                    raise PayloadTypeError(f"{path}.{plan.name}: None in a non-optional field")
-                if not plan.omit_none:
-                    sub(element, plan.tag).set(XSI_NIL, "true")
-                continue
-            plan.spec.write(sub(element, plan.tag), field_value, f"{path}.{plan.name}")
+        raise AssertionError("compile() replaces this")
 
     def read(self, element: etree._Element) -> Any:
-        children: dict[Any, etree._Element] = {}
-        for child in element.iterchildren(etree.Element):
-            children[child.tag] = child
-        kwargs: dict[str, Any] = {}
-        for plan in self.fields:
-            found = children.get(plan.tag)
-            if found is None:
-                if plan.required:
-                    if not plan.nullable:
-                        raise PayloadDecodeError(f"<{plan.name}> is missing")
-                    kwargs[plan.name] = None
-                else:
-                    kwargs[plan.name] = plan.default_value()
-            elif found.get(XSI_NIL) in _NIL_TRUE:
-                kwargs[plan.name] = None
-            else:
-                kwargs[plan.name] = plan.spec.read(found)
-        return self.cls(**kwargs)
+        raise AssertionError("compile() replaces this")
 
     def xsd_type(self, schema: _SchemaWriter) -> str:
         return schema.complex_type(self)
+
+
+def _compile(spec: _DataclassSpec) -> tuple[Callable[[etree._Element], Any], Callable[..., None]]:
+    """Generate the reader and writer of one dataclass from its field plans.
+
+    Elements reaching the reader passed the derived schema (an xs:sequence, so
+    fields come in declaration order) and hold no comments (the parser drops
+    them), so one pass over the children in order reads every field, and a
+    field's text is its element's ``.text``.
+    """
+    namespace: dict[str, Any] = {
+        "CLS": spec.cls,
+        "NIL": _NIL_TRUE,
+        "XSI_NIL": XSI_NIL,
+        "TRUE": ("true", "1"),
+        "FLOAT": _parse_float,
+        "sub": etree.SubElement,
+        "PayloadTypeError": PayloadTypeError,
+        "PayloadDecodeError": PayloadDecodeError,
+    }
+    read = ["def read(element):", "    children = iter(element)", "    e = next(children, None)"]
+    write = [
+        "def write(element, value, path):",
+        "    if type(value) is not CLS:",
+        "        raise PayloadTypeError(f'{path}: expected {CLS.__name__}, got {type(value).__name__}')",
+    ]
+    for index, plan in enumerate(spec.fields):
+        tag, field_spec, value = f"T{index}", f"S{index}", f"v{index}"
+        namespace[tag], namespace[field_spec] = plan.tag, plan.spec
+        namespace[f"F{index}"] = plan.default_factory
+        namespace[f"D{index}"] = plan.default
+        # the schema is an xs:sequence: present fields arrive in declaration order
+        read.append(f"    if e is not None and e.tag == {tag}:")
+        if plan.nullable:
+            read += ["        if e.get(XSI_NIL) in NIL:", f"            {value} = None", "        else:"]
+            read.append(f"            {value} = {_read_expression(plan.spec, field_spec)}")
+        else:
+            read.append(f"        {value} = {_read_expression(plan.spec, field_spec)}")
+        read += ["        e = next(children, None)", "    else:"]
+        if plan.required and not plan.nullable:
+            read.append(f"        raise PayloadDecodeError('<{plan.name}> is missing')")
+        elif plan.required:
+            read.append(f"        {value} = None")
+        elif plan.default_factory is not None:
+            read.append(f"        {value} = F{index}()")
+        else:
+            read.append(f"        {value} = D{index}")
+
+        write.append(f"    x = value.{plan.name}")
+        write.append("    if x is None:")
+        if not plan.nullable:
+            write.append(f"        raise PayloadTypeError(f'{{path}}.{plan.name}: None in a non-optional field')")
+        elif not plan.omit_none:
+            write.append(f"        sub(element, {tag}).set(XSI_NIL, 'true')")
+        else:
+            write.append("        pass")
+        write += ["    else:", *_write_statements(plan, tag, field_spec)]
+    arguments = ", ".join(f"v{index}" for index in range(len(spec.fields)))
+    read.append(f"    return CLS({arguments})")
+    exec(
+        compile("\n".join(read) + "\n\n" + "\n".join(write), f"<payload codec {spec.cls.__qualname__}>", "exec"),
+        namespace,
+    )
+    return namespace["read"], namespace["write"]
+
+
+def _read_expression(spec: _Spec, name: str) -> str:
+    if isinstance(spec, _StrSpec):
+        return "e.text or ''"
+    if isinstance(spec, _IntSpec):
+        return "int(e.text)"
+    if isinstance(spec, _BoolSpec):
+        return "(e.text or '').strip() in TRUE"
+    if isinstance(spec, _FloatSpec):
+        return "FLOAT(e.text)"
+    return f"{name}.read(e)"
+
+
+def _write_statements(plan: _FieldPlan, tag: str, name: str) -> list[str]:
+    where = f"f'{{path}}.{plan.name}'"
+    if isinstance(plan.spec, _StrSpec):
+        return [
+            "        if not isinstance(x, str):",
+            f"            raise PayloadTypeError(f'{{path}}.{plan.name}: expected str, got {{type(x).__name__}}')",
+            f"        child = sub(element, {tag})",
+            "        if x:",
+            "            try:",
+            "                child.text = x",
+            "            except ValueError as exc:",
+            f"                raise PayloadTypeError(f'{{path}}.{plan.name}: {{exc}}') from None",
+        ]
+    if isinstance(plan.spec, _IntSpec):
+        return [
+            "        if type(x) is bool or not isinstance(x, int):",
+            f"            raise PayloadTypeError(f'{{path}}.{plan.name}: expected int, got {{type(x).__name__}}')",
+            f"        sub(element, {tag}).text = str(int(x))",
+        ]
+    return [f"        {name}.write(sub(element, {tag}), x, {where})"]
 
 
 _SCALARS: dict[Any, _Spec] = {
@@ -338,6 +420,7 @@ class _TypeAnalyzer:
                 )
             )
         spec.fields = tuple(plans)
+        spec.compile()
         return spec
 
 

@@ -54,6 +54,8 @@ def _parser(recover: bool) -> etree.XMLParser:
         huge_tree=False,
         collect_ids=False,
         recover=recover,
+        remove_comments=True,  # carry no payload data; dropping them keeps each field's text in .text
+        remove_pis=True,
     )
 
 
@@ -67,9 +69,20 @@ def _deeper_than(max_depth: int) -> etree.XPath:
     return etree.XPath("boolean(" + "/*" * (max_depth + 1) + ")")
 
 
-def _min_bytes_for_depth(depth: int) -> int:
-    """The smallest document with ``depth`` nested elements: ``<a><a>..<a/>..</a></a>``."""
-    return 7 * (depth - 1) + 4
+def _could_be_deeper(raw: bytes, max_depth: int) -> bool:
+    """Cheap bounds first: depth needs that many start tags, and each needs bytes.
+
+    ``<`` not followed by ``/`` counts every start tag (and some other markup),
+    so it bounds the depth from above without parsing.
+    """
+    if len(raw) < 7 * max_depth + 4:  # the smallest document deeper than max_depth
+        return False
+    return raw.count(b"<") - raw.count(b"</") > max_depth
+
+
+def _ascii_compatible(raw: bytes) -> bool:
+    """True when markup is plain ASCII bytes (UTF-8 and kin), so a byte scan sees a DOCTYPE."""
+    return (raw[:1] == b"<" and raw[1:2] != b"\x00") or raw[:3] == b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +108,11 @@ def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
         raise XmlRejected(ErrorCode.MALFORMED_XML, f"not parseable: {exc}") from None
     if root is None:
         raise XmlRejected(ErrorCode.MALFORMED_XML, "not well-formed XML: nothing could be recovered")
-    docinfo = root.getroottree().docinfo
-    if docinfo.internalDTD is not None or docinfo.doctype:
-        raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
-    if len(raw) >= _min_bytes_for_depth(limits.max_depth + 1) and _deeper_than(limits.max_depth)(root):
+    if not _ascii_compatible(raw):  # the byte scan above cannot see a DOCTYPE in UTF-16 and the like
+        docinfo = root.getroottree().docinfo
+        if docinfo.internalDTD is not None or docinfo.doctype:
+            raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
+    if _could_be_deeper(raw, limits.max_depth) and _deeper_than(limits.max_depth)(root):
         raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}")
     repairs: tuple[str, ...] = ()
     if limits.repair and parser.error_log:

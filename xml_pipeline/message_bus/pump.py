@@ -45,6 +45,7 @@ from xml_pipeline.message.envelope import (
     Envelope,
     best_effort_origin,
     build_envelope,
+    payload_bytes,
     read_envelope,
     serialize_envelope,
 )
@@ -530,7 +531,10 @@ class Pump:
         """Run the handler under its listener's limits; a _Failure if it did not finish well."""
         listener = delivery.listener
         try:
-            async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
+            if listener.slots.locked():  # only a wait needs a deadline; a free slot is taken at once
+                async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
+                    await listener.slots.acquire()
+            else:
                 await listener.slots.acquire()
         except TimeoutError:
             waited = self.limits.enqueue_timeout_seconds
@@ -740,13 +744,13 @@ class Pump:
                 ErrorCode.BAD_RESPONSE, f"{sender} responded with something that cannot travel as XML: {exc}"
             )
         fresh = codec.from_element(element)
-        failure = self._record(conversation, sender, to, thread, fresh, etree.tostring(element))
+        envelope = etree.tostring(build_envelope(sender, to, thread, element))
+        failure = self._record(conversation, sender, to, thread, fresh, payload_bytes(envelope))
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
         if conversation.submission is None:  # a listener started it and is gone (e.g. a finished buffer)
             log.info("late answer dropped: %s is no longer listening (thread=%s from=%s)", to, thread, sender)
             return None
-        envelope = etree.tostring(build_envelope(sender, to, thread, element))
         conversation.submission.deliver(Reply(sender=sender, to=to, thread=thread, payload=fresh, envelope=envelope))
         return None
 

@@ -18,7 +18,7 @@ The dotted form (``console.router.greeter``) appears only where people read it:
 
 from __future__ import annotations
 
-import uuid as uuid_module
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,7 +47,12 @@ class Pruned:
 
 
 def new_thread_id() -> str:
-    return str(uuid_module.uuid4())
+    """A random (version 4) UUID, formatted directly: every conversation needs two."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _key(conversation: str, chain: Sequence[str]) -> str:
