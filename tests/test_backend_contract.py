@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
+from xml_pipeline.memory.state_ops import AppendSlot, DeleteHistory, ForgetThread, RegisterThread
 
 
 def test_implements_the_protocol(backend: SharedBackend) -> None:
@@ -95,3 +96,29 @@ def test_records_hold_fields_and_refuse_overwrites_when_asked(backend: SharedBac
     assert backend.record_list("buffer") == []
     assert backend.record_list("sequence") == ["s1"]
     backend.record_clear("sequence")
+
+
+def test_apply_runs_writes_in_order_and_hands_back_each_outcome(backend: SharedBackend) -> None:
+    ops = [
+        RegisterThread("c/a", "u1"),
+        AppendSlot("t1", b"<one/>", 2, 10),
+        AppendSlot("t1", b"<two/>", 2, 10),
+        AppendSlot("t1", b"<three/>", 2, 10),  # over the cap: refused, and the ops after it still run
+        AppendSlot("t2", b"<other/>", 2, 10),
+        ForgetThread("u1"),
+        ForgetThread("u1"),
+        DeleteHistory("t2"),
+    ]
+    outcomes = backend.apply(ops)
+    assert outcomes[:3] == [None, 0, 1]
+    assert isinstance(outcomes[3], BufferFull)
+    assert outcomes[4:] == [0, True, False, True]
+    assert backend.buffer_get_thread("t1") == [b"<one/>", b"<two/>"]
+    assert backend.buffer_thread_exists("t2") is False
+    assert backend.registry_list_all() == {}
+
+
+def test_apply_refuses_a_thread_past_the_thread_cap(backend: SharedBackend) -> None:
+    outcomes = backend.apply([AppendSlot("t1", b"<a/>", 5, 1), AppendSlot("t2", b"<b/>", 5, 1)])
+    assert outcomes[0] == 0
+    assert isinstance(outcomes[1], TooManyThreads)

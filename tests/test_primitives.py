@@ -356,11 +356,10 @@ async def test_buffer_with_a_cpu_bound_target_on_shared_backends(shared_backend:
     cpu.settings = {"process_pool": {"workers": 2}}
     async for pump in started(cpu, backend):
         items = [xml(Crunch(f"item{i}", 50)) for i in range(20)]
-        result = (
-            await ask(
-                pump, BufferStart(target="cruncher", items=items, max_in_flight=4), to="system.buffer", timeout=60
-            )
-        ).payload
+        start = BufferStart(target="cruncher", items=items, max_in_flight=4)
+        submission = await pump.inject_payload(start, "system.buffer")
+        (reply,) = await submission.collect(60)  # to the end: its state is cleaned up before the mailbox closes
+        result = reply.payload
         assert result.successful == 20
         crunched = [codec_for(Crunched).from_bytes(item.result.encode()) for item in result.results]
         assert [c.checksum for c in crunched] == [checksum(f"item{i}", 50) for i in range(20)]

@@ -11,6 +11,7 @@ from tests.redis_server import RedisServer
 from xml_pipeline.memory.context_buffer import ContextBuffer
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import BackendUnavailable
+from xml_pipeline.memory.state_ops import AppendSlot, ForgetThread, RegisterThread
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry
 
 
@@ -112,3 +113,12 @@ def test_tls_url_verifies_the_server_certificate() -> None:
         untrusting.close()
     finally:
         server.close()
+
+
+def test_a_batch_survives_the_server_forgetting_its_scripts(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url, prefix=f"noscript-{uuid.uuid4().hex[:8]}:")
+    assert backend.apply([AppendSlot("t", b"<a/>", 10, 10)]) == [0]
+    raw_client(redis_server).script_flush()  # as after a restart: every cached script is gone
+    outcomes = backend.apply([RegisterThread("c/a", "u1"), AppendSlot("t", b"<b/>", 10, 10), ForgetThread("u1")])
+    assert outcomes == [None, 1, True]
+    assert backend.buffer_get_thread("t") == [b"<a/>", b"<b/>"]  # each op ran exactly once

@@ -22,6 +22,7 @@ from typing import Any
 from xml_pipeline.imports import import_object
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
+from xml_pipeline.memory.state_ops import AppendSlot
 
 __all__ = ["BufferFull", "BufferSlot", "ContextBuffer", "TooManyThreads", "get_context_buffer"]
 
@@ -98,6 +99,13 @@ class ContextBuffer:
             thread_id, data, max_slots=self.max_slots_per_thread, max_threads=self.max_threads
         )
         return BufferSlot(thread_id, index, from_id, to_id, hop, payload_type, timestamp, payload_xml)
+
+    def append_op(
+        self, thread_id: str, *, from_id: str, to_id: str, payload_type: str, payload_xml: bytes, hop_thread: str
+    ) -> AppendSlot:
+        """The write :meth:`append` makes, as a value, to run in a batch with others."""
+        data = _encode(from_id, to_id, hop_thread, payload_type, time.time(), payload_xml)
+        return AppendSlot(thread_id, data, self.max_slots_per_thread, self.max_threads)
 
     def get_thread(self, thread_id: str) -> tuple[BufferSlot, ...]:
         return tuple(

@@ -16,12 +16,14 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.managers import BaseManager
 from typing import Any
 
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, TooManyThreads
+from xml_pipeline.memory.state_ops import StateOp
 from xml_pipeline.process_pool.orphans import exit_with_parent
 
 _STATE = InMemoryBackend()
@@ -151,6 +153,10 @@ class ManagerBackend:
 
     def record_clear(self, kind: str) -> None:
         self._call("record_clear", kind)
+
+    def apply(self, ops: Sequence[StateOp]) -> list[object]:
+        """One call to the manager for the whole batch, run there under its lock op by op."""
+        return list(self._call("apply", list(ops)))
 
     def ping(self) -> bool:
         try:

@@ -8,9 +8,11 @@ Nothing is shared with other processes: ``is_shared`` is False.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from xml_pipeline.memory.shared_backend import BufferFull, TooManyThreads
+from xml_pipeline.memory.state_ops import AppendSlot, RegisterThread, StateOp, apply_one_by_one
 
 
 class InMemoryBackend:
@@ -134,6 +136,24 @@ class InMemoryBackend:
         with self._lock:
             for key in [key for key in self._records if key[0] == kind]:
                 del self._records[key]
+
+    def apply(self, ops: Sequence[StateOp]) -> list[object]:
+        """Appends inline (they are most of every batch); the rest through their methods."""
+        results: list[object] = []
+        for op in ops:
+            if type(op) is AppendSlot:
+                try:
+                    results.append(
+                        self.buffer_append(op.thread_id, op.slot, max_slots=op.max_slots, max_threads=op.max_threads)
+                    )
+                except (BufferFull, TooManyThreads) as refused:
+                    results.append(refused)
+            elif type(op) is RegisterThread:
+                self.registry_set(op.chain, op.uuid)
+                results.append(None)
+            else:
+                results.extend(apply_one_by_one(self, (op,)))
+        return results
 
     def ping(self) -> bool:
         return not self._closed

@@ -23,18 +23,20 @@ turns into a ``backend-unavailable`` SystemError for the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, TooManyThreads
+from xml_pipeline.memory.state_ops import AppendSlot, ForgetThread, RegisterThread, StateOp
 
 DEFAULT_PREFIX = "xp:"
 DEFAULT_TTL = 86_400
@@ -185,15 +187,78 @@ class RedisBackend:
     def is_shared(self) -> bool:
         return True
 
+    # --- each write as (script, keys, args), for single calls and batches alike ---
+    def _append_call(self, op: AppendSlot) -> tuple[Script, list[Any], list[Any]]:
+        keys = [self._buffer_key(op.thread_id), self._index_key]
+        return self._append, keys, [op.slot, op.max_slots, op.max_threads, self.ttl, op.thread_id]
+
+    def _set_call(self, op: RegisterThread) -> tuple[Script, list[Any], list[Any]]:
+        keys = [self._chain_key(op.chain), self._uuid_key(op.uuid)]
+        return self._set, keys, [op.uuid, op.chain, self.ttl, self._uuid_key("")]
+
+    def _forget_call(self, op: ForgetThread) -> tuple[Script, list[Any], list[Any]]:
+        return self._delete_uuid, [self._uuid_key(op.uuid)], [self._chain_key(""), op.uuid]
+
+    def _delete_history_call(self, thread_id: str) -> tuple[Script, list[Any], list[Any]]:
+        return self._delete_thread, [self._buffer_key(thread_id), self._index_key], [thread_id]
+
+    def _call_for(self, op: StateOp) -> tuple[Script, list[Any], list[Any]]:
+        if isinstance(op, AppendSlot):
+            return self._append_call(op)
+        if isinstance(op, RegisterThread):
+            return self._set_call(op)
+        if isinstance(op, ForgetThread):
+            return self._forget_call(op)
+        return self._delete_history_call(op.thread_id)
+
+    @staticmethod
+    def _append_outcome(op: AppendSlot, index: int) -> int:
+        if index == -1:
+            raise BufferFull(f"thread {op.thread_id} holds {op.max_slots} slots already")
+        if index == -2:
+            raise TooManyThreads(f"the buffer holds {op.max_threads} threads already")
+        return index
+
+    def _outcome(self, op: StateOp, raw: object) -> object:
+        if isinstance(raw, Exception):
+            return BackendUnavailable(f"redis refused the operation: {raw}")
+        if isinstance(op, AppendSlot):
+            try:
+                return self._append_outcome(op, int(raw))  # type: ignore[call-overload]
+            except (BufferFull, TooManyThreads) as refused:
+                return refused
+        if isinstance(op, RegisterThread):
+            return None
+        return bool(raw)
+
+    def apply(self, ops: Sequence[StateOp]) -> list[object]:
+        """One pipeline (no transaction) for all of ``ops``: one round trip.
+
+        Scripts are called by SHA. A server that lost them (restarted, SCRIPT
+        FLUSH) refuses those calls without running them, so they are loaded
+        and just those ops are sent again, still in order.
+        """
+        calls = [self._call_for(op) for op in ops]
+        raw = self._pipeline(calls)
+        missing = [index for index, result in enumerate(raw) if isinstance(result, NoScriptError)]
+        if missing:
+            for script in {call[0] for call in calls}:
+                self._run(self._client.script_load, script.script)
+            for index, result in zip(missing, self._pipeline([calls[index] for index in missing]), strict=True):
+                raw[index] = result
+        return [self._outcome(op, result) for op, result in zip(ops, raw, strict=True)]
+
+    def _pipeline(self, calls: Sequence[tuple[Script, list[Any], list[Any]]]) -> list[object]:
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(self._run(pipe.execute, raise_on_error=False))
+
     # --- context buffer ---
     def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
-        keys = [self._buffer_key(thread_id), self._index_key]
-        index = int(self._run(self._append, keys=keys, args=[slot, max_slots, max_threads, self.ttl, thread_id]))
-        if index == -1:
-            raise BufferFull(f"thread {thread_id} holds {max_slots} slots already")
-        if index == -2:
-            raise TooManyThreads(f"the buffer holds {max_threads} threads already")
-        return index
+        op = AppendSlot(thread_id, slot, max_slots, max_threads)
+        script, keys, args = self._append_call(op)
+        return self._append_outcome(op, int(self._run(script, keys=keys, args=args)))
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self._buffer_key(thread_id)
@@ -216,8 +281,8 @@ class RedisBackend:
         return bool(self._run(self._client.exists, self._buffer_key(thread_id)))
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
-        keys = [self._buffer_key(thread_id), self._index_key]
-        return bool(self._run(self._delete_thread, keys=keys, args=[thread_id]))
+        script, keys, args = self._delete_history_call(thread_id)
+        return bool(self._run(script, keys=keys, args=args))
 
     def buffer_list_threads(self) -> list[str]:
         start = len(self._buffer_key(""))
@@ -229,8 +294,8 @@ class RedisBackend:
 
     # --- thread registry ---
     def registry_set(self, chain: str, uuid: str) -> None:
-        keys = [self._chain_key(chain), self._uuid_key(uuid)]
-        self._run(self._set, keys=keys, args=[uuid, chain, self.ttl, self._uuid_key("")])
+        script, keys, args = self._set_call(RegisterThread(chain, uuid))
+        self._run(script, keys=keys, args=args)
 
     def registry_get_or_set(self, chain: str, uuid: str) -> str:
         keys = [self._chain_key(chain), self._uuid_key(uuid)]
@@ -246,8 +311,8 @@ class RedisBackend:
         return result.decode() if result is not None else None
 
     def registry_delete(self, uuid: str) -> bool:
-        keys = [self._uuid_key(uuid)]
-        return bool(self._run(self._delete_uuid, keys=keys, args=[self._chain_key(""), uuid]))
+        script, keys, args = self._forget_call(ForgetThread(uuid))
+        return bool(self._run(script, keys=keys, args=args))
 
     def registry_list_all(self) -> dict[str, str]:
         keys = list(self._scan(self._uuid_key("*")))

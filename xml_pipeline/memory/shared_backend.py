@@ -11,7 +11,11 @@ atomic.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from xml_pipeline.memory.state_ops import StateOp
 
 
 class BufferFull(Exception):
@@ -71,6 +75,15 @@ class SharedBackend(Protocol):
     def record_delete(self, kind: str, record_id: str) -> bool: ...
     def record_list(self, kind: str) -> list[str]: ...
     def record_clear(self, kind: str) -> None: ...
+
+    # --- many writes at once ---
+    def apply(self, ops: Sequence[StateOp]) -> list[object]:
+        """Run ``ops`` in order, in as few round trips as the store allows.
+
+        Returns each op's result, or the exception it raised, in order; raises
+        only when the store cannot be reached at all (BackendUnavailable).
+        """
+        ...
 
     # --- housekeeping ---
     def ping(self) -> bool: ...

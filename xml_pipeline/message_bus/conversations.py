@@ -130,6 +130,9 @@ class Conversation:
     initiator: str
     submission: Submission | None
     pending: int = 0
-    threads: set[str] = field(default_factory=set)
+    chains: dict[tuple[str, ...], str] = field(default_factory=dict)
+    """Every thread of the conversation, by call chain. The pump that owns the
+    conversation is the only one that adds to it, so it routes from here and
+    writes each new thread to the shared registry for handlers to read."""
     on_end: Callable[[], None] | None = None
     """For conversations a listener started: told when the conversation ends, answered or not."""

@@ -41,6 +41,8 @@ from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_co
 from xml_pipeline.memory.factory import spec_of
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, SharedBackend, TooManyThreads
+from xml_pipeline.memory.state_batcher import StateBatcher
+from xml_pipeline.memory.state_ops import DeleteHistory, ForgetThread, RegisterThread, StateOp
 from xml_pipeline.message.envelope import (
     Envelope,
     best_effort_origin,
@@ -59,7 +61,7 @@ from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.metrics import PumpMetrics
-from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
+from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool.pool import CpuPool, WorkerCrashed, WorkerStuck
 from xml_pipeline.process_pool.worker import Task
@@ -150,8 +152,11 @@ class Pump:
             max_slots_per_thread=self.limits.max_slots_per_thread,
             max_threads=self.limits.max_conversations,
         )
+        self.state = StateBatcher(shared)
         self._on_conversation_end = on_conversation_end
         self._conversations: dict[str, Conversation] = {}
+        self._threads: dict[str, tuple[Conversation, tuple[str, ...]]] = {}
+        """Every thread of this pump's live conversations: routing reads here, never the store."""
         self._pending_total = 0
         self._running = 0
         self._pool: CpuPool | None = None
@@ -227,6 +232,7 @@ class Pump:
         if self._pool is not None:
             await self._pool.close(kill=not drained)
             self._pool = None
+        self.state.flush()
         self._runner = None
         log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
         return ShutdownReport(drained=drained, cancelled=cancelled)
@@ -332,20 +338,19 @@ class Pump:
         fresh, payload_xml = prepared
         if len(self._conversations) >= self.limits.max_conversations:
             return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        conversation = Conversation(new_thread_id(), initiator, None, on_end=on_end)
+        thread, registrations = self._open(conversation, target_name)
+        on_started(conversation.id)
+        self._begin_one(conversation)  # held while the writes are made, so it cannot end under them
         try:
-            conversation_id, thread = self.registry.start_chain(initiator, target_name)
-        except BackendUnavailable as exc:
-            return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
-        conversation = Conversation(conversation_id, initiator, None, on_end=on_end)
-        conversation.threads.update((conversation_id, thread))
-        self._conversations[conversation_id] = conversation
-        on_started(conversation_id)
-        failure = self._record(conversation, initiator, target_name, thread, fresh, payload_xml)
-        if failure is None:
-            delivery = _Delivery(target, fresh, payload_xml, initiator, thread, conversation)
-            return await self._enqueue(conversation, delivery)
-        self._begin_one(conversation)
-        self._finish_one(conversation)  # nothing was queued: the conversation ends here
+            failure = await self._record(
+                conversation, initiator, target_name, thread, fresh, payload_xml, registrations
+            )
+            if failure is None:
+                delivery = _Delivery(target, fresh, payload_xml, initiator, thread, conversation)
+                failure = await self._enqueue(conversation, delivery)
+        finally:
+            self._finish_one(conversation)  # with nothing queued, the conversation ends here
         return failure
 
     def unregister_listener(self, name: str) -> bool:
@@ -394,10 +399,7 @@ class Pump:
             return self._refuse(admitted)
         listener, payload, payload_xml, envelope = admitted
         sender, thread = envelope.sender, envelope.thread
-        try:
-            conversation, delivery_thread = self._assign_thread(sender, listener.name, thread)
-        except BackendUnavailable as exc:
-            return self._refuse(_Refusal(ErrorCode.BACKEND_UNAVAILABLE, str(exc), sender, thread, listener.name))
+        conversation, delivery_thread, registrations = self._assign_thread(sender, listener.name, thread)
         if conversation is None:
             return self._refuse(
                 _Refusal(
@@ -409,8 +411,16 @@ class Pump:
                 )
             )
         assert conversation.submission is not None
-        failure = self._record(conversation, sender, listener.name, delivery_thread, payload, payload_xml)
-        self._begin_one(conversation)
+        self._begin_one(conversation)  # counted before the writes, so a drain waits for it
+        try:
+            failure = await self._record(
+                conversation, sender, listener.name, delivery_thread, payload, payload_xml, registrations
+            )
+        except BaseException:  # cancelled while the writes were made: the message was never queued
+            self._finish_one(conversation)
+            raise
+        if failure is None and not self.healthy:
+            failure = _Failure(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this message could be queued")
         if failure is None:
             assert self._queue is not None
             try:
@@ -464,22 +474,59 @@ class Pump:
             return _Refusal(ErrorCode.PAYLOAD_INVALID, str(exc), sender, thread, to)
         return listener, payload, etree.tostring(envelope.payload), envelope
 
-    def _assign_thread(self, sender: str, to: str, thread: str) -> tuple[Conversation | None, str]:
-        """Continue the sender's own live thread, or start a new conversation."""
-        record = self.registry.lookup_record(thread)
-        if record is not None and record.chain[-1] == sender:
-            conversation = self._conversations.get(record.conversation)
-            if conversation is not None and conversation.submission is not None:
-                delivery_thread = self.registry.extend_chain(thread, to)
-                conversation.threads.add(delivery_thread)
-                return conversation, delivery_thread
+    def _assign_thread(
+        self, sender: str, to: str, thread: str
+    ) -> tuple[Conversation | None, str, list[RegisterThread]]:
+        """Continue the sender's own live thread, or start a new conversation.
+
+        Only this pump's conversations can be continued (their mailbox is
+        here), so its own thread index is all it needs to look at.
+        """
+        known = self._threads.get(thread)
+        if known is not None:
+            conversation, chain = known
+            if chain[-1] == sender and conversation.submission is not None:
+                delivery_thread, registration = self._claim(conversation, (*chain, to))
+                return conversation, delivery_thread, registration
         if len(self._conversations) >= self.limits.max_conversations:
-            return None, thread
-        conversation_id, delivery_thread = self.registry.start_chain(sender, to)
+            return None, thread, []
+        conversation_id = new_thread_id()
         conversation = Conversation(conversation_id, sender, Submission(conversation_id, self.limits.mailbox_size))
-        conversation.threads.update((conversation_id, delivery_thread))
-        self._conversations[conversation_id] = conversation
-        return conversation, delivery_thread
+        delivery_thread, registrations = self._open(conversation, to)
+        return conversation, delivery_thread, registrations
+
+    def _open(self, conversation: Conversation, target: str) -> tuple[str, list[RegisterThread]]:
+        """Make ``conversation`` live: its root thread, and the thread its target is called on."""
+        self._conversations[conversation.id] = conversation
+        _, root = self._claim(conversation, (conversation.initiator,), conversation.id)
+        thread, first = self._claim(conversation, (conversation.initiator, target))
+        return thread, root + first
+
+    def _claim(
+        self, conversation: Conversation, chain: tuple[str, ...], thread: str | None = None
+    ) -> tuple[str, list[RegisterThread]]:
+        """The thread of ``chain`` in ``conversation``, and the registry write a new one needs."""
+        existing = conversation.chains.get(chain)
+        if existing is not None:
+            return existing, []
+        thread = thread or new_thread_id()
+        conversation.chains[chain] = thread
+        self._threads[thread] = (conversation, chain)
+        return thread, [RegisterThread(chain_key(conversation.id, chain), thread)]
+
+    def _extend(self, thread: str, target: str) -> tuple[str, list[RegisterThread]]:
+        """The thread on which the head of ``thread``'s chain calls ``target``."""
+        conversation, chain = self._threads[thread]
+        return self._claim(conversation, (*chain, target))
+
+    def _caller_of(self, thread: str) -> Pruned | None:
+        """Where the head of ``thread``'s chain sends its response; None at the root."""
+        known = self._threads.get(thread)
+        if known is None or len(known[1]) < 2:
+            return None
+        conversation, chain = known
+        parent = chain[:-1]
+        return Pruned(target=parent[-1], thread_id=conversation.chains[parent])
 
     def _refuse(self, refusal: _Refusal) -> Submission:
         """A client message that never became part of a conversation: answer it directly."""
@@ -649,7 +696,7 @@ class Pump:
             if not listener.may_call(result.to):
                 return _Failure(ErrorCode.PEER_NOT_ALLOWED, f"{listener.name} may not send to {result.to!r}")
             return await self._send(conversation, target, result.payload, listener.name, None, delivery.thread)
-        pruned = self.registry.prune_for_response(delivery.thread)
+        pruned = self._caller_of(delivery.thread)
         if pruned is None:
             log.warning(
                 "response dropped: %s is the root of thread=%s and has no caller", listener.name, delivery.thread
@@ -661,7 +708,7 @@ class Pump:
                 conversation, caller, result.payload, listener.name, pruned.thread_id, delivery.thread
             )
         if pruned.target == conversation.initiator:
-            return self._to_client(conversation, listener.name, pruned.target, pruned.thread_id, result.payload)
+            return await self._to_client(conversation, listener.name, pruned.target, pruned.thread_id, result.payload)
         return _Failure(ErrorCode.UNKNOWN_TARGET, f"{listener.name}'s caller {pruned.target!r} is no longer a listener")
 
     def _prepare(self, target: Listener, payload: Any, sender: str) -> tuple[Any, bytes] | _Failure:
@@ -708,10 +755,10 @@ class Pump:
         if isinstance(prepared, _Failure):
             return prepared
         fresh, payload_xml = prepared
+        registrations: list[RegisterThread] = []
         if thread is None:
-            thread = self.registry.extend_chain(from_thread, target.name)
-            conversation.threads.add(thread)
-        failure = self._record(conversation, sender, target.name, thread, fresh, payload_xml)
+            thread, registrations = self._extend(from_thread, target.name)
+        failure = await self._record(conversation, sender, target.name, thread, fresh, payload_xml, registrations)
         if failure is not None:
             return failure
         return await self._enqueue(conversation, _Delivery(target, fresh, payload_xml, sender, thread, conversation))
@@ -732,7 +779,7 @@ class Pump:
             return _Failure(ErrorCode.OVERLOAD, f"the pump's queue stayed full for {waited:g}s")
         return None
 
-    def _to_client(
+    async def _to_client(
         self, conversation: Conversation, sender: str, to: str, thread: str, payload: Any
     ) -> _Failure | None:
         """Deliver a message addressed to the conversation's client into its mailbox."""
@@ -745,7 +792,7 @@ class Pump:
             )
         fresh = codec.from_element(element)
         envelope = etree.tostring(build_envelope(sender, to, thread, element))
-        failure = self._record(conversation, sender, to, thread, fresh, payload_bytes(envelope))
+        failure = await self._record(conversation, sender, to, thread, fresh, payload_bytes(envelope))
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
         if conversation.submission is None:  # a listener started it and is gone (e.g. a finished buffer)
@@ -783,13 +830,13 @@ class Pump:
     async def _climb(self, conversation: Conversation, thread: str, failure: _Failure, listener: str) -> None:
         """Carry an error up ``thread``'s call chain to the nearest caller that can take it."""
         current = thread
-        while (pruned := self.registry.prune_for_response(current)) is not None:
+        while (pruned := self._caller_of(current)) is not None:
             caller = self._listeners.get(pruned.target)
             if caller is not None and caller.accepts_errors:
                 await self._error_to_listener(conversation, caller, pruned.thread_id, failure, listener)
                 return
             if caller is None and pruned.target == conversation.initiator:
-                self._to_client(
+                await self._to_client(
                     conversation, SYSTEM_SENDER, pruned.target, pruned.thread_id, _error_payload(failure, listener)
                 )
                 return
@@ -827,11 +874,20 @@ class Pump:
         self._finish_one(delivery.conversation)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _record(
-        self, conversation: Conversation, sender: str, to: str, thread: str, payload: Any, payload_xml: bytes
+    async def _record(
+        self,
+        conversation: Conversation,
+        sender: str,
+        to: str,
+        thread: str,
+        payload: Any,
+        payload_xml: bytes,
+        registrations: list[RegisterThread] | None = None,
     ) -> _Failure | None:
-        try:
-            self.buffer.append(
+        """Write the hop to history (and any new thread to the registry): one batched call."""
+        ops: list[StateOp] = list(registrations or ())
+        ops.append(
+            self.buffer.append_op(
                 conversation.id,
                 from_id=sender,
                 to_id=to,
@@ -839,14 +895,23 @@ class Pump:
                 payload_type=payload_type_name(type(payload)),
                 payload_xml=payload_xml,
             )
-        except BufferFull:
-            limit = self.limits.max_slots_per_thread
-            return _Failure(ErrorCode.HISTORY_FULL, f"the conversation reached its limit of {limit} messages")
-        except TooManyThreads:
-            return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        )
+        try:
+            outcomes = await self.state.run(ops)
         except BackendUnavailable as exc:
             return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+        for refused in outcomes:
+            if isinstance(refused, Exception):
+                return self._refused_write(refused)
         return None
+
+    def _refused_write(self, refused: Exception) -> _Failure:
+        if isinstance(refused, BufferFull):
+            limit = self.limits.max_slots_per_thread
+            return _Failure(ErrorCode.HISTORY_FULL, f"the conversation reached its limit of {limit} messages")
+        if isinstance(refused, TooManyThreads):
+            return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(refused))
 
     def _begin_one(self, conversation: Conversation) -> None:
         """Count a message that is about to be queued; paired with :meth:`_finish_one`."""
@@ -870,12 +935,14 @@ class Pump:
                 self._on_conversation_end(conversation.id, self.buffer.get_thread(conversation.id))
             except Exception:
                 log.exception("on_conversation_end hook failed conversation=%s", conversation.id)
-        try:
-            self.registry.cleanup_many(conversation.threads)
-            self.buffer.delete_thread(conversation.id)
-        except BackendUnavailable as exc:
-            log.warning("conversation=%s ended but its state stays until its TTL: %s", conversation.id, exc)
+        forget: list[StateOp] = [ForgetThread(thread) for thread in conversation.chains.values()]
+        for thread in conversation.chains.values():
+            self._threads.pop(thread, None)
         self._conversations.pop(conversation.id, None)
+        self.state.run_later([*forget, DeleteHistory(conversation.id)], then=lambda: self._ended(conversation))
+
+    def _ended(self, conversation: Conversation) -> None:
+        """The conversation's state is gone: now its client and its starter may hear that it is over."""
         if conversation.submission is not None:
             conversation.submission.close()
         if conversation.on_end is not None:

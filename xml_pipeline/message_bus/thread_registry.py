@@ -55,8 +55,12 @@ def new_thread_id() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
-def _key(conversation: str, chain: Sequence[str]) -> str:
+def chain_key(conversation: str, chain: Sequence[str]) -> str:
+    """The key a backend stores for ``chain`` within ``conversation``."""
     return conversation + _SEP + _SEP.join(chain)
+
+
+_key = chain_key
 
 
 def _parse_key(key: str) -> ThreadRecord:

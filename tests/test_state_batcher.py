@@ -1,0 +1,120 @@
+"""The batcher: the writes of one event-loop turn cross the network once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import pytest
+
+from tests.redis_server import RedisServer, free_port
+from tests.support import Ping, echo
+from xml_pipeline.memory import state_batcher
+from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull
+from xml_pipeline.memory.state_batcher import StateBatcher
+from xml_pipeline.memory.state_ops import AppendSlot, DeleteHistory, RegisterThread
+from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.organism import Listener, Organism
+
+
+class CountingBackend(InMemoryBackend):
+    """The memory backend, claiming to be shared so that its writes are batched, and counting batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sizes: list[int] = []
+
+    @property
+    def is_shared(self) -> bool:
+        return True
+
+    def apply(self, ops):  # type: ignore[no-untyped-def]
+        self.batch_sizes.append(len(ops))
+        return super().apply(ops)
+
+
+async def test_concurrent_writers_share_one_round_trip_and_each_gets_its_own_outcomes() -> None:
+    backend = CountingBackend()
+    batcher = StateBatcher(backend)
+
+    async def writer(n: int) -> list[object]:
+        return await batcher.run([RegisterThread(f"c/{n}", f"u{n}"), AppendSlot("shared", f"<m{n}/>".encode(), 30, 5)])
+
+    outcomes = await asyncio.gather(*(writer(n) for n in range(40)))
+    assert backend.batch_sizes == [80]
+    assert [outcome[1] for outcome in outcomes[:30]] == list(range(30))  # the order the writers made them
+    assert all(isinstance(outcome[1], BufferFull) for outcome in outcomes[30:])
+    assert backend.buffer_get_thread("shared") == [f"<m{n}/>".encode() for n in range(30)]
+
+
+async def test_a_large_turn_goes_in_several_round_trips_without_splitting_a_writer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(state_batcher, "MAX_BATCH", 5)
+    backend = CountingBackend()
+    batcher = StateBatcher(backend)
+    ops = [AppendSlot("t", b"<a/>", 100, 5), AppendSlot("t", b"<b/>", 100, 5)]
+    outcomes = await asyncio.gather(*(batcher.run(ops) for _ in range(6)))
+    assert backend.batch_sizes == [4, 4, 4]
+    assert [outcome for pair in outcomes for outcome in pair] == list(range(12))
+
+
+async def test_a_store_that_is_not_shared_is_written_at_once() -> None:
+    backend = InMemoryBackend()
+    batcher = StateBatcher(backend)
+    ended: list[bool] = []
+    assert await batcher.run([AppendSlot("t", b"<a/>", 10, 10)]) == [0]
+    batcher.run_later([DeleteHistory("t")], then=lambda: ended.append(backend.buffer_thread_exists("t")))
+    assert ended == [False]  # before run_later returned
+    assert batcher.batches == 0
+
+
+async def test_cleanup_runs_its_callback_only_after_the_writes() -> None:
+    backend = CountingBackend()
+    batcher = StateBatcher(backend)
+    await batcher.run([AppendSlot("t", b"<a/>", 10, 10)])
+    seen: list[bool] = []
+    batcher.run_later([DeleteHistory("t")], then=lambda: seen.append(backend.buffer_thread_exists("t")))
+    assert seen == []
+    batcher.flush()
+    assert seen == [False]
+
+
+async def test_an_unreachable_store_fails_every_writer_of_the_batch(caplog: pytest.LogCaptureFixture) -> None:
+    backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", retries=0, socket_timeout=0.5)
+    batcher = StateBatcher(backend)
+    ended: list[str] = []
+    batcher.run_later([DeleteHistory("gone")], then=lambda: ended.append("told"))
+    with caplog.at_level(logging.WARNING, logger="xml_pipeline.state"):
+        outcomes = await asyncio.gather(
+            batcher.run([AppendSlot("a", b"<a/>", 10, 10)]),
+            batcher.run([AppendSlot("b", b"<b/>", 10, 10)]),
+            return_exceptions=True,
+        )
+    assert all(isinstance(outcome, BackendUnavailable) for outcome in outcomes)
+    assert ended == ["told"]  # the cleanup's follower still runs; the keys are left to their TTL
+    assert "left to expire" in caplog.text
+    backend.close()
+
+
+async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_client_hears_the_end(
+    redis_server: RedisServer,
+) -> None:
+    backend = RedisBackend(redis_server.url, prefix=f"batch-{uuid.uuid4().hex[:8]}:")
+    organism = Organism.of("batching", [Listener("echo", [Ping], echo, max_concurrency=100)])
+    pump = Pump(organism, backend=backend)
+    await pump.start()
+    try:
+        submissions = await asyncio.gather(*(pump.inject_payload(Ping(f"n{n}"), "echo") for n in range(50)))
+        replies = await asyncio.gather(*(submission.collect(10) for submission in submissions))
+        assert [reply.payload.text for (reply,) in replies] == [f"n{n}" for n in range(50)]
+        stored = backend.keys()
+        assert [key for key in stored if ":reg:" in key or ":buf" in key] == []
+        assert pump.state.ops_sent == 50 * 7  # two threads, two slots, forgotten: every write was made
+        assert pump.state.batches <= 50  # ...in far fewer round trips than the 150 unbatched calls
+    finally:
+        await pump.stop()
+        backend.close()

@@ -1,0 +1,79 @@
+"""The writes the pump makes on every hop, as values a backend can run in bulk.
+
+A message costs the pump a few writes to shared state: register its thread,
+append it to the conversation's history, and at the end forget both. Run one
+by one against Redis or a manager, each is a network round trip and the round
+trips, not the work, set the pace. Described as values instead, the writes of
+many messages can be handed to :meth:`SharedBackend.apply` together and cross
+the network once (see :mod:`xml_pipeline.memory.state_batcher`).
+
+Each op means exactly what the backend method of the same purpose does; the
+result of an op is what that method returns, or the exception it raises,
+returned in its place so one failing op cannot hide the others' outcomes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xml_pipeline.memory.shared_backend import SharedBackend
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterThread:
+    """``registry_set(chain, uuid)``"""
+
+    chain: str
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppendSlot:
+    """``buffer_append(thread_id, slot, ...)``: the result is the slot's index."""
+
+    thread_id: str
+    slot: bytes
+    max_slots: int
+    max_threads: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetThread:
+    """``registry_delete(uuid)``"""
+
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteHistory:
+    """``buffer_delete_thread(thread_id)``"""
+
+    thread_id: str
+
+
+StateOp = RegisterThread | AppendSlot | ForgetThread | DeleteHistory
+
+
+def apply_one_by_one(backend: SharedBackend, ops: Sequence[StateOp]) -> list[object]:
+    """Run ``ops`` in order through the backend's own methods: right for stores
+    where a call costs no round trip, and the meaning every ``apply`` must keep."""
+    results: list[object] = []
+    for op in ops:
+        try:
+            if isinstance(op, AppendSlot):
+                results.append(
+                    backend.buffer_append(op.thread_id, op.slot, max_slots=op.max_slots, max_threads=op.max_threads)
+                )
+            elif isinstance(op, RegisterThread):
+                backend.registry_set(op.chain, op.uuid)
+                results.append(None)
+            elif isinstance(op, ForgetThread):
+                results.append(backend.registry_delete(op.uuid))
+            else:
+                results.append(backend.buffer_delete_thread(op.thread_id))
+        except Exception as exc:  # handed back as the op's outcome, for its caller to raise
+            results.append(exc)
+    return results
