@@ -9,12 +9,16 @@ share a server and a prefix can be wiped with ``SCAN`` + ``UNLINK``:
     {prefix}reg:u:{uuid}        STRING chain key of a UUID
     {prefix}rec:{kind}:{id}     HASH orchestration state (buffers, sequences)
 
-Every multi-key update is one Lua script, so it is atomic however many
-processes race. Every key carries the TTL, refreshed whenever it is used, so
-state left behind by a crashed daemon disappears on its own. The thread index is
-a sorted set scored by expiry rather than a plain set, so the thread count used
-for the ``max_threads`` cap cannot drift when lists expire: expired members are
-pruned before counting.
+Every write (thread registered or forgotten, slot appended, history deleted)
+runs inside one Lua script that takes a whole batch of them (see
+:meth:`RedisBackend.apply`), so a batch is one round trip and atomic however
+many processes race. The script builds key names from the prefix it is given,
+so it suits a single Redis server (or a replicated one), not Redis Cluster.
+Every key carries the TTL, refreshed whenever it is used, so state left
+behind by a crashed daemon disappears on its own. The thread index is a sorted
+set scored by expiry rather than a plain set, so the thread count used for the
+``max_threads`` cap cannot drift when lists expire: expired members are pruned
+before counting.
 
 Connection problems are retried with exponential backoff by redis-py; if the
 server stays away, methods raise :class:`BackendUnavailable`, which the pump
@@ -29,42 +33,88 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, TooManyThreads
-from xml_pipeline.memory.state_ops import AppendSlot, ForgetThread, RegisterThread, StateOp
+from xml_pipeline.memory.state_ops import AppendSlot, DeleteHistory, ForgetThread, RegisterThread, StateOp
 
 DEFAULT_PREFIX = "xp:"
 DEFAULT_TTL = 86_400
 SCAN_BATCH = 500
 
-_APPEND = """
+_APPLY = """
+-- ARGV: prefix, ttl, then ops: a thread slot max_slots max_threads | r chain uuid | f uuid | d thread
+local prefix, ttl = ARGV[1], tonumber(ARGV[2])
 local now = tonumber(redis.call('TIME')[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local length = redis.call('LLEN', KEYS[1])
-if length == 0 then
-  if redis.call('ZSCORE', KEYS[2], ARGV[5]) == false and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
-    return -2
+local index_key = prefix .. 'buf-index'
+local uuid_prefix, chain_prefix, buffer_prefix = prefix .. 'reg:u:', prefix .. 'reg:c:', prefix .. 'buf:'
+local results, appended = {}, false
+local i, n = 3, #ARGV
+while i <= n do
+  local code = ARGV[i]
+  if code == 'a' then
+    local thread = ARGV[i + 1]
+    local key = buffer_prefix .. thread
+    if not appended then
+      redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now)
+      appended = true
+    end
+    local length = redis.call('LLEN', key)
+    local result
+    if length == 0 and redis.call('ZSCORE', index_key, thread) == false
+        and redis.call('ZCARD', index_key) >= tonumber(ARGV[i + 4]) then
+      result = -2
+    elseif length > 0 and length >= tonumber(ARGV[i + 3]) then
+      result = -1
+    else
+      result = redis.call('RPUSH', key, ARGV[i + 2]) - 1
+      redis.call('EXPIRE', key, ttl)
+      redis.call('ZADD', index_key, now + ttl, thread)
+    end
+    results[#results + 1] = result
+    i = i + 5
+  elseif code == 'r' then
+    local chain, uuid = ARGV[i + 1], ARGV[i + 2]
+    local chain_key = chain_prefix .. chain
+    local previous = redis.call('GET', chain_key)
+    if previous and previous ~= uuid then
+      redis.call('UNLINK', uuid_prefix .. previous)
+    end
+    redis.call('SET', chain_key, uuid, 'EX', ttl)
+    redis.call('SET', uuid_prefix .. uuid, chain, 'EX', ttl)
+    results[#results + 1] = 1
+    i = i + 3
+  elseif code == 'f' then
+    local uuid = ARGV[i + 1]
+    local uuid_key = uuid_prefix .. uuid
+    local chain = redis.call('GET', uuid_key)
+    local result = 0
+    if chain then
+      redis.call('UNLINK', uuid_key)
+      local chain_key = chain_prefix .. chain
+      if redis.call('GET', chain_key) == uuid then
+        redis.call('UNLINK', chain_key)
+      end
+      result = 1
+    end
+    results[#results + 1] = result
+    i = i + 2
+  elseif code == 'd' then
+    local thread = ARGV[i + 1]
+    results[#results + 1] = redis.call('UNLINK', buffer_prefix .. thread)
+    redis.call('ZREM', index_key, thread)
+    i = i + 2
+  else
+    return redis.error_reply('unknown state op ' .. tostring(code))
   end
-elseif length >= tonumber(ARGV[2]) then
-  return -1
 end
-local count = redis.call('RPUSH', KEYS[1], ARGV[1])
-local ttl = tonumber(ARGV[4])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[5])
-redis.call('EXPIRE', KEYS[2], ttl)
-return count - 1
-"""
-
-_DELETE_THREAD = """
-local removed = redis.call('UNLINK', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return removed
+if appended then
+  redis.call('EXPIRE', index_key, ttl)
+end
+return results
 """
 
 _GET_OR_SET = """
@@ -77,29 +127,6 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return ARGV[1]
-"""
-
-_SET = """
-local previous = redis.call('GET', KEYS[1])
-if previous and previous ~= ARGV[1] then
-  redis.call('UNLINK', ARGV[4] .. previous)
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
-
-_DELETE_UUID = """
-local chain = redis.call('GET', KEYS[1])
-if not chain then
-  return 0
-end
-redis.call('UNLINK', KEYS[1])
-local chain_key = ARGV[1] .. chain
-if redis.call('GET', chain_key) == ARGV[2] then
-  redis.call('UNLINK', chain_key)
-end
-return 1
 """
 
 
@@ -135,11 +162,8 @@ class RedisBackend:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=30,
         )
-        self._append = self._client.register_script(_APPEND)
-        self._delete_thread = self._client.register_script(_DELETE_THREAD)
+        self._apply = self._client.register_script(_APPLY)
         self._get_or_set = self._client.register_script(_GET_OR_SET)
-        self._set = self._client.register_script(_SET)
-        self._delete_uuid = self._client.register_script(_DELETE_UUID)
 
     @classmethod
     def from_spec(cls, spec: RedisSpec) -> RedisBackend:
@@ -187,78 +211,41 @@ class RedisBackend:
     def is_shared(self) -> bool:
         return True
 
-    # --- each write as (script, keys, args), for single calls and batches alike ---
-    def _append_call(self, op: AppendSlot) -> tuple[Script, list[Any], list[Any]]:
-        keys = [self._buffer_key(op.thread_id), self._index_key]
-        return self._append, keys, [op.slot, op.max_slots, op.max_threads, self.ttl, op.thread_id]
-
-    def _set_call(self, op: RegisterThread) -> tuple[Script, list[Any], list[Any]]:
-        keys = [self._chain_key(op.chain), self._uuid_key(op.uuid)]
-        return self._set, keys, [op.uuid, op.chain, self.ttl, self._uuid_key("")]
-
-    def _forget_call(self, op: ForgetThread) -> tuple[Script, list[Any], list[Any]]:
-        return self._delete_uuid, [self._uuid_key(op.uuid)], [self._chain_key(""), op.uuid]
-
-    def _delete_history_call(self, thread_id: str) -> tuple[Script, list[Any], list[Any]]:
-        return self._delete_thread, [self._buffer_key(thread_id), self._index_key], [thread_id]
-
-    def _call_for(self, op: StateOp) -> tuple[Script, list[Any], list[Any]]:
-        if isinstance(op, AppendSlot):
-            return self._append_call(op)
-        if isinstance(op, RegisterThread):
-            return self._set_call(op)
-        if isinstance(op, ForgetThread):
-            return self._forget_call(op)
-        return self._delete_history_call(op.thread_id)
-
-    @staticmethod
-    def _append_outcome(op: AppendSlot, index: int) -> int:
-        if index == -1:
-            raise BufferFull(f"thread {op.thread_id} holds {op.max_slots} slots already")
-        if index == -2:
-            raise TooManyThreads(f"the buffer holds {op.max_threads} threads already")
-        return index
-
-    def _outcome(self, op: StateOp, raw: object) -> object:
-        if isinstance(raw, Exception):
-            return BackendUnavailable(f"redis refused the operation: {raw}")
-        if isinstance(op, AppendSlot):
-            try:
-                return self._append_outcome(op, int(raw))  # type: ignore[call-overload]
-            except (BufferFull, TooManyThreads) as refused:
-                return refused
-        if isinstance(op, RegisterThread):
-            return None
-        return bool(raw)
-
+    # --- writes: every one goes through the batch script ---
     def apply(self, ops: Sequence[StateOp]) -> list[object]:
-        """One pipeline (no transaction) for all of ``ops``: one round trip.
+        """All of ``ops`` in one script call: one round trip, atomic, in order.
 
-        Scripts are called by SHA. A server that lost them (restarted, SCRIPT
-        FLUSH) refuses those calls without running them, so they are loaded
-        and just those ops are sent again, still in order.
+        redis-py calls the script by SHA and loads it if the server has lost it
+        (a restart, SCRIPT FLUSH); a refused call never ran, so nothing runs twice.
         """
-        calls = [self._call_for(op) for op in ops]
-        raw = self._pipeline(calls)
-        missing = [index for index, result in enumerate(raw) if isinstance(result, NoScriptError)]
-        if missing:
-            for script in {call[0] for call in calls}:
-                self._run(self._client.script_load, script.script)
-            for index, result in zip(missing, self._pipeline([calls[index] for index in missing]), strict=True):
-                raw[index] = result
-        return [self._outcome(op, result) for op, result in zip(ops, raw, strict=True)]
+        if not ops:
+            return []
+        args: list[Any] = [self.prefix, self.ttl]
+        for op in ops:
+            if type(op) is AppendSlot:
+                args += ("a", op.thread_id, op.slot, op.max_slots, op.max_threads)
+            elif type(op) is RegisterThread:
+                args += ("r", op.chain, op.uuid)
+            elif type(op) is ForgetThread:
+                args += ("f", op.uuid)
+            elif type(op) is DeleteHistory:
+                args += ("d", op.thread_id)
+            else:
+                raise TypeError(f"not a state op: {op!r}")
+        raw = self._run(self._apply, keys=[], args=args)
+        return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
 
-    def _pipeline(self, calls: Sequence[tuple[Script, list[Any], list[Any]]]) -> list[object]:
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return list(self._run(pipe.execute, raise_on_error=False))
+    def _apply_one(self, op: StateOp) -> object:
+        outcome = self.apply([op])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     # --- context buffer ---
     def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
-        op = AppendSlot(thread_id, slot, max_slots, max_threads)
-        script, keys, args = self._append_call(op)
-        return self._append_outcome(op, int(self._run(script, keys=keys, args=args)))
+        index = self._apply_one(AppendSlot(thread_id, slot, max_slots, max_threads))
+        assert isinstance(index, int)
+        return index
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self._buffer_key(thread_id)
@@ -281,8 +268,7 @@ class RedisBackend:
         return bool(self._run(self._client.exists, self._buffer_key(thread_id)))
 
     def buffer_delete_thread(self, thread_id: str) -> bool:
-        script, keys, args = self._delete_history_call(thread_id)
-        return bool(self._run(script, keys=keys, args=args))
+        return bool(self._apply_one(DeleteHistory(thread_id)))
 
     def buffer_list_threads(self) -> list[str]:
         start = len(self._buffer_key(""))
@@ -294,8 +280,7 @@ class RedisBackend:
 
     # --- thread registry ---
     def registry_set(self, chain: str, uuid: str) -> None:
-        script, keys, args = self._set_call(RegisterThread(chain, uuid))
-        self._run(script, keys=keys, args=args)
+        self._apply_one(RegisterThread(chain, uuid))
 
     def registry_get_or_set(self, chain: str, uuid: str) -> str:
         keys = [self._chain_key(chain), self._uuid_key(uuid)]
@@ -311,8 +296,7 @@ class RedisBackend:
         return result.decode() if result is not None else None
 
     def registry_delete(self, uuid: str) -> bool:
-        script, keys, args = self._forget_call(ForgetThread(uuid))
-        return bool(self._run(script, keys=keys, args=args))
+        return bool(self._apply_one(ForgetThread(uuid)))
 
     def registry_list_all(self) -> dict[str, str]:
         keys = list(self._scan(self._uuid_key("*")))
@@ -378,3 +362,16 @@ class RedisBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _outcome(op: StateOp, value: int) -> object:
+    """What the backend method for ``op`` would return, or the exception it would raise."""
+    if type(op) is AppendSlot:
+        if value == -1:
+            return BufferFull(f"thread {op.thread_id} holds {op.max_slots} slots already")
+        if value == -2:
+            return TooManyThreads(f"the buffer holds {op.max_threads} threads already")
+        return value
+    if type(op) is RegisterThread:
+        return None
+    return bool(value)
