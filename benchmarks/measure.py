@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import multiprocessing
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,15 +228,50 @@ async def pool_scaling(count: int) -> Result:
     in_process = await with_pump(orders_organism(cpu_bound=False), sequential_seconds)
     overhead_us = (offloaded - in_process) * 1e6
     scaling = rates[2] / rates[1]
+    bare = await bare_executor(rounds, count)
     return Result(
         "4. process pool scaling (5 ms pure-Python handler)",
-        f"2 workers {rates[2]:,.1f} msg/s; overhead {overhead_us:,.0f} us/msg",
-        f"1 worker {rates[1]:,.1f} msg/s; in-process round trip {in_process * 1e6:,.0f} us",
+        f"2 workers {rates[2]:,.1f} msg/s ({scaling:.2f}x one); overhead {overhead_us:,.0f} us/msg",
+        f"1 worker {rates[1]:,.1f} msg/s; in-process round trip {in_process * 1e6:,.0f} us; "
+        f"bare ProcessPoolExecutor: 2 workers {bare['scaling']:.2f}x one, "
+        f"empty call {bare['round_trip_us']:,.0f} us",
         scaling,
         "2 workers >= 1.7x one; overhead <= 300 us",
         scaling >= 1.7 and overhead_us <= 300,
-        {"rounds": rounds, "rate_1": rates[1], "rate_2": rates[2], "scaling": scaling, "overhead_us": overhead_us},
+        {
+            "rounds": rounds,
+            "rate_1": rates[1],
+            "rate_2": rates[2],
+            "scaling": scaling,
+            "overhead_us": overhead_us,
+            "bare_scaling": bare["scaling"],
+            "bare_round_trip_us": bare["round_trip_us"],
+        },
     )
+
+
+async def bare_executor(rounds: int, count: int) -> dict[str, float]:
+    """What the machine and ProcessPoolExecutor allow by themselves: the same
+    burn with 1 and 2 workers, and the round trip of an empty call."""
+    loop = asyncio.get_running_loop()
+    rates: dict[int, float] = {}
+    round_trip = 0.0
+    for workers in (1, 2):
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            await asyncio.gather(*(loop.run_in_executor(executor, workload.burn, 1) for _ in range(2 * workers)))
+            started = time.perf_counter()
+            await asyncio.gather(*(loop.run_in_executor(executor, workload.burn, rounds) for _ in range(count)))
+            rates[workers] = count / (time.perf_counter() - started)
+            if workers == 1:
+                calls = 1000
+                started = time.perf_counter()
+                for _ in range(calls):
+                    await loop.run_in_executor(executor, workload.burn, 0)
+                round_trip = (time.perf_counter() - started) / calls * 1e6
+        finally:
+            executor.shutdown(wait=True)
+    return {"scaling": rates[2] / rates[1], "round_trip_us": round_trip}
 
 
 async def buffer_throughput(items: int, hop_rate: float) -> Result:
