@@ -31,17 +31,29 @@ FULL = {
     "buffer": 10_000,
     "memory": 1_000_000,
     "bad": 2_000,
+    "repeats": 3,
 }
-QUICK = {"hops": 1_000, "latency_seconds": 0.5, "redis": 500, "pool": 16, "buffer": 500, "memory": 12_000, "bad": 100}
+QUICK = {
+    "hops": 1_000,
+    "latency_seconds": 0.5,
+    "redis": 500,
+    "pool": 16,
+    "buffer": 500,
+    "memory": 12_000,
+    "bad": 100,
+    "repeats": 1,
+}
 
 
 async def run_all(sizes: dict[str, float]) -> list[Result]:
-    results = [await measure.hop_throughput(int(sizes["hops"]))]
+    repeats = int(sizes["repeats"])
+    results = [await measure.hop_throughput(int(sizes["hops"]), repeats)]
     hop_rate = results[0].details["pump_hops_per_s"]
-    results.append(await measure.latency(hop_rate, results[0].details["floor_hops_per_s"], sizes["latency_seconds"]))
-    results.append(await measure.redis_throughput(int(sizes["redis"]), hop_rate))
-    results.append(await measure.pool_scaling(int(sizes["pool"])))
-    results.append(await measure.buffer_throughput(int(sizes["buffer"]), hop_rate))
+    floor_rate = results[0].details["floor_hops_per_s"]
+    results.append(await measure.latency(hop_rate, floor_rate, sizes["latency_seconds"], repeats))
+    results.append(await measure.redis_throughput(int(sizes["redis"]), hop_rate, repeats))
+    results.append(await measure.pool_scaling(int(sizes["pool"]), repeats))
+    results.append(await measure.buffer_throughput(int(sizes["buffer"]), hop_rate, repeats))
     results.append(await measure.memory_growth(int(sizes["memory"])))
     results.append(await measure.bad_input_cost(int(sizes["bad"]), hop_rate))
     return results

@@ -198,6 +198,24 @@ def test_schema_violation_is_reported_not_decoded() -> None:
         codec.from_bytes(b"<Point><x>one</x><y>2</y></Point>")
 
 
+@dataclass(frozen=True)
+class Single:
+    only: float
+
+
+def test_all_required_classes_read_their_children_in_one_step() -> None:
+    assert through_the_wire(Single(2.5)) == Single(2.5)
+    assert through_the_wire(Point(1, -2)) == Point(1, -2)
+
+
+def test_unvalidated_elements_with_the_wrong_shape_fail_as_decode_errors() -> None:
+    codec = codec_for(Point)
+    with pytest.raises(PayloadDecodeError, match="3 children, not 2"):
+        codec.from_element(etree.fromstring(b"<Point><x>1</x><y>2</y><z>3</z></Point>"))
+    with pytest.raises(PayloadDecodeError, match="Single"):
+        codec_for(Single).from_element(etree.fromstring(b"<Single/>"))
+
+
 # ---------------------------------------------------------------- property-based
 
 XML_TEXT = st.text(

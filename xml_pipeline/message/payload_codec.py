@@ -268,18 +268,62 @@ def _compile(spec: _DataclassSpec) -> tuple[Callable[[etree._Element], Any], Cal
         "PayloadTypeError": PayloadTypeError,
         "PayloadDecodeError": PayloadDecodeError,
     }
-    read = ["def read(element):", "    children = iter(element)", "    e = next(children, None)"]
+    if spec.fields and all(plan.required and not plan.nullable for plan in spec.fields):
+        read = _read_fixed(spec, namespace)
+    else:
+        read = _read_sequence(spec, namespace)
     write = [
         "def write(element, value, path):",
         "    if type(value) is not CLS:",
         "        raise PayloadTypeError(f'{path}: expected {CLS.__name__}, got {type(value).__name__}')",
     ]
     for index, plan in enumerate(spec.fields):
-        tag, field_spec, value = f"T{index}", f"S{index}", f"v{index}"
+        tag, field_spec = f"T{index}", f"S{index}"
         namespace[tag], namespace[field_spec] = plan.tag, plan.spec
         namespace[f"F{index}"] = plan.default_factory
         namespace[f"D{index}"] = plan.default
-        # the schema is an xs:sequence: present fields arrive in declaration order
+        write.append(f"    x = value.{plan.name}")
+        write.append("    if x is None:")
+        if not plan.nullable:
+            write.append(f"        raise PayloadTypeError(f'{{path}}.{plan.name}: None in a non-optional field')")
+        elif not plan.omit_none:
+            write.append(f"        sub(element, {tag}).set(XSI_NIL, 'true')")
+        else:
+            write.append("        pass")
+        write += ["    else:", *_write_statements(plan, tag, field_spec)]
+    exec(
+        compile("\n".join(read) + "\n\n" + "\n".join(write), f"<payload codec {spec.cls.__qualname__}>", "exec"),
+        namespace,
+    )
+    return namespace["read"], namespace["write"]
+
+
+def _read_fixed(spec: _DataclassSpec, namespace: dict[str, Any]) -> list[str]:
+    """Every field required and never nil: the schema allows exactly one child
+    per field, in order, so the children unpack straight into the fields."""
+    count = len(spec.fields)
+    names = ", ".join(f"e{index}" for index in range(count)) + ("," if count == 1 else "")
+    read = [
+        "def read(element):",
+        "    try:",
+        f"        {names} = element",
+        "    except ValueError:",
+        f"        found = f'{{len(element)}} children, not {count}'",
+        f"        raise PayloadDecodeError(f'<{spec.cls.__name__}> has {{found}}') from None",
+    ]
+    for index, plan in enumerate(spec.fields):
+        read.append(f"    v{index} = {_read_expression(plan.spec, f'S{index}', f'e{index}')}")
+    arguments = ", ".join(f"v{index}" for index in range(count))
+    read.append(f"    return CLS({arguments})")
+    return read
+
+
+def _read_sequence(spec: _DataclassSpec, namespace: dict[str, Any]) -> list[str]:
+    """Some fields may be absent: walk the children once, in declaration order
+    (the schema is an xs:sequence), matching each against the next field."""
+    read = ["def read(element):", "    children = iter(element)", "    e = next(children, None)"]
+    for index, plan in enumerate(spec.fields):
+        tag, field_spec, value = f"T{index}", f"S{index}", f"v{index}"
         read.append(f"    if e is not None and e.tag == {tag}:")
         if plan.nullable:
             read += ["        if e.get(XSI_NIL) in NIL:", f"            {value} = None", "        else:"]
@@ -295,35 +339,22 @@ def _compile(spec: _DataclassSpec) -> tuple[Callable[[etree._Element], Any], Cal
             read.append(f"        {value} = F{index}()")
         else:
             read.append(f"        {value} = D{index}")
-
-        write.append(f"    x = value.{plan.name}")
-        write.append("    if x is None:")
-        if not plan.nullable:
-            write.append(f"        raise PayloadTypeError(f'{{path}}.{plan.name}: None in a non-optional field')")
-        elif not plan.omit_none:
-            write.append(f"        sub(element, {tag}).set(XSI_NIL, 'true')")
-        else:
-            write.append("        pass")
-        write += ["    else:", *_write_statements(plan, tag, field_spec)]
     arguments = ", ".join(f"v{index}" for index in range(len(spec.fields)))
     read.append(f"    return CLS({arguments})")
-    exec(
-        compile("\n".join(read) + "\n\n" + "\n".join(write), f"<payload codec {spec.cls.__qualname__}>", "exec"),
-        namespace,
-    )
-    return namespace["read"], namespace["write"]
+    return read
 
 
-def _read_expression(spec: _Spec, name: str) -> str:
+def _read_expression(spec: _Spec, name: str, element: str = "e") -> str:
+    """Python that reads the value of field spec ``name`` from the variable ``element``."""
     if isinstance(spec, _StrSpec):
-        return "e.text or ''"
+        return f"{element}.text or ''"
     if isinstance(spec, _IntSpec):
-        return "int(e.text)"
+        return f"int({element}.text)"
     if isinstance(spec, _BoolSpec):
-        return "(e.text or '').strip() in TRUE"
+        return f"({element}.text or '').strip() in TRUE"
     if isinstance(spec, _FloatSpec):
-        return "FLOAT(e.text)"
-    return f"{name}.read(e)"
+        return f"FLOAT({element}.text)"
+    return f"{name}.read({element})"
 
 
 def _write_statements(plan: _FieldPlan, tag: str, name: str) -> list[str]:
