@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from tests.support import Ping, Pong
@@ -46,3 +47,9 @@ async def writes_history(payload: Ping, metadata: HandlerMetadata) -> HandlerRes
     """Reads the conversation's history in the worker and answers with what it saw."""
     history = get_context_buffer().get_thread(metadata.conversation_id)
     return HandlerResponse.respond(Pong("|".join(f"{slot.from_id}>{slot.to_id}" for slot in history)))
+
+
+async def busy(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """A quarter of a second of blocking work, well within its listener's timeout."""
+    time.sleep(0.25)  # noqa: ASYNC251 - blocking is the point: this stands for CPU work
+    return HandlerResponse.respond(Pong(payload.text))

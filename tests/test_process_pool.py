@@ -25,6 +25,7 @@ from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.process_pool import pool as pool_module
 from xml_pipeline.testing import ask
 
 
@@ -212,3 +213,18 @@ def test_workers_exit_when_the_daemon_is_killed_outright() -> None:
             while any(Path(f"/proc/{pid}").exists() for pid in helpers):
                 assert time.monotonic() < deadline, "helper processes outlived the daemon"
                 time.sleep(0.05)  # waiting on other processes' exit; nothing to await
+
+
+async def test_calls_waiting_for_a_worker_are_not_mistaken_for_stuck_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten quarter-second calls on one worker take 2.5 s; each is within its 0.5 s timeout, and
+    the wait in line must not count towards the deadline after which a worker is declared stuck."""
+    monkeypatch.setattr(pool_module, "STUCK_GRACE", 0.2)
+    listener = Listener("busy", [Ping], cpu_handlers.busy, cpu_bound=True, timeout_seconds=0.5, max_concurrency=10)
+    organism = Organism.of("queue", [listener])
+    organism.settings = {"process_pool": {"workers": 1}}
+    async for pump in started(organism, InMemoryBackend()):
+        replies = await asyncio.gather(*(ask(pump, Ping(str(n)), "busy", timeout=30) for n in range(10)))
+        assert [reply.error_code for reply in replies] == [None] * 10
+        assert [reply.payload.text for reply in replies] == [str(n) for n in range(10)]
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 0

@@ -5,6 +5,13 @@ ProcessPoolExecutor for good; every task in it fails with BrokenProcessPool.
 The pool then replaces the executor, once per breakage, and the failed tasks
 become ``worker-crash`` errors for their callers. A worker that outlives even
 the in-worker timeout is killed the same way.
+
+A call's deadline must not run out while it merely waits behind others, or a
+long line of calls, each well within its timeout, would look like a stuck
+worker. So calls wait in the pool's own line, and only a few per worker are
+handed to the executor at a time (enough to keep every worker busy while
+results travel back); each handed-over call's deadline covers its own run plus
+the runs of every call handed over before it and still in flight.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ log = logging.getLogger("xml_pipeline.pool")
 
 STUCK_GRACE = 5.0
 """Seconds past a task's timeout before the pool gives up on its worker and kills it."""
+
+HANDED_OVER_PER_WORKER = 4
+"""Calls with the executor at once, per worker; the rest wait in the pool's line."""
 
 
 class WorkerCrashed(Exception):
@@ -49,6 +59,9 @@ class CpuPool:
         self._initargs = (backend_spec, max_slots_per_thread, max_threads, os.getpid())
         self._executor = self._new_executor()
         self.rebuilds = 0
+        self._handed_over = asyncio.Semaphore(HANDED_OVER_PER_WORKER * self.workers)
+        self._allowances: list[float] = []
+        """How long each call now with the executor may run; together they bound a new call's wait."""
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -66,7 +79,21 @@ class CpuPool:
         return list(await asyncio.gather(*futures))
 
     async def run(self, task: Task) -> Outcome:
-        """Run ``task`` in a worker; WorkerCrashed or WorkerStuck when the worker is lost."""
+        """Run ``task`` in a worker; WorkerCrashed or WorkerStuck when the worker is lost.
+
+        Waiting in line for a worker has no deadline of its own: it ends as the
+        calls ahead end, and each of those is bounded by this same deadline.
+        """
+        async with self._handed_over:
+            allowance = task.timeout + worker.HARD_DEADLINE_GRACE
+            ahead = sum(self._allowances)  # the executor runs calls in order: these all start first
+            self._allowances.append(allowance)
+            try:
+                return await self._run_handed_over(task, allowance + ahead + STUCK_GRACE)
+            finally:
+                self._allowances.remove(allowance)
+
+    async def _run_handed_over(self, task: Task, deadline: float) -> Outcome:
         executor = self._executor
         try:
             future = executor.submit(worker.run_task, task)
@@ -74,7 +101,7 @@ class CpuPool:
             self._replace(executor, "it was broken")
             raise WorkerCrashed("the worker pool was broken; it has been rebuilt") from None
         try:
-            async with asyncio.timeout(task.timeout + worker.HARD_DEADLINE_GRACE + STUCK_GRACE):
+            async with asyncio.timeout(deadline):
                 return await asyncio.wrap_future(future)
         except BrokenProcessPool:
             self._replace(executor, "a worker died")
