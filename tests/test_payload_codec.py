@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from xml_pipeline.message.envelope import read_envelope, serialize_envelope
+from xml_pipeline.message.envelope import envelope_bytes, read_envelope, serialize_envelope
 from xml_pipeline.message.payload_codec import PayloadCodec, PayloadDecodeError, PayloadTypeError, codec_for
 from xml_pipeline.message.safe_xml import XmlLimits, parse_checked
 
@@ -214,6 +214,26 @@ def test_unvalidated_elements_with_the_wrong_shape_fail_as_decode_errors() -> No
         codec.from_element(etree.fromstring(b"<Point><x>1</x><y>2</y><z>3</z></Point>"))
     with pytest.raises(PayloadDecodeError, match="Single"):
         codec_for(Single).from_element(etree.fromstring(b"<Single/>"))
+
+
+@dataclass
+class Spaced:
+    __xml_namespace__ = "urn:example:spaced"
+    note: str
+
+
+@pytest.mark.parametrize(
+    ("sender", "to", "payload"),
+    [
+        ("orders", "console", Point(1, 2)),
+        ("system", None, Spaced("a & b < c > d ü 😀")),
+        ("weird&<>é", "to.sub-name", Everything("t", 1, 0.5, True, Mood.HAPPY, Level.LOW, Point(0, 0), [], b"x")),
+    ],
+)
+def test_envelope_bytes_equal_a_serialized_envelope(sender: str, to: str | None, payload: Any) -> None:
+    codec = codec_for(type(payload))
+    expected = serialize_envelope(sender, to, THREAD, codec.to_element(payload))
+    assert envelope_bytes(sender, to, THREAD, etree.tostring(codec.to_element(payload))) == expected
 
 
 # ---------------------------------------------------------------- property-based

@@ -97,13 +97,3 @@ def test_thread_ids_are_random_version_4_uuids() -> None:
     for value in list(ids)[:50]:
         parsed = uuid.UUID(value)
         assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
-
-
-def test_payload_bytes_cut_from_an_envelope_equal_the_payload_alone() -> None:
-    from lxml import etree
-
-    from xml_pipeline.message.envelope import build_envelope, payload_bytes
-
-    payload = etree.fromstring(b"<P><a>x &amp; y</a><b/></P>")
-    alone = etree.tostring(payload)
-    assert payload_bytes(etree.tostring(build_envelope("a", "b", "t", payload))) == alone

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from xml.sax.saxutils import escape
 
 from lxml import etree
 
@@ -90,22 +91,32 @@ def build_envelope(sender: str, to: str | None, thread: str, payload: etree._Ele
     return message
 
 
-_META_END = b"</xp:meta>"
 _MESSAGE_END = b"</xp:message>"
-
-
-def payload_bytes(envelope: bytes) -> bytes:
-    """The payload's own serialization, cut out of an envelope this module serialized.
-
-    Our envelopes put the payload between ``</xp:meta>`` and ``</xp:message>``
-    and declare no namespace it depends on, so the slice equals serializing the
-    payload element alone, without a second pass over the tree.
-    """
-    return envelope[envelope.index(_META_END) + len(_META_END) : envelope.rindex(_MESSAGE_END)]
 
 
 def serialize_envelope(sender: str, to: str | None, thread: str, payload: etree._Element) -> bytes:
     return etree.tostring(build_envelope(sender, to, thread, payload))
+
+
+_ENVELOPE_OPEN = f'<xp:message xmlns:xp="{ENVELOPE_NS}"><xp:meta><xp:from>'.encode()
+
+
+def _text(value: str) -> bytes:
+    """Element text as lxml writes it: ``&``, ``<``, ``>`` escaped, ASCII with character references."""
+    return escape(value).encode("ascii", "xmlcharrefreplace")
+
+
+def envelope_bytes(sender: str, to: str | None, thread: str, payload_xml: bytes) -> bytes:
+    """The bytes :func:`serialize_envelope` writes, around a payload serialized on its own.
+
+    The pump serializes every reply's payload anyway (for history), so wrapping
+    those bytes costs a join instead of a second tree and a second serialization.
+    """
+    parts = [_ENVELOPE_OPEN, _text(sender), b"</xp:from>"]
+    if to is not None:
+        parts += [b"<xp:to>", _text(to), b"</xp:to>"]
+    parts += [b"<xp:thread>", _text(thread), b"</xp:thread></xp:meta>", payload_xml, _MESSAGE_END]
+    return b"".join(parts)
 
 
 def _display_tag(tag: object) -> str:

@@ -46,8 +46,7 @@ from xml_pipeline.memory.state_ops import DeleteHistory, ForgetThread, RegisterT
 from xml_pipeline.message.envelope import (
     Envelope,
     best_effort_origin,
-    build_envelope,
-    payload_bytes,
+    envelope_bytes,
     read_envelope,
     serialize_envelope,
 )
@@ -791,8 +790,9 @@ class Pump:
                 ErrorCode.BAD_RESPONSE, f"{sender} responded with something that cannot travel as XML: {exc}"
             )
         fresh = codec.from_element(element)
-        envelope = etree.tostring(build_envelope(sender, to, thread, element))
-        failure = await self._record(conversation, sender, to, thread, fresh, payload_bytes(envelope))
+        payload_xml = etree.tostring(element)
+        envelope = envelope_bytes(sender, to, thread, payload_xml)
+        failure = await self._record(conversation, sender, to, thread, fresh, payload_xml)
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
         if conversation.submission is None:  # a listener started it and is gone (e.g. a finished buffer)
@@ -863,7 +863,7 @@ class Pump:
     def _error_reply(self, code: ErrorCode, detail: str, *, to: str | None, thread: str, listener: str = "") -> Reply:
         payload = _error_payload(_Failure(code, detail), listener)
         element = codec_for(SystemErrorPayload).to_element(payload)
-        envelope = etree.tostring(build_envelope(SYSTEM_SENDER, to, thread, element))
+        envelope = envelope_bytes(SYSTEM_SENDER, to, thread, etree.tostring(element))
         return Reply(sender=SYSTEM_SENDER, to=to or "", thread=thread, payload=payload, envelope=envelope)
 
     def _abandon(self, delivery: _Delivery) -> None:
