@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from xml_pipeline.memory.shared_backend import BufferFull, TooManyThreads
-from xml_pipeline.memory.state_ops import AppendSlot, RegisterThread, StateOp, apply_one_by_one
+from xml_pipeline.memory.state_ops import (
+    AppendSlot,
+    DeleteHistory,
+    ForgetThread,
+    RegisterThread,
+    StateOp,
+    apply_one_by_one,
+)
 
 
 class InMemoryBackend:
@@ -138,7 +145,7 @@ class InMemoryBackend:
                 del self._records[key]
 
     def apply(self, ops: Sequence[StateOp]) -> list[object]:
-        """Appends inline (they are most of every batch); the rest through their methods."""
+        """Each op through its method, dispatched by exact type: this runs for every hop."""
         results: list[object] = []
         for op in ops:
             if type(op) is AppendSlot:
@@ -151,6 +158,10 @@ class InMemoryBackend:
             elif type(op) is RegisterThread:
                 self.registry_set(op.chain, op.uuid)
                 results.append(None)
+            elif type(op) is ForgetThread:
+                results.append(self.registry_delete(op.uuid))
+            elif type(op) is DeleteHistory:
+                results.append(self.buffer_delete_thread(op.thread_id))
             else:
                 results.extend(apply_one_by_one(self, (op,)))
         return results
