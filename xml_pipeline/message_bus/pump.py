@@ -766,6 +766,9 @@ class Pump:
         """Queue an internal message, waiting for room (bounded); the failure if there is none."""
         assert self._queue is not None
         self._begin_one(conversation)
+        if not self._queue.full():  # only a wait needs a deadline; room is taken at once
+            self._queue.put_nowait(delivery)
+            return None
         try:
             async with asyncio.timeout(self.limits.enqueue_timeout_seconds):
                 await self._queue.put(delivery)
