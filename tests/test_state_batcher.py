@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from tests.redis_server import RedisServer, free_port
-from tests.support import Ping, echo
+from tests.support import Ping, Pong, echo
+from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse
 from xml_pipeline.memory import state_batcher
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -17,6 +18,7 @@ from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull
 from xml_pipeline.memory.state_batcher import StateBatcher
 from xml_pipeline.memory.state_ops import AppendSlot, DeleteHistory, RegisterThread
 from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.thread_registry import get_registry
 from xml_pipeline.organism import Listener, Organism
 
 
@@ -118,3 +120,44 @@ async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_clien
     finally:
         await pump.stop()
         backend.close()
+
+
+class FlakyBackend(InMemoryBackend):
+    """The memory backend, unreachable while ``down`` is set."""
+
+    down = False
+
+    def apply(self, ops):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise BackendUnavailable("the store is down (on purpose)")
+        return super().apply(ops)
+
+
+async def who_am_i(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """Answers with what the shared registry says its thread is."""
+    return HandlerResponse.respond(Pong(str(get_registry().lookup(metadata.thread_id))))
+
+
+async def test_a_thread_whose_registration_failed_is_registered_when_the_client_retries() -> None:
+    release = asyncio.Event()
+
+    async def holds(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        await asyncio.wait_for(release.wait(), 10)  # keeps the conversation open
+        return HandlerResponse.respond(Pong("held"))
+
+    backend = FlakyBackend()
+    organism = Organism.of("retry", [Listener("holder", [Ping], holds), Listener("who", [Ping], who_am_i)])
+    pump = Pump(organism, backend=backend)
+    await pump.start()
+    try:
+        conversation = await pump.inject_payload(Ping("open"), "holder")
+        backend.down = True
+        await pump.inject_payload(Ping("first try"), "who", thread=conversation.thread_id)
+        assert (await conversation.next_reply(5)).error_code is ErrorCode.BACKEND_UNAVAILABLE
+        backend.down = False
+        await pump.inject_payload(Ping("retry"), "who", thread=conversation.thread_id)
+        assert (await conversation.next_reply(5)).payload.text == "console.who"  # registered, for handlers to see
+        release.set()
+        assert (await conversation.next_reply(5)).payload.text == "held"
+    finally:
+        await pump.stop()

@@ -794,13 +794,13 @@ class Pump:
             )
         fresh = codec.from_element(element)
         payload_xml = etree.tostring(element)
-        envelope = envelope_bytes(sender, to, thread, payload_xml)
         failure = await self._record(conversation, sender, to, thread, fresh, payload_xml)
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
         if conversation.submission is None:  # a listener started it and is gone (e.g. a finished buffer)
             log.info("late answer dropped: %s is no longer listening (thread=%s from=%s)", to, thread, sender)
             return None
+        envelope = envelope_bytes(sender, to, thread, payload_xml)
         conversation.submission.deliver(Reply(sender=sender, to=to, thread=thread, payload=fresh, envelope=envelope))
         return None
 
@@ -902,11 +902,24 @@ class Pump:
         try:
             outcomes = await self.state.run(ops)
         except BackendUnavailable as exc:
+            self._unclaim(op.uuid for op in registrations or ())
             return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
-        for refused in outcomes:
-            if isinstance(refused, Exception):
-                return self._refused_write(refused)
-        return None
+        refused = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+        if not refused:
+            return None
+        self._unclaim(
+            op.uuid
+            for op, outcome in zip(ops, outcomes, strict=True)
+            if isinstance(op, RegisterThread) and isinstance(outcome, Exception)
+        )
+        return self._refused_write(refused[0])
+
+    def _unclaim(self, threads: Iterable[str]) -> None:
+        """Forget threads whose registration failed, so that a retry registers them again."""
+        for thread in threads:
+            known = self._threads.pop(thread, None)
+            if known is not None:
+                known[0].chains.pop(known[1], None)
 
     def _refused_write(self, refused: Exception) -> _Failure:
         if isinstance(refused, BufferFull):
