@@ -20,6 +20,10 @@ async def explode(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
     raise ValueError(f"boom in worker {os.getpid()}")
 
 
+async def gives_up(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    raise TimeoutError("the upstream service did not answer")
+
+
 async def spin(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
     """Never awaits, never returns: only a signal can stop it."""
     counter = 0

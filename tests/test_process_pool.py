@@ -36,6 +36,7 @@ def cpu_organism(**pool: int) -> Organism:
             Listener("cruncher", [Crunch], crunch, cpu_bound=True, peers=[], timeout_seconds=10),
             Listener("whoami", [Ping], cpu_handlers.whoami, cpu_bound=True),
             Listener("explode", [Ping], cpu_handlers.explode, cpu_bound=True),
+            Listener("gives-up", [Ping], cpu_handlers.gives_up, cpu_bound=True),
             Listener("spin", [Ping], cpu_handlers.spin, cpu_bound=True, timeout_seconds=0.3),
             Listener("nap", [Ping], cpu_handlers.nap, cpu_bound=True, timeout_seconds=0.3),
             Listener("victim", [Ping], cpu_handlers.pid_then_nap, cpu_bound=True, timeout_seconds=60),
@@ -88,6 +89,7 @@ async def test_cpu_bound_handlers_answer_and_see_history_on_shared_backends(back
     ("target", "code", "detail"),
     [
         ("explode", ErrorCode.HANDLER_ERROR, "ValueError: boom in worker"),
+        ("gives-up", ErrorCode.HANDLER_ERROR, "TimeoutError: the upstream service"),  # its own, not its deadline
         ("spin", ErrorCode.HANDLER_TIMEOUT, "did not finish within 0.3s"),
         ("nap", ErrorCode.HANDLER_TIMEOUT, "did not finish within 0.3s"),
         ("liar", ErrorCode.BAD_RESPONSE, "returned int"),

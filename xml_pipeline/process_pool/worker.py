@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.imports import import_object
@@ -95,8 +97,8 @@ def run_task(task: Task) -> Outcome:
         return Outcome("raised", detail=f"the worker could not prepare the call: {exc}", worker_pid=pid)
     signal.setitimer(signal.ITIMER_REAL, task.timeout + HARD_DEADLINE_GRACE)
     try:
-        result = _loop.run_until_complete(asyncio.wait_for(handler(payload, task.metadata), task.timeout))
-    except (TimeoutError, _HardTimeout):
+        result = _loop.run_until_complete(_within(task.timeout, handler(payload, task.metadata)))
+    except (_Expired, _HardTimeout):
         _loop = _fresh_loop(_loop)  # an interrupted loop may be in any state
         return Outcome("timeout", worker_pid=pid)
     except Exception as exc:
@@ -112,6 +114,22 @@ def run_task(task: Task) -> Outcome:
     except PayloadTypeError as exc:
         return Outcome("bad", detail=f"responded with something that cannot travel as XML: {exc}", worker_pid=pid)
     return Outcome("response", result.to, payload_type_name(type(result.payload)), payload_xml, worker_pid=pid)
+
+
+class _Expired(Exception):
+    """The handler's own deadline passed (a TimeoutError the handler raised is its error, not this)."""
+
+
+async def _within(seconds: float, call: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``call`` for at most ``seconds``: one task, where wait_for would make two."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            return await call
+    except TimeoutError:
+        if deadline.expired():
+            raise _Expired from None
+        raise
 
 
 def _fresh_loop(old: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
