@@ -77,8 +77,7 @@ async def test_cpu_bound_handlers_answer_and_see_history_on_shared_backends(back
         assert reply.payload.history_seen == (1 if shared else 0)
         seen = await ask(pump, Ping("x"), to="relay")
         assert seen.payload == Pong("console>relay|relay>historian" if shared else "")
-        submissions = [await pump.inject_payload(Crunch(f"t{i}", 50), "cruncher") for i in range(20)]
-        answers = [reply for s in submissions for reply in await s.collect(10)]  # each to its end, state cleaned
+        answers = await asyncio.gather(*(ask(pump, Crunch(f"t{i}", 50), to="cruncher") for i in range(20)))
         assert [a.payload.checksum for a in answers] == [checksum(f"t{i}", 50) for i in range(20)]
         assert pump.registry.debug_dump() == {}
         assert pump.buffer.list_threads() == []

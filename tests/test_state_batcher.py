@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 
 import pytest
@@ -47,7 +46,6 @@ async def test_concurrent_writers_share_one_round_trip_and_each_gets_its_own_out
         return await batcher.run([RegisterThread(f"c/{n}", f"u{n}"), AppendSlot("shared", f"<m{n}/>".encode(), 30, 5)])
 
     outcomes = await asyncio.gather(*(writer(n) for n in range(40)))
-    await batcher.aclose()
     assert backend.batch_sizes == [80]
     assert [outcome[1] for outcome in outcomes[:30]] == list(range(30))  # the order the writers made them
     assert all(isinstance(outcome[1], BufferFull) for outcome in outcomes[30:])
@@ -62,7 +60,6 @@ async def test_a_large_turn_goes_in_several_round_trips_without_splitting_a_writ
     batcher = StateBatcher(backend)
     ops = [AppendSlot("t", b"<a/>", 100, 5), AppendSlot("t", b"<b/>", 100, 5)]
     outcomes = await asyncio.gather(*(batcher.run(ops) for _ in range(6)))
-    await batcher.aclose()
     assert backend.batch_sizes == [4, 4, 4]
     assert [outcome for pair in outcomes for outcome in pair] == list(range(12))
 
@@ -86,7 +83,6 @@ async def test_cleanup_runs_its_callback_only_after_the_writes() -> None:
     assert seen == []
     batcher.flush()
     assert seen == [False]
-    await batcher.aclose()
 
 
 async def test_an_unreachable_store_fails_every_writer_of_the_batch(caplog: pytest.LogCaptureFixture) -> None:
@@ -103,50 +99,7 @@ async def test_an_unreachable_store_fails_every_writer_of_the_batch(caplog: pyte
     assert all(isinstance(outcome, BackendUnavailable) for outcome in outcomes)
     assert ended == ["told"]  # the cleanup's follower still runs; the keys are left to their TTL
     assert "left to expire" in caplog.text
-    await batcher.aclose()
     backend.close()
-
-
-class SlowBackend(CountingBackend):
-    """Holds each batch until the test lets it through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def apply(self, ops):  # type: ignore[no-untyped-def]
-        self.entered.set()
-        self.release.wait(10)
-        return super().apply(ops)
-
-
-async def test_the_loop_goes_on_while_a_batch_is_in_flight_and_later_writes_form_the_next() -> None:
-    backend = SlowBackend()
-    batcher = StateBatcher(backend)
-    first = asyncio.ensure_future(batcher.run([AppendSlot("t", b"<a/>", 10, 10)]))
-    await asyncio.to_thread(backend.entered.wait, 5)  # the first batch is with the store now
-    later = [asyncio.ensure_future(batcher.run([AppendSlot("t", f"<{n}/>".encode(), 10, 10)])) for n in "bc"]
-    await asyncio.sleep(0)  # the loop is free: these writers got to run and queue their ops
-    assert not first.done()
-    backend.release.set()
-    assert [await first, *[await writer for writer in later]] == [[0], [1], [2]]
-    await batcher.aclose()
-    assert backend.batch_sizes == [1, 2]
-
-
-async def test_closing_gives_up_on_a_store_that_does_not_answer() -> None:
-    backend = SlowBackend()
-    batcher = StateBatcher(backend)
-    stuck = asyncio.ensure_future(batcher.run([AppendSlot("t", b"<a/>", 10, 10)]))
-    await asyncio.to_thread(backend.entered.wait, 5)
-    queued = asyncio.ensure_future(batcher.run([AppendSlot("t", b"<b/>", 10, 10)]))
-    await asyncio.sleep(0)
-    await batcher.aclose(timeout=0.2)
-    for writer in (stuck, queued):
-        with pytest.raises(BackendUnavailable, match="did not answer"):
-            await writer
-    backend.release.set()
 
 
 async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_client_hears_the_end(

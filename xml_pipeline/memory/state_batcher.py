@@ -3,14 +3,10 @@
 With many conversations in flight, each event-loop turn lets dozens of them
 reach a write (register a thread, append history). Sent one by one, a shared
 store pays a network round trip for each; the batcher instead holds the writes
-made during one turn and sends them with a single :meth:`SharedBackend.apply`,
-then wakes each writer with its own results. Nothing is skipped or reordered:
-every op runs, in the order it was made, and each caller gets the outcome of
-its own ops before it goes on.
-
-The round trip runs on one thread of the batcher's own, so the event loop goes
-on with other messages while the store works; writes made meanwhile form the
-next batch, sent when this one is back. One batch at a time keeps the order.
+made during one turn and sends them with a single :meth:`SharedBackend.apply`
+at the start of the next, then wakes each writer with its own results. Nothing
+is skipped or reordered: every op runs, in the order it was made, and each
+caller gets the outcome of its own ops before it goes on.
 
 A store that is not shared (the in-process dict) has no round trip to save, so
 its writes run at once, without a turn of the loop in between.
@@ -25,19 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from xml_pipeline.memory.shared_backend import BackendUnavailable, SharedBackend
+from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.memory.state_ops import StateOp
 
 log = logging.getLogger("xml_pipeline.state")
 
 MAX_BATCH = 1024
 """Ops in one round trip at most; a larger turn's writes go in several."""
-
-CLOSE_TIMEOUT = 10.0
-"""Seconds :meth:`StateBatcher.aclose` waits for the store to answer what is in flight."""
 
 
 @dataclass(slots=True)
@@ -55,9 +47,6 @@ class StateBatcher:
         self._ops: list[StateOp] = []
         self._waiters: list[_Waiter] = []
         self._scheduled = False
-        self._in_flight: asyncio.Future[list[object]] | None = None
-        self._sent: list[_Waiter] = []
-        self._thread: ThreadPoolExecutor | None = None
         self.batches = 0
         self.ops_sent = 0
 
@@ -86,51 +75,9 @@ class StateBatcher:
         self._add(_Waiter(0, len(ops), None, then), ops)
 
     def flush(self) -> None:
-        """Send what is pending now, here, waiting for the store (for when no batch is in flight)."""
-        if self._in_flight is not None:
-            raise RuntimeError("a batch is in flight: await aclose() instead")
+        """Send what is pending now (also what the next turn would have sent)."""
         while self._ops:
-            waiters, ops = self._take()
-            try:
-                results = self.backend.apply(ops)
-            except Exception as exc:
-                self._fail(waiters, exc)
-            else:
-                self._deliver(waiters, results)
-
-    async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Wait for the batches in flight, send what is left, and stop the batcher's thread.
-
-        A store that does not answer within ``timeout`` keeps what was in flight
-        (its callers hear ``BackendUnavailable``); Redis's TTL removes the rest.
-        """
-        if await self._settled(timeout):
-            self.flush()
-        else:
-            log.warning("the state store did not answer within %gs at shutdown", timeout)
-            self._abandon(BackendUnavailable("the state store did not answer at shutdown"))
-        if self._thread is not None:
-            self._thread.shutdown(wait=False)
-            self._thread = None
-
-    async def _settled(self, timeout: float) -> bool:
-        """True once no batch is in flight; False if the store still holds one after ``timeout``."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout
-        while self._in_flight is not None:
-            in_flight = self._in_flight
-            await asyncio.wait([in_flight], timeout=max(give_up - loop.time(), 0))
-            if not in_flight.done():
-                return False
-        return True
-
-    def _abandon(self, exc: BackendUnavailable) -> None:
-        if self._in_flight is not None:
-            self._in_flight.remove_done_callback(self._arrived)
-            self._in_flight = None
-        self._fail(self._sent, exc)
-        self._fail(self._waiters, exc)
-        self._sent, self._waiters, self._ops = [], [], []
+            self._send_some()
 
     def _add(self, waiter: _Waiter, ops: Sequence[StateOp]) -> None:
         waiter.start = len(self._ops)
@@ -143,30 +90,10 @@ class StateBatcher:
 
     def _on_turn(self) -> None:
         self._scheduled = False
-        if self._in_flight is None and self._ops:
-            self._send()
+        self.flush()
 
-    def _send(self) -> None:
-        """Hand the next batch to the batcher's thread; its answer sends the one after."""
-        self._sent, ops = self._take()
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xml-pipeline-state")
-        self._in_flight = asyncio.get_running_loop().run_in_executor(self._thread, self.backend.apply, ops)
-        self._in_flight.add_done_callback(self._arrived)
-
-    def _arrived(self, done: asyncio.Future[list[object]]) -> None:
-        self._in_flight = None
-        waiters, self._sent = self._sent, []
-        exc = done.exception()
-        if exc is not None:
-            self._fail(waiters, exc)
-        else:
-            self._deliver(waiters, done.result())
-        if self._ops:
-            self._send()
-
-    def _take(self) -> tuple[list[_Waiter], list[StateOp]]:
-        """Whole callers' ops, up to MAX_BATCH of them (or one caller's, if it has more)."""
+    def _send_some(self) -> None:
+        """One round trip: whole callers' ops, up to MAX_BATCH of them (or one caller's, if more)."""
         taken = 0
         end = 0
         for waiter in self._waiters:
@@ -181,18 +108,16 @@ class StateBatcher:
             waiter.stop -= end
         self.batches += 1
         self.ops_sent += len(ops)
-        return waiters, ops
-
-    def _fail(self, waiters: list[_Waiter], exc: BaseException) -> None:
-        """The store could not be reached: every caller of the batch gets the error."""
-        for waiter in waiters:
-            if waiter.future is None:
-                log.warning("state cleanup failed, left to expire: %s", exc)
-            elif not waiter.future.done():
-                waiter.future.set_exception(exc)
-            self._call(waiter.then)
-
-    def _deliver(self, waiters: list[_Waiter], results: list[object]) -> None:
+        try:
+            results = self.backend.apply(ops)
+        except Exception as exc:  # the store is unreachable: every caller of this batch gets the error
+            for waiter in waiters:
+                if waiter.future is None:
+                    log.warning("state cleanup failed, left to expire: %s", exc)
+                elif not waiter.future.done():
+                    waiter.future.set_exception(exc)
+                self._call(waiter.then)
+            return
         for waiter in waiters:
             mine = results[waiter.start : waiter.stop]
             if waiter.future is None:

@@ -231,7 +231,7 @@ class Pump:
         if self._pool is not None:
             await self._pool.close(kill=not drained)
             self._pool = None
-        await self.state.aclose()
+        self.state.flush()
         self._runner = None
         log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
         return ShutdownReport(drained=drained, cancelled=cancelled)
