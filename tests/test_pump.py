@@ -10,6 +10,7 @@ import pytest
 from tests.support import Bag, Ping, Pong, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse, Huh
 from xml_pipeline.memory.context_buffer import get_context_buffer
+from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.message_bus.conversations import NoMoreReplies
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.thread_registry import get_registry
@@ -46,6 +47,27 @@ class Gate:
 
 def organism(*listeners: Listener, **limits: object) -> Organism:
     return Organism.of("test", [Listener("echo", [Ping], echo, peers=[]), *listeners], PumpLimits(**limits))  # type: ignore[arg-type]
+
+
+class UncountableBackend(InMemoryBackend):
+    def registry_list_all(self) -> dict[str, str]:
+        raise AssertionError("stats() must not scan the store")
+
+
+async def test_stats_count_the_threads_of_open_conversations_without_scanning_the_store() -> None:
+    gate = Gate()
+    pump = Pump(organism(Listener("gate", [Ping], gate.handler, max_concurrency=10)), backend=UncountableBackend())
+    await pump.start()
+    try:
+        submissions = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(3)]
+        await gate.wait_for_active(3)
+        assert (pump.stats().conversations, pump.stats().threads) == (3, 6)  # each: console, console.gate
+        gate.opened.set()
+        for submission in submissions:
+            await submission.collect(5)
+        assert (pump.stats().conversations, pump.stats().threads) == (0, 0)
+    finally:
+        await pump.stop()
 
 
 async def test_global_in_flight_limit_holds() -> None:

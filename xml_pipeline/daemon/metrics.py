@@ -52,7 +52,7 @@ class PrometheusMetrics(PumpMetrics):
             "queue_depth": "Messages waiting for dispatch.",
             "in_flight": "Handler calls running now.",
             "conversations": "Conversations open now.",
-            "threads": "Threads registered now.",
+            "threads": "Threads of this daemon's open conversations.",
         }
         for field, description in gauges.items():
             gauge = Gauge(f"xml_pipeline_{field}", description, registry=self.registry)

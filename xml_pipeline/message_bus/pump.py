@@ -111,6 +111,8 @@ class PumpStats:
     in_flight: int
     conversations: int
     threads: int
+    """Threads of this pump's open conversations, counted here: a status call or a
+    metrics scrape never scans the shared store."""
     accepting: bool
 
 
@@ -378,7 +380,7 @@ class Pump:
             queue_depth=self._queue.qsize() if self._queue is not None else 0,
             in_flight=self._running,
             conversations=len(self._conversations),
-            threads=len(self.registry),
+            threads=len(self._threads),
             accepting=self._accepting,
         )
 
