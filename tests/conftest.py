@@ -66,12 +66,10 @@ def manager_backend() -> Iterator[ManagerBackend]:
 BACKENDS = ["memory", "manager", "redis"]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
-    """Each SharedBackend implementation, empty, for the same behavioural tests."""
-    if request.param == "memory":
+def _empty_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
+    if kind == "memory":
         yield InMemoryBackend()
-    elif request.param == "manager":
+    elif kind == "manager":
         shared: ManagerBackend = request.getfixturevalue("manager_backend")
         shared.buffer_clear()
         shared.registry_clear()
@@ -83,3 +81,15 @@ def backend(request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
         redis_backend.buffer_clear()
         redis_backend.registry_clear()
         redis_backend.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
+    """Each SharedBackend implementation, empty, for the same behavioural tests."""
+    yield from _empty_backend(request.param, request)
+
+
+@pytest.fixture(params=["manager", "redis"])
+def shared_backend(request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
+    """The backends whose state other processes share (memory workers see none, by design)."""
+    yield from _empty_backend(request.param, request)

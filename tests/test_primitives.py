@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.primitive_support import Ack, Count, add_one, double, fail_on_sevens, puzzled
-from tests.redis_server import RedisServer
 from tests.support import Ping
 from tests.test_pump import Gate
 from workers.cpu import Crunch, Crunched, checksum, crunch
 from xml_pipeline import HandlerMetadata, HandlerResponse
-from xml_pipeline.memory.manager_backend import ManagerBackend
-from xml_pipeline.memory.memory_backend import InMemoryBackend
-from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message.payload_codec import codec_for
 from xml_pipeline.message_bus.buffer_registry import BufferRegistry, get_buffer_registry
@@ -35,7 +30,7 @@ from xml_pipeline.primitives import (
     SequenceStart,
 )
 from xml_pipeline.primitives.collector import Collector
-from xml_pipeline.testing import ask
+from xml_pipeline.testing import ask, running
 
 
 def xml(payload: Any) -> str:
@@ -70,15 +65,6 @@ def organism(*extra: Listener) -> Organism:
     )
 
 
-async def started(organism: Organism, backend: SharedBackend | None = None) -> AsyncIterator[Pump]:
-    pump = Pump(organism, backend=backend or InMemoryBackend())
-    await pump.start()
-    try:
-        yield pump
-    finally:
-        await pump.stop(drain_timeout=5)
-
-
 def assert_nothing_left(pump: Pump) -> None:
     assert [name for name in pump.listeners if name.count(".") > 1] == []
     assert get_buffer_registry().list_active() == []
@@ -90,7 +76,7 @@ def assert_nothing_left(pump: Pump) -> None:
 
 @pytest.fixture
 async def pump() -> AsyncIterator[Pump]:
-    async for started_pump in started(organism()):
+    async with running(organism()) as started_pump:
         yield started_pump
         report = await started_pump.stop(drain_timeout=10)  # abandoned slow items finish first
         assert report.drained
@@ -179,7 +165,7 @@ async def test_a_step_that_answers_nothing_ends_the_sequence(pump: Pump) -> None
 
 async def test_return_to_receives_the_outcome_and_its_answer_comes_back() -> None:
     sink = Sink()
-    async for pump in started(organism(Listener("sink", [SequenceComplete, BufferComplete], sink.handler))):
+    async with running(organism(Listener("sink", [SequenceComplete, BufferComplete], sink.handler))) as pump:
         reply = await ask(
             pump, SequenceStart(steps=["add1"], payload=xml(Count(1)), return_to="sink"), to="system.sequence"
         )
@@ -214,7 +200,7 @@ async def test_buffers_without_collect_answer_at_once_and_still_deliver_every_it
         if len(seen) == count:
             done.set()
 
-    async for pump in started(organism(Listener("tally", [Count], tally, max_concurrency=1000))):
+    async with running(organism(Listener("tally", [Count], tally, max_concurrency=1000))) as pump:
         items = [xml(Count(i)) for i in range(count)]
         reply = await ask(
             pump, BufferStart(target="tally", items=items, collect=False, buffer_id="fire"), to="system.buffer"
@@ -248,7 +234,7 @@ async def test_a_buffer_past_its_deadline_completes_with_partial_results(pump: P
 
 async def test_max_in_flight_bounds_the_fan_out() -> None:
     gate = Gate()
-    async for pump in started(organism(Listener("gate", [Ping], gate.handler, max_concurrency=100))):
+    async with running(organism(Listener("gate", [Ping], gate.handler, max_concurrency=100))) as pump:
         items = [f"<Ping><text>{i}</text></Ping>" for i in range(20)]
         buffer = asyncio.create_task(
             ask(pump, BufferStart(target="gate", items=items, max_in_flight=3), to="system.buffer")
@@ -337,24 +323,12 @@ async def test_fifty_sequences_and_buffers_at_once_do_not_mix(pump: Pump) -> Non
         assert [value_of(item.result) for item in answer.payload.results] == [2 * (i * 1000 + j) for j in range(10)]
 
 
-@pytest.fixture(params=["manager", "redis"])
-def shared_backend(request: pytest.FixtureRequest) -> SharedBackend:
-    """The backends whose state worker processes share (memory workers see none, by design)."""
-    if request.param == "manager":
-        manager: ManagerBackend = request.getfixturevalue("manager_backend")
-        manager.buffer_clear()
-        manager.registry_clear()
-        return manager
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return RedisBackend(server.url, prefix=f"prim-{uuid.uuid4().hex[:8]}:")
-
-
 async def test_buffer_with_a_cpu_bound_target_on_shared_backends(shared_backend: SharedBackend) -> None:
     backend = shared_backend
     cruncher = Listener("cruncher", [Crunch], crunch, cpu_bound=True, timeout_seconds=20)
     cpu = organism(cruncher)
     cpu.settings = {"process_pool": {"workers": 2}}
-    async for pump in started(cpu, backend):
+    async with running(cpu, backend=backend) as pump:
         items = [xml(Crunch(f"item{i}", 50)) for i in range(20)]
         start = BufferStart(target="cruncher", items=items, max_in_flight=4)
         submission = await pump.inject_payload(start, "system.buffer")

@@ -26,7 +26,7 @@ from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
-from xml_pipeline.testing import ask
+from xml_pipeline.testing import ask, running
 
 
 def cpu_organism(**pool: int) -> Organism:
@@ -50,24 +50,15 @@ def cpu_organism(**pool: int) -> Organism:
     return organism
 
 
-async def started(organism: Organism, backend: SharedBackend) -> AsyncIterator[Pump]:
-    pump = Pump(organism, backend=backend)
-    await pump.start()
-    try:
-        yield pump
-    finally:
-        await pump.stop(drain_timeout=5)
-
-
 @pytest.fixture
 async def memory_pump() -> AsyncIterator[Pump]:
-    async for pump in started(cpu_organism(), InMemoryBackend()):
+    async with running(cpu_organism()) as pump:
         yield pump
 
 
 async def test_cpu_bound_handlers_answer_and_see_history_on_shared_backends(backend: SharedBackend) -> None:
     shared = not isinstance(backend, InMemoryBackend)
-    async for pump in started(cpu_organism(), backend):
+    async with running(cpu_organism(), backend=backend) as pump:
         reply = await ask(pump, Crunch("abc", 100), to="cruncher")
         assert isinstance(reply.payload, Crunched)
         assert reply.payload.checksum == checksum("abc", 100)
@@ -129,7 +120,7 @@ async def test_a_worker_killed_mid_task_is_a_worker_crash_and_the_pool_is_rebuil
 
 
 async def test_max_tasks_per_child_replaces_workers() -> None:
-    async for pump in started(cpu_organism(workers=1, max_tasks_per_child=2), InMemoryBackend()):
+    async with running(cpu_organism(workers=1, max_tasks_per_child=2)) as pump:
         pids = [int((await ask(pump, Ping("x"), to="whoami", timeout=20)).payload.text) for _ in range(6)]
     # no worker serves more than two tasks (the pool's warm-up call counts as one)
     assert max(Counter(pids).values()) <= 2
@@ -141,7 +132,7 @@ async def test_redis_stopping_and_returning_during_traffic() -> None:
     server.start()
     backend = RedisBackend(server.url, prefix="restart:", retries=1, socket_timeout=0.5)
     try:
-        async for pump in started(cpu_organism(), backend):
+        async with running(cpu_organism(), backend=backend) as pump:
             assert (await ask(pump, Ping("before"), to="echo")).payload == Pong("before")
             server.stop()
             down = await ask(pump, Ping("during"), to="echo")
@@ -224,7 +215,7 @@ async def test_calls_waiting_for_a_worker_are_not_mistaken_for_stuck_ones(monkey
     listener = Listener("busy", [Ping], cpu_handlers.busy, cpu_bound=True, timeout_seconds=0.5, max_concurrency=10)
     organism = Organism.of("queue", [listener])
     organism.settings = {"process_pool": {"workers": 1}}
-    async for pump in started(organism, InMemoryBackend()):
+    async with running(organism) as pump:
         replies = await asyncio.gather(*(ask(pump, Ping(str(n)), "busy", timeout=30) for n in range(10)))
         assert [reply.error_code for reply in replies] == [None] * 10
         assert [reply.payload.text for reply in replies] == [str(n) for n in range(10)]

@@ -56,9 +56,8 @@ class UncountableBackend(InMemoryBackend):
 
 async def test_stats_count_the_threads_of_open_conversations_without_scanning_the_store() -> None:
     gate = Gate()
-    pump = Pump(organism(Listener("gate", [Ping], gate.handler, max_concurrency=10)), backend=UncountableBackend())
-    await pump.start()
-    try:
+    gated = organism(Listener("gate", [Ping], gate.handler, max_concurrency=10))
+    async with running(gated, backend=UncountableBackend()) as pump:
         submissions = [await pump.inject_payload(Ping(str(i)), "gate") for i in range(3)]
         await gate.wait_for_active(3)
         assert (pump.stats().conversations, pump.stats().threads) == (3, 6)  # each: console, console.gate
@@ -66,8 +65,6 @@ async def test_stats_count_the_threads_of_open_conversations_without_scanning_th
         for submission in submissions:
             await submission.collect(5)
         assert (pump.stats().conversations, pump.stats().threads) == (0, 0)
-    finally:
-        await pump.stop()
 
 
 async def test_global_in_flight_limit_holds() -> None:

@@ -17,9 +17,9 @@ from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull
 from xml_pipeline.memory.state_batcher import StateBatcher
 from xml_pipeline.memory.state_ops import AppendSlot, DeleteHistory, RegisterThread
-from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.thread_registry import get_registry
 from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.testing import running
 
 
 class CountingBackend(InMemoryBackend):
@@ -107,9 +107,7 @@ async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_clien
 ) -> None:
     backend = RedisBackend(redis_server.url, prefix=f"batch-{uuid.uuid4().hex[:8]}:")
     organism = Organism.of("batching", [Listener("echo", [Ping], echo, max_concurrency=100)])
-    pump = Pump(organism, backend=backend)
-    await pump.start()
-    try:
+    async with running(organism, backend=backend) as pump:
         submissions = await asyncio.gather(*(pump.inject_payload(Ping(f"n{n}"), "echo") for n in range(50)))
         replies = await asyncio.gather(*(submission.collect(10) for submission in submissions))
         assert [reply.payload.text for (reply,) in replies] == [f"n{n}" for n in range(50)]
@@ -117,9 +115,7 @@ async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_clien
         assert [key for key in stored if ":reg:" in key or ":buf" in key] == []
         assert pump.state.ops_sent == 50 * 7  # two threads, two slots, forgotten: every write was made
         assert pump.state.batches <= 50  # ...in far fewer round trips than the 150 unbatched calls
-    finally:
-        await pump.stop()
-        backend.close()
+    backend.close()
 
 
 class FlakyBackend(InMemoryBackend):
@@ -147,9 +143,7 @@ async def test_a_thread_whose_registration_failed_is_registered_when_the_client_
 
     backend = FlakyBackend()
     organism = Organism.of("retry", [Listener("holder", [Ping], holds), Listener("who", [Ping], who_am_i)])
-    pump = Pump(organism, backend=backend)
-    await pump.start()
-    try:
+    async with running(organism, backend=backend) as pump:
         conversation = await pump.inject_payload(Ping("open"), "holder")
         backend.down = True
         await pump.inject_payload(Ping("first try"), "who", thread=conversation.thread_id)
@@ -159,5 +153,3 @@ async def test_a_thread_whose_registration_failed_is_registered_when_the_client_
         assert (await conversation.next_reply(5)).payload.text == "console.who"  # registered, for handlers to see
         release.set()
         assert (await conversation.next_reply(5)).payload.text == "held"
-    finally:
-        await pump.stop()

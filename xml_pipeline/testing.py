@@ -11,15 +11,21 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.conversations import Reply
 from xml_pipeline.message_bus.pump import ConversationEndHook, Pump
 from xml_pipeline.organism import Organism
 
 
 @contextlib.asynccontextmanager
-async def running(organism: Organism, *, on_conversation_end: ConversationEndHook | None = None) -> AsyncIterator[Pump]:
-    """A started pump for ``organism``, drained and stopped on exit."""
-    pump = Pump(organism, on_conversation_end=on_conversation_end)
+async def running(
+    organism: Organism,
+    *,
+    backend: SharedBackend | None = None,
+    on_conversation_end: ConversationEndHook | None = None,
+) -> AsyncIterator[Pump]:
+    """A started pump for ``organism`` (on ``backend``, in memory by default), drained and stopped on exit."""
+    pump = Pump(organism, backend=backend, on_conversation_end=on_conversation_end)
     await pump.start()
     try:
         yield pump
