@@ -18,7 +18,6 @@ from xml_pipeline.memory.state_ops import (
     ForgetThread,
     RegisterThread,
     StateOp,
-    apply_one_by_one,
 )
 
 
@@ -163,7 +162,7 @@ class InMemoryBackend:
             elif type(op) is DeleteHistory:
                 results.append(self.buffer_delete_thread(op.thread_id))
             else:
-                results.extend(apply_one_by_one(self, (op,)))
+                raise TypeError(f"not a state op: {op!r}")
         return results
 
     def ping(self) -> bool:

@@ -14,12 +14,7 @@ returned in its place so one failing op cannot hide the others' outcomes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from xml_pipeline.memory.shared_backend import SharedBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,25 +50,3 @@ class DeleteHistory:
 
 
 StateOp = RegisterThread | AppendSlot | ForgetThread | DeleteHistory
-
-
-def apply_one_by_one(backend: SharedBackend, ops: Sequence[StateOp]) -> list[object]:
-    """Run ``ops`` in order through the backend's own methods: right for stores
-    where a call costs no round trip, and the meaning every ``apply`` must keep."""
-    results: list[object] = []
-    for op in ops:
-        try:
-            if isinstance(op, AppendSlot):
-                results.append(
-                    backend.buffer_append(op.thread_id, op.slot, max_slots=op.max_slots, max_threads=op.max_threads)
-                )
-            elif isinstance(op, RegisterThread):
-                backend.registry_set(op.chain, op.uuid)
-                results.append(None)
-            elif isinstance(op, ForgetThread):
-                results.append(backend.registry_delete(op.uuid))
-            else:
-                results.append(backend.buffer_delete_thread(op.thread_id))
-        except Exception as exc:  # handed back as the op's outcome, for its caller to raise
-            results.append(exc)
-    return results

@@ -60,9 +60,6 @@ def chain_key(conversation: str, chain: Sequence[str]) -> str:
     return conversation + _SEP + _SEP.join(chain)
 
 
-_key = chain_key
-
-
 def _parse_key(key: str) -> ThreadRecord:
     conversation, *chain = key.split(_SEP)
     return ThreadRecord(conversation, tuple(chain))
@@ -89,7 +86,7 @@ class ThreadRegistry:
         if existing is not None and self._root is not None and self._root.chain == chain:
             return existing
         candidate = new_thread_id()
-        root_uuid = self.backend.registry_get_or_set(_key(candidate, chain), candidate)
+        root_uuid = self.backend.registry_get_or_set(chain_key(candidate, chain), candidate)
         self._root = ThreadRecord(root_uuid, chain)
         self._root_uuid = root_uuid
         return root_uuid
@@ -114,7 +111,7 @@ class ThreadRegistry:
         initiator arrive) and the thread the target is called on.
         """
         conversation = new_thread_id()
-        self.backend.registry_set(_key(conversation, (initiator,)), conversation)
+        self.backend.registry_set(chain_key(conversation, (initiator,)), conversation)
         return conversation, self._claim(conversation, (initiator, target))
 
     def get_or_create(self, chain: str | Sequence[str], conversation: str | None = None) -> str:
@@ -127,7 +124,7 @@ class ThreadRegistry:
         return self._claim(conversation, segments)
 
     def _claim(self, conversation: str, chain: tuple[str, ...]) -> str:
-        key = _key(conversation, chain)
+        key = chain_key(conversation, chain)
         existing = self.backend.registry_get_uuid(key)
         if existing is not None:
             return existing
@@ -136,7 +133,7 @@ class ThreadRegistry:
     def register_thread(self, thread_id: str, chain: str | Sequence[str], conversation: str | None = None) -> None:
         """Bind a known UUID to ``chain``, e.g. one handed over by another organism."""
         segments = _as_chain(chain)
-        self.backend.registry_set(_key(conversation or thread_id, segments), thread_id)
+        self.backend.registry_set(chain_key(conversation or thread_id, segments), thread_id)
 
     def lookup_record(self, thread_id: str) -> ThreadRecord | None:
         key = self.backend.registry_get_chain(thread_id)
@@ -160,7 +157,7 @@ class ThreadRegistry:
         if record is None or len(record.chain) < 2:
             return None
         parent = record.chain[:-1]
-        parent_thread = self.backend.registry_get_uuid(_key(record.conversation, parent))
+        parent_thread = self.backend.registry_get_uuid(chain_key(record.conversation, parent))
         if parent_thread is None:  # the conversation was cleaned up under us
             return None
         return Pruned(target=parent[-1], thread_id=parent_thread)
