@@ -9,7 +9,13 @@ import pytest
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus import thread_registry
-from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, get_registry, reset_registry
+from xml_pipeline.message_bus.thread_registry import (
+    Pruned,
+    ThreadRegistry,
+    get_registry,
+    reset_registry,
+    set_registry,
+)
 
 
 def test_start_chain_gives_every_conversation_its_own_threads(backend: SharedBackend) -> None:
@@ -97,3 +103,15 @@ def test_thread_ids_are_random_version_4_uuids() -> None:
     for value in list(ids)[:50]:
         parsed = uuid.UUID(value)
         assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
+
+
+def test_the_process_wide_registry_is_made_once_installed_by_set_and_forgotten_by_reset() -> None:
+    reset_registry()
+    made = get_registry()
+    assert get_registry() is made
+    installed = ThreadRegistry(InMemoryBackend())
+    set_registry(installed)
+    assert get_registry() is installed
+    reset_registry()
+    assert get_registry() is not installed
+    reset_registry()

@@ -23,6 +23,7 @@ from xml_pipeline.imports import import_object
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BufferFull, SharedBackend, TooManyThreads
 from xml_pipeline.memory.state_ops import AppendSlot
+from xml_pipeline.process_wide import ProcessWide
 
 __all__ = ["BufferFull", "BufferSlot", "ContextBuffer", "TooManyThreads", "get_context_buffer"]
 
@@ -132,22 +133,8 @@ class ContextBuffer:
         self.backend.buffer_clear()
 
 
-_buffer: ContextBuffer | None = None
-
-
-def get_context_buffer() -> ContextBuffer:
-    """The process-wide buffer (the running pump installs its own as this one)."""
-    global _buffer
-    if _buffer is None:
-        _buffer = ContextBuffer()
-    return _buffer
-
-
-def set_context_buffer(buffer: ContextBuffer) -> None:
-    global _buffer
-    _buffer = buffer
-
-
-def reset_context_buffer() -> None:
-    global _buffer
-    _buffer = None
+_current: ProcessWide[ContextBuffer] = ProcessWide(ContextBuffer)
+get_context_buffer = _current.get
+"""The process-wide buffer (the running pump installs its own as this one)."""
+set_context_buffer = _current.set
+reset_context_buffer = _current.reset

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
+from xml_pipeline.process_wide import ProcessWide
 
 KIND = "buffer"
 
@@ -98,21 +99,8 @@ class BufferRegistry:
         self.backend.record_clear(KIND)
 
 
-_registry: BufferRegistry | None = None
-
-
-def get_buffer_registry() -> BufferRegistry:
-    global _registry
-    if _registry is None:
-        _registry = BufferRegistry()
-    return _registry
-
-
-def set_buffer_registry(registry: BufferRegistry) -> None:
-    global _registry
-    _registry = registry
-
-
-def reset_buffer_registry() -> None:
-    global _registry
-    _registry = None
+_current: ProcessWide[BufferRegistry] = ProcessWide(BufferRegistry)
+get_buffer_registry = _current.get
+"""The process-wide BufferRegistry (the running pump installs its own as this one)."""
+set_buffer_registry = _current.set
+reset_buffer_registry = _current.reset

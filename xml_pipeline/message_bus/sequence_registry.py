@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.buffer_registry import new_run_id
+from xml_pipeline.process_wide import ProcessWide
 
 KIND = "sequence"
 
@@ -61,21 +62,8 @@ class SequenceRegistry:
         self.backend.record_clear(KIND)
 
 
-_registry: SequenceRegistry | None = None
-
-
-def get_sequence_registry() -> SequenceRegistry:
-    global _registry
-    if _registry is None:
-        _registry = SequenceRegistry()
-    return _registry
-
-
-def set_sequence_registry(registry: SequenceRegistry) -> None:
-    global _registry
-    _registry = registry
-
-
-def reset_sequence_registry() -> None:
-    global _registry
-    _registry = None
+_current: ProcessWide[SequenceRegistry] = ProcessWide(SequenceRegistry)
+get_sequence_registry = _current.get
+"""The process-wide SequenceRegistry (the running pump installs its own as this one)."""
+set_sequence_registry = _current.set
+reset_sequence_registry = _current.reset

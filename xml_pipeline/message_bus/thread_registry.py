@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
+from xml_pipeline.process_wide import ProcessWide
 
 _SEP = "/"
 
@@ -182,22 +183,8 @@ class ThreadRegistry:
         self._root_uuid = None
 
 
-_registry: ThreadRegistry | None = None
-
-
-def get_registry() -> ThreadRegistry:
-    """The process-wide registry (the running pump installs its own as this one)."""
-    global _registry
-    if _registry is None:
-        _registry = ThreadRegistry()
-    return _registry
-
-
-def set_registry(registry: ThreadRegistry) -> None:
-    global _registry
-    _registry = registry
-
-
-def reset_registry() -> None:
-    global _registry
-    _registry = None
+_current: ProcessWide[ThreadRegistry] = ProcessWide(ThreadRegistry)
+get_registry = _current.get
+"""The process-wide registry (the running pump installs its own as this one)."""
+set_registry = _current.set
+reset_registry = _current.reset
