@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from tests.fixtures.bad_payloads import HOSTILE_ENVELOPES, doctype_naming
 from tests.support import THREAD, Ping, Pong, echo, envelope, misbehaving_organism, ping_xml
 from xml_pipeline import ErrorCode, SystemErrorPayload
-from xml_pipeline.message.envelope import ENVELOPE_NS, read_envelope
+from xml_pipeline.message.envelope import read_envelope
 from xml_pipeline.message.payload_codec import codec_for
-from xml_pipeline.message.safe_xml import parse_untrusted
+from xml_pipeline.message.safe_xml import XmlLimits, XmlRejected, parse_checked, parse_untrusted
 from xml_pipeline.message_bus.conversations import Reply
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import PumpLimits
@@ -19,62 +23,8 @@ from xml_pipeline.testing import ask, running
 
 LIMITS = PumpLimits(max_message_bytes=4096, max_depth=16)
 
-XXE = (
-    '<?xml version="1.0"?><!DOCTYPE message [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-    + envelope("<Ping><text>&x;</text></Ping>").decode()
-).encode()
-BILLION_LAUGHS = (
-    '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
-    + "".join(f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10))
-    + "]>"
-    + envelope("<Ping><text>&lol9;</text></Ping>").decode()
-).encode()
-NETWORK_DTD = ('<!DOCTYPE message SYSTEM "http://127.0.0.1:9/evil.dtd">' + envelope(ping_xml()).decode()).encode()
-HIDDEN_DTD = (
-    '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE m [<!ENTITY x "y">]>' + envelope(ping_xml()).decode()
-).encode("utf-16")
-
-INGRESS_CASES = {
-    "malformed": (b"<message><meta><from>console</from>", ErrorCode.MALFORMED_XML),
-    "not xml at all": (b"\x00\xff\xfe garbage", ErrorCode.MALFORMED_XML),
-    "empty": (b"", ErrorCode.MALFORMED_XML),
-    "undeclared entity": (envelope("<Ping><text>&nope;</text></Ping>"), ErrorCode.MALFORMED_XML),
-    "wrong root": (
-        envelope(ping_xml()).replace(b"<message ", b"<msg ").replace(b"</message>", b"</msg>"),
-        ErrorCode.ENVELOPE_INVALID,
-    ),
-    "wrong namespace": (
-        envelope(ping_xml()).replace(ENVELOPE_NS.encode(), b"urn:someone-else"),
-        ErrorCode.ENVELOPE_INVALID,
-    ),
-    "no namespace": (envelope(ping_xml()).replace(f' xmlns="{ENVELOPE_NS}"'.encode(), b""), ErrorCode.ENVELOPE_INVALID),
-    "missing from": (envelope(ping_xml()).replace(b"<from>console</from>", b""), ErrorCode.ENVELOPE_INVALID),
-    "missing thread": (
-        envelope(ping_xml()).replace(f"<thread>{THREAD}</thread>".encode(), b""),
-        ErrorCode.ENVELOPE_INVALID,
-    ),
-    "thread not a uuid": (envelope(ping_xml(), thread="1; DROP TABLE"), ErrorCode.ENVELOPE_INVALID),
-    "missing to": (envelope(ping_xml()).replace(b"<to>echo</to>", b""), ErrorCode.ENVELOPE_INVALID),
-    "two payloads": (envelope(ping_xml() + ping_xml()), ErrorCode.ENVELOPE_INVALID),
-    "no payload": (envelope(""), ErrorCode.ENVELOPE_INVALID),
-    "payload in envelope namespace": (envelope("<Ping><text>x</text></Ping>"), ErrorCode.ENVELOPE_INVALID),
-    "unknown target": (envelope(ping_xml(), to="nobody"), ErrorCode.UNKNOWN_TARGET),
-    "payload the target does not accept": (envelope('<Pong xmlns=""><text>x</text></Pong>'), ErrorCode.PAYLOAD_INVALID),
-    "field of the wrong type": (
-        envelope('<Ping xmlns=""><text>x</text><count>many</count></Ping>'),
-        ErrorCode.PAYLOAD_INVALID,
-    ),
-    "required field missing": (envelope('<Ping xmlns=""><count>1</count></Ping>'), ErrorCode.PAYLOAD_INVALID),
-    "unexpected field": (envelope('<Ping xmlns=""><text>x</text><evil>1</evil></Ping>'), ErrorCode.PAYLOAD_INVALID),
-    "peer not allowed": (envelope(ping_xml(), sender="mute", to="raiser"), ErrorCode.PEER_NOT_ALLOWED),
-    "oversized": (envelope(f'<Ping xmlns=""><text>{"x" * 5000}</text></Ping>'), ErrorCode.TOO_LARGE),
-    "too deep": (envelope('<Ping xmlns=""><text>x</text>' + "<a>" * 40 + "</a>" * 40 + "</Ping>"), ErrorCode.TOO_DEEP),
-    "deeper than libxml2 allows": (envelope("<a>" * 300 + "</a>" * 300), ErrorCode.TOO_DEEP),
-    "xxe": (XXE, ErrorCode.FORBIDDEN_DTD),
-    "billion laughs": (BILLION_LAUGHS, ErrorCode.FORBIDDEN_DTD),
-    "external dtd over the network": (NETWORK_DTD, ErrorCode.FORBIDDEN_DTD),
-    "dtd hidden behind utf-16": (HIDDEN_DTD, ErrorCode.FORBIDDEN_DTD),
-}
+REFUSED = {name: case for name, case in HOSTILE_ENVELOPES.items() if case[1] is not None}
+SERVED = {name: raw for name, (raw, code) in HOSTILE_ENVELOPES.items() if code is None}
 
 
 @pytest.fixture
@@ -105,7 +55,7 @@ def pump_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.pump" and r.levelno >= logging.WARNING]
 
 
-@pytest.mark.parametrize(("raw", "code"), list(INGRESS_CASES.values()), ids=list(INGRESS_CASES))
+@pytest.mark.parametrize(("raw", "code"), list(REFUSED.values()), ids=list(REFUSED))
 async def test_bad_ingress_gets_system_error_and_pump_goes_on(
     pump: Pump, caplog: pytest.LogCaptureFixture, raw: bytes, code: ErrorCode
 ) -> None:
@@ -117,6 +67,19 @@ async def test_bad_ingress_gets_system_error_and_pump_goes_on(
     assert len(lines) == 1, lines
     assert code.value in lines[0]
     await assert_still_serving(pump)
+
+
+@pytest.mark.parametrize("raw", list(SERVED.values()), ids=list(SERVED))
+async def test_inputs_that_only_look_hostile_are_served(pump: Pump, raw: bytes) -> None:
+    submission = await pump.inject(raw)
+    reply = await submission.next_reply(5)
+    assert isinstance(reply.payload, Pong), reply.payload
+
+
+async def test_text_that_looks_like_a_doctype_reaches_the_handler_as_text(pump: Pump) -> None:
+    raw = envelope('<Ping xmlns=""><text><![CDATA[<!DOCTYPE html>]]></text></Ping>')
+    reply = await (await pump.inject(raw)).next_reply(5)
+    assert reply.payload == Pong("<!DOCTYPE html>")
 
 
 async def test_error_is_addressed_to_sender_on_its_thread(pump: Pump) -> None:
@@ -156,6 +119,17 @@ async def test_handler_failures_reach_the_client(
     assert pump.registry.debug_dump() == {}
 
 
+async def test_the_log_line_of_an_error_names_the_thread_its_client_sees(
+    pump: Pump, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="xml_pipeline.pump")
+    submission = await pump.inject_payload(Ping("x"), "lost")  # lost forwards to a listener that does not exist
+    reply = await submission.next_reply(5)
+    assert reply.error_code is ErrorCode.UNKNOWN_TARGET
+    [line] = pump_log_lines(caplog)
+    assert f"conversation={reply.thread}" in line
+
+
 async def test_errors_go_to_a_caller_that_accepts_them(pump: Pump) -> None:
     """guardian accepts SystemErrorPayload, so raiser's failure reaches guardian, not the client."""
     reply = await ask(pump, Ping("x"), to="guardian")
@@ -174,3 +148,37 @@ async def test_empty_peers_means_respond_only(pump: Pump) -> None:
     assert reply.payload == Pong("a")
     reply = await ask(pump, Ping("b"), to="mute")  # mute has peers=[] and tries to forward
     assert reply.error_code is ErrorCode.PEER_NOT_ALLOWED
+
+
+def _unblock_reader(fifo: Path) -> None:
+    """Open the FIFO's write end once, so a parser stuck opening it can return and the test can fail."""
+    with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "wb"):
+        pass
+
+
+@pytest.mark.parametrize("encoding", ["UTF-7", "UTF-8", "UTF-16", "UTF-32", "IBM037"])
+@pytest.mark.parametrize("repair", [False, True], ids=["strict", "repairing"])
+async def test_a_doctype_naming_a_fifo_is_refused_without_opening_it(
+    tmp_path: Path, encoding: str, repair: bool
+) -> None:
+    """Opening a FIFO blocks until a writer comes: a parser that tries would never return."""
+    fifo = tmp_path / "no-writer-ever"
+    os.mkfifo(fifo)
+    raw = doctype_naming(str(fifo), encoding=encoding)
+    parsing = asyncio.ensure_future(asyncio.to_thread(parse_checked, raw, XmlLimits(repair=repair)))
+    done, _ = await asyncio.wait({parsing}, timeout=5)
+    if not done:
+        _unblock_reader(fifo)
+        await parsing
+        pytest.fail("the parser opened the FIFO named in the DOCTYPE")
+    with pytest.raises(XmlRejected) as refused:
+        parsing.result()
+    assert refused.value.code in {ErrorCode.FORBIDDEN_DTD, ErrorCode.UNSUPPORTED_ENCODING}
+
+
+async def test_a_doctype_naming_a_missing_file_is_refused_not_served(pump: Pump, tmp_path: Path) -> None:
+    """Before the fix a DTD that named a file that does not exist was skipped and the message served."""
+    for encoding in ("UTF-7", "UTF-8"):
+        submission = await pump.inject(doctype_naming(str(tmp_path / "absent.dtd"), encoding=encoding))
+        reply = await submission.next_reply(5)
+        assert reply.error_code in {ErrorCode.FORBIDDEN_DTD, ErrorCode.UNSUPPORTED_ENCODING}, reply.payload

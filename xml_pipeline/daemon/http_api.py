@@ -34,6 +34,7 @@ WAIT_MODES = ("none", "first", "end")
 STATUS_FOR_CODE = {
     ErrorCode.MALFORMED_XML: 400,
     ErrorCode.FORBIDDEN_DTD: 400,
+    ErrorCode.UNSUPPORTED_ENCODING: 400,
     ErrorCode.TOO_DEEP: 400,
     ErrorCode.ENVELOPE_INVALID: 400,
     ErrorCode.TOO_LARGE: 413,

@@ -1,11 +1,21 @@
 """Parsing bytes nobody vouches for.
 
-Limits are checked before parsing where the bytes alone can tell (size, a
-DOCTYPE), and right after parsing otherwise (depth, a DTD hidden behind a
-non-UTF-8 encoding). DTDs are refused outright rather than parsed carefully:
-no valid envelope needs one, and refusing them closes XXE, billion laughs and
-every other entity trick at once. The parser never resolves entities and never
-touches the network.
+Three layers keep DTDs harmless, so no single slip opens a hole:
+
+- The parser never loads anything from outside: no DTD loading, no entity
+  substitution, no network, and a resolver that refuses every external fetch
+  libxml2 might still attempt. (``collect_ids=False`` is *not* used: lxml
+  implements it through libxml2's ``loadsubset`` flags, which makes libxml2
+  load a document's external subset even with ``load_dtd=False``.)
+- After parsing, the document's ``docinfo`` is checked: any DOCTYPE, internal
+  subset or external subset refuses the message. This sees a DTD whatever the
+  encoding it was written in, and text that merely looks like one (in CDATA,
+  say) is text.
+- Only UTF-8 and UTF-16 are accepted. Other encodings (UTF-7, UTF-32, EBCDIC,
+  Latin-1) add nothing an envelope needs and are where byte-level checks go
+  blind.
+
+Size is checked before parsing; depth cheaply before and exactly after.
 """
 
 from __future__ import annotations
@@ -45,18 +55,33 @@ class XmlRejected(Exception):
         self.detail = detail
 
 
+class _ExternalFetchRefused(Exception):
+    """Raised inside libxml2's loader when a document asks for anything outside itself."""
+
+
+class _RefuseEveryFetch(etree.Resolver):
+    """The last line: even if libxml2 decides to load a DTD or entity, nothing is opened."""
+
+    def resolve(  # type: ignore[override]  # the stubs omit the context argument lxml passes
+        self, system_url: str | None, public_id: str | None, context: object
+    ) -> Any:
+        raise _ExternalFetchRefused(system_url or public_id or "an external resource")
+
+
 def _parser(recover: bool) -> etree.XMLParser:
-    return etree.XMLParser(
+    parser = etree.XMLParser(
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
         dtd_validation=False,
+        attribute_defaults=False,
         huge_tree=False,
-        collect_ids=False,
         recover=recover,
         remove_comments=True,  # carry no payload data; dropping them keeps each field's text in .text
         remove_pis=True,
     )
+    parser.resolvers.add(_RefuseEveryFetch())
+    return parser
 
 
 _STRICT = _parser(recover=False)
@@ -80,9 +105,67 @@ def _could_be_deeper(raw: bytes, max_depth: int) -> bool:
     return raw.count(b"<") - raw.count(b"</") > max_depth
 
 
-def _ascii_compatible(raw: bytes) -> bool:
-    """True when markup is plain ASCII bytes (UTF-8 and kin), so a byte scan sees a DOCTYPE."""
-    return (raw[:1] == b"<" and raw[1:2] != b"\x00") or raw[:3] == b"\xef\xbb\xbf"
+ACCEPTED_ENCODINGS = frozenset({"utf-8", "utf-16"})
+
+_UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_EBCDIC_DECLARATION = b"\x4c\x6f\xa7\x94"  # "<?xm" in EBCDIC, which starts with the ASCII letters "Lo"
+
+
+def _refuse_foreign_encoding(raw: bytes) -> None:
+    """Refuse bytes that are neither UTF-8 (or ASCII) nor UTF-16 with its byte order mark.
+
+    The bytes alone settle the family before libxml2 guesses; the declared
+    encoding is checked after parsing, from ``docinfo``.
+    """
+    if raw.startswith(_UTF32_BOMS):
+        raise XmlRejected(ErrorCode.UNSUPPORTED_ENCODING, "UTF-32 is not accepted; send UTF-8 or UTF-16")
+    if raw.startswith(_EBCDIC_DECLARATION):
+        raise XmlRejected(ErrorCode.UNSUPPORTED_ENCODING, "EBCDIC is not accepted; send UTF-8 or UTF-16")
+    if raw.startswith((_UTF8_BOM, *_UTF16_BOMS)):
+        return
+    head = raw[:2]
+    if head[:1] >= b"\x80" or b"\x00" in head:
+        raise XmlRejected(
+            ErrorCode.UNSUPPORTED_ENCODING,
+            "the bytes are not UTF-8, and UTF-16 needs its byte order mark; send UTF-8 or UTF-16",
+        )
+
+
+def _carries_dtd(raw: bytes) -> bool:
+    """Whether a document that failed to parse declared a DTD, as far as the repairing parser sees.
+
+    Only the error path asks, so that a DTD that broke the strict parse is
+    reported as what it is rather than as malformed XML.
+    """
+    try:
+        root = etree.fromstring(raw, _REPAIRING)
+    except _ExternalFetchRefused:
+        return True
+    except (etree.XMLSyntaxError, ValueError):
+        return False
+    return root is not None and _declares_dtd(_docinfo(root))
+
+
+def _docinfo(root: etree._Element) -> Any:
+    """The document's DocInfo, typed loosely: the stubs lack ``doctype`` and ``externalDTD``."""
+    return root.getroottree().docinfo
+
+
+def _declares_dtd(docinfo: Any) -> bool:
+    return bool(docinfo.doctype) or docinfo.internalDTD is not None or docinfo.externalDTD is not None
+
+
+def _refuse_foreign_declaration_and_dtd(root: etree._Element) -> None:
+    docinfo = _docinfo(root)
+    declared = (docinfo.encoding or "utf-8").lower()
+    if declared not in ACCEPTED_ENCODINGS:
+        raise XmlRejected(
+            ErrorCode.UNSUPPORTED_ENCODING, f"encoding {docinfo.encoding!r} is not accepted; send UTF-8 or UTF-16"
+        )
+    if _declares_dtd(docinfo):
+        raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,23 +178,25 @@ def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
     """Parse ``raw`` under ``limits``; raises :class:`XmlRejected`."""
     if len(raw) > limits.max_bytes:
         raise XmlRejected(ErrorCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {limits.max_bytes}")
-    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
-        raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
+    _refuse_foreign_encoding(raw)
     parser = _REPAIRING if limits.repair else _STRICT
     try:
         root = etree.fromstring(raw, parser)
+    except _ExternalFetchRefused as exc:
+        raise XmlRejected(ErrorCode.FORBIDDEN_DTD, f"the document asks to load {exc}; nothing is loaded") from None
     except etree.XMLSyntaxError as exc:
         if "depth" in str(exc).lower():
             raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}") from None
+        if getattr(exc, "code", None) == etree.ErrorTypes.ERR_UNSUPPORTED_ENCODING:  # the stubs lack .code
+            raise XmlRejected(ErrorCode.UNSUPPORTED_ENCODING, f"{exc}; send UTF-8 or UTF-16") from None
+        if _carries_dtd(raw):  # e.g. libxml2 stopped at an entity amplification limit inside the DTD
+            raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted") from None
         raise XmlRejected(ErrorCode.MALFORMED_XML, f"not well-formed XML: {exc}") from None
     except ValueError as exc:  # e.g. a str with an encoding declaration
         raise XmlRejected(ErrorCode.MALFORMED_XML, f"not parseable: {exc}") from None
     if root is None:
         raise XmlRejected(ErrorCode.MALFORMED_XML, "not well-formed XML: nothing could be recovered")
-    if not _ascii_compatible(raw):  # the byte scan above cannot see a DOCTYPE in UTF-16 and the like
-        docinfo = root.getroottree().docinfo
-        if docinfo.internalDTD is not None or docinfo.doctype:
-            raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
+    _refuse_foreign_declaration_and_dtd(root)
     if _could_be_deeper(raw, limits.max_depth) and _deeper_than(limits.max_depth)(root):
         raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}")
     repairs: tuple[str, ...] = ()

@@ -15,6 +15,7 @@ class ErrorCode(enum.Enum):
 
     MALFORMED_XML = "malformed-xml"
     FORBIDDEN_DTD = "forbidden-dtd"
+    UNSUPPORTED_ENCODING = "unsupported-encoding"
     TOO_LARGE = "too-large"
     TOO_DEEP = "too-deep"
     ENVELOPE_INVALID = "envelope-invalid"

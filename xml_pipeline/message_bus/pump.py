@@ -395,7 +395,11 @@ class Pump:
     async def inject(self, raw: bytes) -> Submission:
         """Accept one envelope from outside. Never raises for bad input: a refused
         message comes back as a Submission whose first reply is the SystemError."""
-        admitted = self._admit(raw)
+        try:
+            admitted = self._admit(raw)
+        except Exception as exc:  # a bug, or lxml refusing in a way we did not foresee: never a crash
+            log.exception("internal error while admitting a message")
+            admitted = _Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")
         if isinstance(admitted, _Refusal):
             return self._refuse(admitted)
         listener, payload, payload_xml, envelope = admitted
@@ -538,7 +542,12 @@ class Pump:
         submission.close()
         self.metrics.ingress(accepted=False)
         self._note_error(
-            refusal.code, refusal.detail, listener=refusal.target, thread=submission.thread_id, sender=refusal.sender
+            refusal.code,
+            refusal.detail,
+            listener=refusal.target,
+            thread=submission.thread_id,
+            sender=refusal.sender,
+            conversation=submission.thread_id,
         )
         return submission
 
@@ -555,7 +564,12 @@ class Pump:
                     self._slots.release()
             if isinstance(outcome, _Failure):
                 self._note_error(
-                    outcome.code, outcome.detail, listener=name, thread=delivery.thread, sender=delivery.sender
+                    outcome.code,
+                    outcome.detail,
+                    listener=name,
+                    thread=delivery.thread,
+                    sender=delivery.sender,
+                    conversation=conversation.id,
                 )
                 await self._climb(conversation, delivery.thread, outcome, name)
             else:
@@ -808,14 +822,27 @@ class Pump:
 
     # ------------------------------------------------------------------ errors
     def _note_error(
-        self, code: ErrorCode, detail: str, *, listener: str | None, thread: str, sender: str | None
+        self,
+        code: ErrorCode,
+        detail: str,
+        *,
+        listener: str | None,
+        thread: str,
+        sender: str | None,
+        conversation: str,
     ) -> None:
-        """The one log line and the one count that every SystemError gets."""
+        """The one log line and the one count that every SystemError gets.
+
+        ``conversation`` is the thread the client sees (its replies and errors
+        arrive on it), so an operator can search the log for what a client
+        reports; ``thread`` is the hop's own thread.
+        """
         self.metrics.error(code)
         log.warning(
-            "message failed code=%s listener=%s thread=%s from=%s: %s",
+            "message failed code=%s listener=%s conversation=%s thread=%s from=%s: %s",
             code.value,
             listener or "-",
+            conversation,
             thread,
             sender or "-",
             detail,
@@ -825,7 +852,14 @@ class Pump:
         self, conversation: Conversation, thread: str, failure: _Failure, listener: str
     ) -> None:
         """``listener`` (at the head of ``thread``'s chain) produced output that cannot go where it asked."""
-        self._note_error(failure.code, failure.detail, listener=listener, thread=thread, sender=listener)
+        self._note_error(
+            failure.code,
+            failure.detail,
+            listener=listener,
+            thread=thread,
+            sender=listener,
+            conversation=conversation.id,
+        )
         head = self._listeners.get(listener)
         if head is not None and head.accepts_errors:
             await self._error_to_listener(conversation, head, thread, failure, listener)
@@ -846,7 +880,13 @@ class Pump:
                 )
                 return
             current = pruned.thread_id
-        log.error("error had no caller to go to code=%s listener=%s thread=%s", failure.code.value, listener, thread)
+        log.error(
+            "error had no caller to go to code=%s listener=%s conversation=%s thread=%s",
+            failure.code.value,
+            listener,
+            conversation.id,
+            thread,
+        )
 
     async def _error_to_listener(
         self, conversation: Conversation, target: Listener, thread: str, failure: _Failure, listener: str
@@ -859,7 +899,9 @@ class Pump:
 
     def _client_error(self, conversation: Conversation, code: ErrorCode, detail: str, listener: str) -> None:
         """Straight into the client's mailbox; never awaits, so it works while cancelling."""
-        self._note_error(code, detail, listener=listener, thread=conversation.id, sender=None)
+        self._note_error(
+            code, detail, listener=listener, thread=conversation.id, sender=None, conversation=conversation.id
+        )
         if conversation.submission is None:
             return  # started by a listener: the log line is all there is to tell
         reply = self._error_reply(code, detail, to=conversation.initiator, thread=conversation.id, listener=listener)
