@@ -37,6 +37,11 @@ async def echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
     return HandlerResponse.respond(Pong(payload.text))
 
 
+async def bloated(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """Answers with as many bytes as the ping's count asks for (in-process or in a worker)."""
+    return HandlerResponse.respond(Pong("x" * payload.count))
+
+
 async def raises(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
     raise RuntimeError(f"cannot handle {payload.text}")
 

@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar, Union
 
 from lxml import etree
 
-from xml_pipeline.message.safe_xml import parse_untrusted, schema_error
+from xml_pipeline.message.safe_xml import XmlLimits, parse_untrusted, schema_error
 
 XSI_NIL = "{http://www.w3.org/2001/XMLSchema-instance}nil"
 _NIL_TRUE = ("true", "1")
@@ -568,9 +568,13 @@ class PayloadCodec(typing.Generic[T]):
         except (ValueError, KeyError, TypeError) as exc:
             raise PayloadDecodeError(f"<{self.xml_name}>: {exc}") from None
 
-    def from_bytes(self, data: bytes) -> T:
-        """Parse, validate and decode a standalone payload document (tests, tools, history)."""
-        element = parse_untrusted(data)
+    def from_bytes(self, data: bytes, limits: XmlLimits | None = None) -> T:
+        """Parse (under ``limits``), validate and decode a standalone payload document.
+
+        Raises XmlRejected for bytes beyond the limits, PayloadDecodeError for a
+        payload that breaks the schema.
+        """
+        element = parse_untrusted(data, limits)
         problem = self.validate(element)
         if problem is not None:
             raise PayloadDecodeError(problem)

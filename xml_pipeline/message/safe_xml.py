@@ -21,7 +21,7 @@ Size is checked before parsing; depth cheaply before and exactly after.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +203,32 @@ def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
     if limits.repair and parser.error_log:
         repairs = tuple(f"line {e.line}: {e.message}" for e in parser.error_log)
     return Parsed(root, repairs)
+
+
+ENVELOPE_ALLOWANCE = 4096
+"""Bytes a payload may be short of the limit and still need its envelope measured (names, thread)."""
+
+
+def check_outgoing(
+    payload_xml: bytes, element: etree._Element, limits: XmlLimits, *, envelope_size: Callable[[], int]
+) -> None:
+    """Hold a payload a handler produced to the limits an incoming message meets.
+
+    A handler's output becomes the next hop's input, so the same size and depth
+    bounds apply to it; checking here, before it is validated, decoded, recorded
+    and queued, keeps one runaway handler from multiplying its output in memory.
+    ``envelope_size`` is asked only when the payload is near the limit.
+    """
+    size = len(payload_xml)
+    if size > limits.max_bytes - ENVELOPE_ALLOWANCE:
+        size += envelope_size()
+        if size > limits.max_bytes:
+            raise XmlRejected(
+                ErrorCode.TOO_LARGE, f"the message would be {size} bytes; the limit is {limits.max_bytes}"
+            )
+    payload_depth = limits.max_depth - 1  # the envelope's <message> holds the payload
+    if _could_be_deeper(payload_xml, payload_depth) and _deeper_than(payload_depth)(element):
+        raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting would be deeper than the limit of {limits.max_depth}")
 
 
 def schema_error(schema: etree.XMLSchema) -> str:

@@ -56,7 +56,7 @@ from xml_pipeline.message.payload_codec import (
     codec_for,
     payload_type_name,
 )
-from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
+from xml_pipeline.message.safe_xml import XmlRejected, check_outgoing, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.metrics import PumpMetrics
@@ -68,6 +68,8 @@ from xml_pipeline.process_pool.worker import Task
 log = logging.getLogger("xml_pipeline.pump")
 
 SYSTEM_SENDER = "system"
+_THREAD_SIZED = "00000000-0000-0000-0000-000000000000"
+"""Stands in for a hop's thread when only the envelope's length matters (every thread is a UUID)."""
 
 ConversationEndHook = Callable[[str, tuple[BufferSlot, ...]], None]
 
@@ -653,7 +655,14 @@ class Pump:
         if outcome.kind == "none":
             return None
         if outcome.kind == "response":
-            payload = codec_for(import_object(outcome.payload_type)).from_bytes(outcome.payload_xml)
+            try:
+                payload = codec_for(import_object(outcome.payload_type)).from_bytes(
+                    outcome.payload_xml, self._xml_limits
+                )
+            except XmlRejected as refused:
+                return _Failure(refused.code, f"{listener.name} returned a payload beyond the limits: {refused.detail}")
+            except PayloadDecodeError as exc:
+                return _Failure(ErrorCode.BAD_RESPONSE, f"{listener.name} returned an invalid payload: {exc}")
             return HandlerResponse(payload, outcome.to)
         if outcome.kind == "timeout":
             limit = listener.timeout_seconds
@@ -743,6 +752,10 @@ class Pump:
             element = codec.to_element(payload)
         except PayloadTypeError as exc:
             return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {exc}")
+        payload_xml = etree.tostring(element)
+        beyond = self._beyond_limits(payload_xml, element, sender, target.name)
+        if beyond is not None:
+            return beyond
         problem = codec.validate(element)
         if problem is not None:
             return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {problem}")
@@ -750,7 +763,20 @@ class Pump:
             fresh = codec.from_element(element)
         except PayloadDecodeError as exc:
             return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an undecodable {codec.xml_name}: {exc}")
-        return fresh, etree.tostring(element)
+        return fresh, payload_xml
+
+    def _beyond_limits(self, payload_xml: bytes, element: etree._Element, sender: str, to: str) -> _Failure | None:
+        """The failure for a handler's output that an incoming message of its size or depth would get."""
+        try:
+            check_outgoing(
+                payload_xml,
+                element,
+                self._xml_limits,
+                envelope_size=lambda: len(envelope_bytes(sender, to, _THREAD_SIZED, b"")),
+            )
+        except XmlRejected as refused:
+            return _Failure(refused.code, f"{sender}'s output to {to}: {refused.detail}")
+        return None
 
     async def _send(
         self,
@@ -808,8 +834,11 @@ class Pump:
             return _Failure(
                 ErrorCode.BAD_RESPONSE, f"{sender} responded with something that cannot travel as XML: {exc}"
             )
-        fresh = codec.from_element(element)
         payload_xml = etree.tostring(element)
+        beyond = self._beyond_limits(payload_xml, element, sender, to)
+        if beyond is not None:
+            return beyond
+        fresh = codec.from_element(element)
         failure = await self._record(conversation, sender, to, thread, fresh, payload_xml)
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
