@@ -68,7 +68,14 @@ class NotifySocket:
 
 
 class DaemonProcess:
-    def __init__(self, directory: Path, organism: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        organism: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        open_files: int | None = None,
+    ) -> None:
         self.socket_path = directory / "d.sock"
         self.notify = NotifySocket(directory / "notify.sock")
         self.log_path = directory / "daemon.log"
@@ -79,8 +86,19 @@ class DaemonProcess:
             **(env or {}),
         }
         self._log = self.log_path.open("w")
+        limit = [] if open_files is None else ["prlimit", f"--nofile={open_files}:{open_files}", "--"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "xml_pipeline", "run", str(organism), "--socket", str(self.socket_path), *extra],
+            [
+                *limit,
+                sys.executable,
+                "-m",
+                "xml_pipeline",
+                "run",
+                str(organism),
+                "--socket",
+                str(self.socket_path),
+                *extra,
+            ],
             cwd=ROOT,
             env=environment,
             stdout=self._log,
@@ -117,9 +135,12 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def running_daemon(organism: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[DaemonProcess]:
+def running_daemon(
+    organism: Path, *extra: str, env: dict[str, str] | None = None, open_files: int | None = None
+) -> Iterator[DaemonProcess]:
+    """The daemon, ready; ``open_files`` lowers its RLIMIT_NOFILE as systemd's LimitNOFILE would."""
     with short_directory() as directory:
-        daemon = DaemonProcess(directory, organism, *extra, env=env)
+        daemon = DaemonProcess(directory, organism, *extra, env=env, open_files=open_files)
         try:
             daemon.wait_ready()
             yield daemon

@@ -78,7 +78,7 @@ def test_http_interface_answers_bad_requests_with_clear_4xx() -> None:
             b"<a/>": (400, "envelope-invalid"),
             _envelope("nobody", GREETING): (404, "unknown-target"),
             _envelope("greeter", "<Greeting><nom>x</nom></Greeting>"): (422, "payload-invalid"),
-            _envelope("greeter", f"<Greeting><name>{'x' * 1_100_000}</name></Greeting>"): (413, None),
+            _envelope("greeter", f"<Greeting><name>{'x' * 1_100_000}</name></Greeting>"): (413, "too-large"),
         }
         for body, (status, code) in cases.items():
             answer = client.request("POST", "/messages", body=body)

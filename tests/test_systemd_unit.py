@@ -59,6 +59,11 @@ def test_unit_declares_notify_watchdog_reload_restart_and_hardening() -> None:
     configparser.ConfigParser(strict=False).read_string(UNIT.read_text())  # plain INI, nothing exotic
 
 
+def test_open_file_limit_is_raised_for_many_connections() -> None:
+    service = unit_sections()["Service"]
+    assert int(service["LimitNOFILE"][0]) >= 65536
+
+
 def test_stop_timeout_leaves_room_for_the_drain() -> None:
     service = unit_sections()["Service"]
     assert int(service["TimeoutStopSec"][0]) > 20 + 5  # drain_timeout_seconds default + reply grace

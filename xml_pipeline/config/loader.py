@@ -149,6 +149,11 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "redis_prefix": _Key(str),
         "redis_ttl": _Key(int, check=_at_least(1)),
     },
+    "http": {
+        "max_connections": _Key(int, check=_at_least(1)),
+        "header_timeout_seconds": _Key(_NUMBER, check=_positive),
+        "body_timeout_seconds": _Key(_NUMBER, check=_positive),
+    },
     "process_pool": {
         "workers": _Key(int, check=_at_least(1)),
         "max_tasks_per_child": _Key(int, check=_at_least(1)),
@@ -383,6 +388,7 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             "base_dir": str(base_dir) if base_dir is not None else None,
             "backend": sections["backend"],
             "process_pool": sections["process_pool"],
+            "http": sections["http"],
         }
         return organism
     finally:

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.message.system_payloads import ErrorCode
@@ -38,6 +40,7 @@ STATUS_FOR_CODE = {
     ErrorCode.TOO_DEEP: 400,
     ErrorCode.ENVELOPE_INVALID: 400,
     ErrorCode.TOO_LARGE: 413,
+    ErrorCode.BODY_TIMEOUT: 408,
     ErrorCode.UNKNOWN_TARGET: 404,
     ErrorCode.PEER_NOT_ALLOWED: 403,
     ErrorCode.PAYLOAD_INVALID: 422,
@@ -108,8 +111,32 @@ def _replies_body(submission: Submission, replies: list[Reply]) -> dict[str, Any
     }
 
 
-def build_app(daemon: DaemonView, *, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes)
+def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard) -> web.Application:
+    @web.middleware
+    async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tell the door which connections are busy, so it never times out or evicts one mid-request."""
+        door.request_started(request.transport)
+        try:
+            return await handler(request)
+        finally:
+            door.request_finished(request.transport)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[count_requests])
+    body_timeout = door.limits.body_timeout_seconds
+
+    async def read_body(request: web.Request) -> bytes | Submission:
+        """The request's body, or a refusal: too large (said before reading when the length is known), too slow."""
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            return daemon.pump.reject(
+                ErrorCode.TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {max_body_bytes}"
+            )
+        try:
+            async with asyncio.timeout(body_timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return daemon.pump.reject(ErrorCode.TOO_LARGE, f"the body is over the limit of {max_body_bytes} bytes")
+        except TimeoutError:
+            return daemon.pump.reject(ErrorCode.BODY_TIMEOUT, f"the body did not arrive within {body_timeout:g}s")
 
     async def post_message(request: web.Request) -> web.Response:
         if not daemon.accepting:
@@ -117,8 +144,8 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int) -> web.Application:
         wait = _wait_parameters(request, "none")
         if isinstance(wait, web.Response):
             return wait
-        body = await request.read()
-        submission = await daemon.pump.inject(body)
+        body = await read_body(request)
+        submission = body if isinstance(body, Submission) else await daemon.pump.inject(body)
         if submission.closed and submission.pending() and submission.pending()[0].is_error:
             refusal = submission.take_pending()[0]
             status = STATUS_FOR_CODE.get(refusal.error_code or ErrorCode.INTERNAL, 400)

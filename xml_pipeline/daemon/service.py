@@ -28,6 +28,7 @@ from aiohttp import web
 
 from xml_pipeline import __version__
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
+from xml_pipeline.daemon.door import ConnectionGuard, DoorLimits, default_max_connections
 from xml_pipeline.daemon.http_api import build_app
 from xml_pipeline.daemon.metrics import PrometheusMetrics
 from xml_pipeline.daemon.notify import SystemdNotifier
@@ -41,6 +42,7 @@ from xml_pipeline.organism import Organism
 log = logging.getLogger("xml_pipeline.daemon")
 
 HOUSEKEEPING_SECONDS = 5.0
+DOOR_SWEEP_SECONDS = 1.0
 HTTP_SHUTDOWN_SECONDS = 5.0
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues before accept(); a full Unix-socket backlog refuses
@@ -56,6 +58,7 @@ RESTART_ONLY_SETTINGS = (
     "log_format",
     "backend",
     "process_pool",
+    "http",
 )
 
 
@@ -69,6 +72,7 @@ class DaemonOptions:
     tcp: tuple[str, int] | None
     drain_timeout: float
     reply_retention: float
+    door: DoorLimits
     collect_grace: float = 5.0
 
     @classmethod
@@ -90,11 +94,17 @@ class DaemonOptions:
         else:
             path = default_socket_path(organism.name)
         address = tcp or settings.get("tcp")
+        http = settings.get("http", {})
         return cls(
             socket_path=path,
             tcp=parse_tcp_address(address) if address else None,
             drain_timeout=float(drain_timeout or settings.get("drain_timeout_seconds", 20.0)),
             reply_retention=float(settings.get("reply_retention_seconds", 300.0)),
+            door=DoorLimits(
+                max_connections=int(http.get("max_connections") or default_max_connections()),
+                header_timeout_seconds=float(http.get("header_timeout_seconds", 10.0)),
+                body_timeout_seconds=float(http.get("body_timeout_seconds", 30.0)),
+            ),
         )
 
 
@@ -110,6 +120,8 @@ class Daemon:
         self.submissions = SubmissionTable(
             capacity=organism.limits.max_conversations, retention_seconds=options.reply_retention
         )
+        self.door = ConnectionGuard(options.door)
+        self._servers: list[asyncio.Server] = []
         self._accepting = False
         self._commands: asyncio.Queue[str] = asyncio.Queue(maxsize=4)
         self._stopped = asyncio.Event()
@@ -178,6 +190,7 @@ class Daemon:
                 if self.notifier.watchdog_interval is not None:
                     group.create_task(self._every(self.notifier.watchdog_interval, self._watchdog_tick))
                 group.create_task(self._every(HOUSEKEEPING_SECONDS, self._housekeeping_tick))
+                group.create_task(self._every(DOOR_SWEEP_SECONDS, self._door_tick))
                 while await self._commands.get() == "reload":
                     await self._reload()
                 self._stopped.set()
@@ -208,6 +221,12 @@ class Daemon:
     def _watchdog_tick(self) -> None:
         if self.pump.healthy:  # a dead dispatcher stops the pings, and systemd restarts us
             self.notifier.watchdog()
+
+    def _door_tick(self) -> None:
+        closed = self.door.sweep()
+        if closed:
+            timeout = self.options.door.header_timeout_seconds
+            log.info("closed %d connection(s) that sent no complete request within %gs", closed, timeout)
 
     def _housekeeping_tick(self) -> None:
         self.submissions.sweep()
@@ -248,7 +267,10 @@ class Daemon:
         if report.cancelled:
             log.warning("stopping: %d message(s) were cut short and reported to their clients", report.cancelled)
         await self._let_clients_collect()
+        for server in self._servers:
+            server.close()
         await runner.cleanup()
+        self.door.close_all()
         self.options.socket_path.unlink(missing_ok=True)
         self.backend.close()
         self.notifier.close()
@@ -265,18 +287,30 @@ class Daemon:
 
     # ------------------------------------------------------------------ sockets
     async def _serve_http(self) -> web.AppRunner:
-        app = build_app(self, max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK)
+        """Serve the app on our own listening sockets, every connection under the door's guard."""
+        app = build_app(
+            self,
+            max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK,
+            door=self.door,
+        )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
+        assert runner.server is not None
+        protocol = self.door.wrap(runner.server)
+        loop = asyncio.get_running_loop()
         try:
-            await web.SockSite(runner, _bind_unix_socket(self.options.socket_path), backlog=LISTEN_BACKLOG).start()
+            unix = _bind_unix_socket(self.options.socket_path)
+            self._servers.append(await loop.create_server(protocol, sock=unix, backlog=LISTEN_BACKLOG))
             if self.options.tcp is not None:
                 host, port = self.options.tcp
                 try:
-                    await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
+                    server = await loop.create_server(protocol, host, port, backlog=LISTEN_BACKLOG, reuse_address=True)
                 except OSError as exc:
                     raise DaemonStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+                self._servers.append(server)
         except BaseException:
+            for started in self._servers:
+                started.close()
             await runner.cleanup()
             raise
         return runner

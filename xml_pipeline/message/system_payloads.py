@@ -17,6 +17,7 @@ class ErrorCode(enum.Enum):
     FORBIDDEN_DTD = "forbidden-dtd"
     UNSUPPORTED_ENCODING = "unsupported-encoding"
     TOO_LARGE = "too-large"
+    BODY_TIMEOUT = "body-timeout"
     TOO_DEEP = "too-deep"
     ENVELOPE_INVALID = "envelope-invalid"
     UNKNOWN_TARGET = "unknown-target"
@@ -41,6 +42,7 @@ class ErrorCode(enum.Enum):
 _TRANSIENT = frozenset(
     {
         ErrorCode.HANDLER_TIMEOUT,
+        ErrorCode.BODY_TIMEOUT,
         ErrorCode.OVERLOAD,
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.BACKEND_UNAVAILABLE,

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lxml import etree
@@ -61,13 +61,15 @@ from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
-from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.organism import Listener, Organism, is_reserved
 from xml_pipeline.process_pool.pool import CpuPool, WorkerCrashed, WorkerStuck
 from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.pump")
 
 SYSTEM_SENDER = "system"
+UNBOUNDED_BYTES = 2**62
+"""The size bound of the built-in primitives' outputs: none (see Pump._beyond_limits)."""
 _THREAD_SIZED = "00000000-0000-0000-0000-000000000000"
 """Stands in for a hop's thread when only the envelope's length matters (every thread is a UUID)."""
 
@@ -147,6 +149,7 @@ class Pump:
         self.metrics = metrics if metrics is not None else PumpMetrics()
         self.limits = organism.limits
         self._xml_limits = organism.limits.xml_limits()
+        self._output_limits_of_primitives = replace(self._xml_limits, max_bytes=UNBOUNDED_BYTES)
         self._listeners: dict[str, Listener] = dict(organism.listeners)
         shared = backend if backend is not None else InMemoryBackend()
         self.registry = ThreadRegistry(shared)
@@ -441,6 +444,10 @@ class Pump:
             self._client_error(conversation, failure.code, failure.detail, listener.name)
             self._finish_one(conversation)
         return conversation.submission
+
+    def reject(self, code: ErrorCode, detail: str) -> Submission:
+        """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
+        return self._refuse(_Refusal(code, detail))
 
     def _admit(self, raw: bytes) -> _Admitted | _Refusal:
         """Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, target, peers, payload."""
@@ -766,14 +773,16 @@ class Pump:
         return fresh, payload_xml
 
     def _beyond_limits(self, payload_xml: bytes, element: etree._Element, sender: str, to: str) -> _Failure | None:
-        """The failure for a handler's output that an incoming message of its size or depth would get."""
+        """The failure for a handler's output that an incoming message of its size or depth would get.
+
+        The built-in primitives are held to the depth bound only: a buffer's
+        outcome gathers one answer per item, each of which met the size bound
+        on its own way in, and refusing it would throw away the whole run.
+        """
+        envelope_size = lambda: len(envelope_bytes(sender, to, _THREAD_SIZED, b""))  # noqa: E731
+        limits = self._output_limits_of_primitives if is_reserved(sender) else self._xml_limits
         try:
-            check_outgoing(
-                payload_xml,
-                element,
-                self._xml_limits,
-                envelope_size=lambda: len(envelope_bytes(sender, to, _THREAD_SIZED, b"")),
-            )
+            check_outgoing(payload_xml, element, limits, envelope_size=envelope_size)
         except XmlRejected as refused:
             return _Failure(refused.code, f"{sender}'s output to {to}: {refused.detail}")
         return None
