@@ -64,6 +64,8 @@ def manager_backend() -> Iterator[ManagerBackend]:
 
 
 BACKENDS = ["memory", "manager", "redis"]
+RECORD_KINDS = ["buffer", "sequence"]
+"""The record kinds the orchestration registries keep, cleared like the buffer and the registry."""
 
 
 def _empty_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[SharedBackend]:
@@ -73,6 +75,8 @@ def _empty_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[Shared
         shared: ManagerBackend = request.getfixturevalue("manager_backend")
         shared.buffer_clear()
         shared.registry_clear()
+        for kind in RECORD_KINDS:
+            shared.record_clear(kind)
         yield shared
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
@@ -80,6 +84,8 @@ def _empty_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[Shared
         yield redis_backend
         redis_backend.buffer_clear()
         redis_backend.registry_clear()
+        for kind in RECORD_KINDS:
+            redis_backend.record_clear(kind)
         redis_backend.close()
 
 

@@ -13,13 +13,16 @@ from tests.daemon_support import cli, running_daemon
 from workers.hello import GreetingReply
 from xml_pipeline import ErrorCode, SystemErrorPayload
 from xml_pipeline.config import loader
+from xml_pipeline.memory.shared_backend import reset_shared_backend
 from xml_pipeline.message.payload_codec import codec_for
+from xml_pipeline.message_bus.thread_registry import reset_registry
 from xml_pipeline.organism import Organism
 from xml_pipeline.testing import running
 
 README = (ROOT / "README.md").read_text()
 ORGANISM_DOC = (ROOT / "docs" / "organism-yaml.md").read_text()
 SYSTEMD_DOC = (ROOT / "docs" / "systemd.md").read_text()
+REFERENCE_DOC = (ROOT / "docs" / "reference-api.md").read_text()
 
 
 def blocks(language: str, text: str = README) -> list[str]:
@@ -38,6 +41,14 @@ def run_readme_blocks(count: int | None = None) -> dict[str, Any]:
 def test_readme_python_examples_run() -> None:
     namespace = run_readme_blocks()
     assert "triage" in namespace
+
+
+def test_reference_api_example_runs() -> None:
+    """As in a fresh process: no registry or shared backend made before (earlier tests' pumps installed theirs)."""
+    reset_registry()
+    reset_shared_backend()
+    (example,) = blocks("python", REFERENCE_DOC)
+    exec(compile(example, "docs/reference-api.md", "exec"), {"__name__": "reference_example"})
 
 
 def test_readme_ticket_xml_matches_the_ticket_contract() -> None:
@@ -73,7 +84,8 @@ def test_readme_send_example_gets_the_reply_it_shows() -> None:
 
 
 def test_docs_link_to_files_that_exist() -> None:
-    for text, base in ((README, ROOT), (ORGANISM_DOC, ROOT / "docs"), (SYSTEMD_DOC, ROOT / "docs")):
+    docs = ROOT / "docs"
+    for text, base in ((README, ROOT), (ORGANISM_DOC, docs), (SYSTEMD_DOC, docs), (REFERENCE_DOC, docs)):
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
             assert (base / target).exists(), target
 

@@ -16,7 +16,7 @@ from workers.cpu import Crunch, Crunched, checksum, crunch
 from xml_pipeline import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message.payload_codec import codec_for
-from xml_pipeline.message_bus.buffer_registry import BufferRegistry, get_buffer_registry
+from xml_pipeline.message_bus.buffer_registry import BufferRegistry, get_buffer_registry, new_run_id
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.sequence_registry import get_sequence_registry
 from xml_pipeline.organism import Listener, Organism
@@ -293,10 +293,11 @@ async def test_ids_are_unguessable_and_shared_labels_do_not_collide(pump: Pump) 
 
 async def test_an_item_answered_twice_keeps_its_first_answer(pump: Pump) -> None:
     registry = BufferRegistry(pump.buffer.backend)
-    state = registry.create(target="add1", total=1)
-    assert registry.record_result(state.buffer_id, 0, success=True, result="<first/>") is True
-    assert registry.record_result(state.buffer_id, 0, success=False, error="second") is False
-    assert registry.get(state.buffer_id).results[0].result == "<first/>"  # type: ignore[union-attr]
+    state = registry.create(new_run_id(), 1, "", "t", "console", "add1")
+    assert registry.record_result(state.buffer_id, 0, "<first/>") is not None
+    again = registry.record_result(state.buffer_id, 0, "", success=False, error="second")
+    assert again is not None
+    assert (again.results[0].result, again.completed_count, again.successful_count) == ("<first/>", 1, 1)
     registry.remove(state.buffer_id)
     # and the collector resolves each call once, ignoring a repeated answer
     with Collector(pump, "buffer", "test", concurrency=1) as collector:

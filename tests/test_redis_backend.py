@@ -23,7 +23,7 @@ def test_every_key_carries_the_ttl_and_use_refreshes_it(redis_server: RedisServe
     backend = RedisBackend(redis_server.url, prefix="ttl-test:", ttl=100)
     client = raw_client(redis_server)
     registry = ThreadRegistry(backend)
-    _, thread = registry.start_chain("console", "greeter")
+    _, thread = registry.start_conversation("console", "greeter")
     ContextBuffer(backend).append(thread, from_id="a", to_id="b", payload_type="x:y", payload_xml=b"<y/>")
     keys = backend.keys()
     assert keys, "nothing was written"

@@ -1,4 +1,7 @@
-"""ThreadRegistry: opaque UUIDs for call chains, per conversation, on every backend."""
+"""ThreadRegistry's own conversation-scoped API: opaque UUIDs for call chains, per conversation, on every backend.
+
+The reference design's dotted API is tested in test_thread_registry_reference.py.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ from xml_pipeline.message_bus.thread_registry import (
 )
 
 
-def test_start_chain_gives_every_conversation_its_own_threads(backend: SharedBackend) -> None:
+def test_start_conversation_gives_every_conversation_its_own_threads(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
-    first = registry.start_chain("console", "greeter")
-    second = registry.start_chain("console", "greeter")
+    first = registry.start_conversation("console", "greeter")
+    second = registry.start_conversation("console", "greeter")
     assert len({*first, *second}) == 4
     for value in (*first, *second):
         assert str(uuid.UUID(value)) == value
@@ -30,23 +33,24 @@ def test_start_chain_gives_every_conversation_its_own_threads(backend: SharedBac
 
 def test_extend_then_prune_walks_the_chain_back(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
-    root, at_router = registry.start_chain("console", "router")
+    root, at_router = registry.start_conversation("console", "router")
     at_greeter = registry.extend_chain(at_router, "greeter")
     assert registry.lookup(at_greeter) == "console.router.greeter"
     assert registry.prune_for_response(at_greeter) == Pruned("router", at_router)
     assert registry.prune_for_response(at_router) == Pruned("console", root)
-    assert registry.prune_for_response(root) is None
+    assert registry.prune_for_response(root) == (None, None)
+    assert registry.lookup(root) is None  # the one-segment root was cleaned up
 
 
 def test_extending_the_same_chain_twice_in_a_conversation_reuses_the_thread(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
-    _, thread = registry.start_chain("console", "router")
+    _, thread = registry.start_conversation("console", "router")
     assert registry.extend_chain(thread, "greeter") == registry.extend_chain(thread, "greeter")
 
 
 def test_dotted_listener_names_stay_single_segments(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
-    root, thread = registry.start_chain("console", "system.buffer")
+    root, thread = registry.start_conversation("console", "system.buffer")
     deeper = registry.extend_chain(thread, "team.alpha")
     record = registry.lookup_record(deeper)
     assert record is not None
@@ -55,35 +59,33 @@ def test_dotted_listener_names_stay_single_segments(backend: SharedBackend) -> N
     assert registry.prune_for_response(thread) == Pruned("console", root)
 
 
-def test_root_and_get_or_create(backend: SharedBackend) -> None:
+def test_get_or_create_within_a_conversation_and_chains_as_sequences(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
-    with pytest.raises(RuntimeError, match="initialize_root"):
-        registry.get_or_create("a.b")
-    root = registry.initialize_root("hello")
-    assert registry.initialize_root("hello") == root
-    assert (registry.root_uuid, registry.root_chain) == (root, "system.hello")
-    thread = registry.get_or_create("console.greeter")
-    assert registry.get_or_create(["console", "greeter"]) == thread
-    assert registry.lookup(thread) == "console.greeter"
+    conversation, _ = registry.start_conversation("console", "greeter")
+    thread = registry.get_or_create(["console", "greeter", "shouter"], conversation)
+    assert registry.get_or_create("console.greeter.shouter", conversation) == thread
+    assert registry.get_or_create("console.greeter.shouter") != thread  # the shared namespace is another one
+    record = registry.lookup_record(thread)
+    assert record is not None
+    assert (record.conversation, record.chain) == (conversation, ("console", "greeter", "shouter"))
     with pytest.raises(ValueError, match="not a valid chain"):
         registry.get_or_create("console..greeter")
+    with pytest.raises(ValueError, match="not a valid chain"):
+        registry.get_or_create(["console", "a/b"])
 
 
-def test_register_cleanup_debug_dump_and_clear(backend: SharedBackend) -> None:
+def test_cleanup_debug_dump_and_clear(backend: SharedBackend) -> None:
     registry = ThreadRegistry(backend)
-    given = str(uuid.uuid4())
-    registry.register_thread(given, ["remote", "here"])
-    assert registry.debug_dump() == {given: "remote.here"}
-    assert registry.cleanup(given) is True
-    assert registry.cleanup(given) is False
-    assert registry.lookup(given) is None
-    registry.start_chain("a", "b")
-    assert len(registry) == 2
+    conversation, thread = registry.start_conversation("remote", "here")
+    assert registry.debug_dump() == {conversation: "remote", thread: "remote.here"}
+    assert registry.cleanup(thread) is True
+    assert registry.cleanup(thread) is False
+    assert registry.lookup(thread) is None
+    assert len(registry) == 1
     registry.clear()
     assert (len(registry), registry.root_uuid) == (0, None)
-    assert registry.is_shared is not isinstance(backend, InMemoryBackend)
     with pytest.raises(KeyError):
-        registry.extend_chain(given, "x")
+        registry.extend_chain(thread, "x")
 
 
 def test_module_level_registry_is_a_resettable_singleton() -> None:

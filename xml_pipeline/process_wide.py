@@ -8,6 +8,7 @@ holders: made on first use, replaced by ``set``, forgotten by ``reset`` (tests).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -18,12 +19,20 @@ class ProcessWide(Generic[T]):
     def __init__(self, make: Callable[[], T]) -> None:
         self._make = make
         self._value: T | None = None
+        self._lock = threading.Lock()
 
-    def get(self) -> T:
-        """The installed instance, or a default one made now."""
-        if self._value is None:
-            self._value = self._make()
-        return self._value
+    def get(self, make: Callable[[], T] | None = None) -> T:
+        """The installed instance, or one made now by ``make`` (the default maker if None).
+
+        Made under a lock, so threads that ask at once all get the same instance.
+        """
+        value = self._value
+        if value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = (make or self._make)()
+                value = self._value
+        return value
 
     def set(self, value: T) -> None:
         self._value = value

@@ -25,13 +25,13 @@ from typing import Any
 import yaml
 
 from xml_pipeline.imports import import_object
+from xml_pipeline.memory.shared_backend import BACKEND_TYPES
 from xml_pipeline.message.envelope import LISTENER_NAME
 from xml_pipeline.message.payload_codec import PayloadTypeError, codec_for
 from xml_pipeline.organism import Listener, Organism, PumpLimits, is_reserved
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
-BACKEND_TYPES = ("memory", "manager", "redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "type": _Key(str, check=_one_of(BACKEND_TYPES)),
         "redis_url": _Key(str, check=_redis_url),
         "redis_prefix": _Key(str),
-        "redis_ttl": _Key(int, check=_at_least(1)),
+        "redis_ttl": _Key(int, check=_at_least(0)),
     },
     "http": {
         "max_connections": _Key(int, check=_at_least(1)),

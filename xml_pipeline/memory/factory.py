@@ -1,4 +1,4 @@
-"""Open the backend organism.yaml asks for, and check that it answers."""
+"""Open the backend a BackendConfig (or organism.yaml's ``backend`` section) names, and check that it answers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 from xml_pipeline.memory.manager_backend import ManagerBackend, ManagerSpec
 from xml_pipeline.memory.memory_backend import InMemoryBackend
-from xml_pipeline.memory.redis_backend import DEFAULT_PREFIX, DEFAULT_TTL, RedisBackend, RedisSpec
-from xml_pipeline.memory.shared_backend import BackendUnavailable, SharedBackend
+from xml_pipeline.memory.redis_backend import RedisBackend, RedisSpec
+from xml_pipeline.memory.shared_backend import BackendConfig, BackendUnavailable, SharedBackend
 
 BackendSpec = ManagerSpec | RedisSpec | None
 """What a worker process needs to reach the same state; None for the memory backend."""
@@ -16,25 +16,24 @@ BackendSpec = ManagerSpec | RedisSpec | None
 
 def open_backend(settings: Mapping[str, Any]) -> SharedBackend:
     """The backend for ``settings`` (organism.yaml's ``backend`` section); raises BackendUnavailable."""
-    kind = settings.get("type", "memory")
+    return create_backend(BackendConfig.from_settings(settings))
+
+
+def create_backend(config: BackendConfig) -> SharedBackend:
+    """A new backend as ``config`` says; raises BackendUnavailable if it cannot be reached."""
     backend: SharedBackend
-    if kind == "memory":
+    if config.backend_type == "memory":
         return InMemoryBackend()
-    if kind == "manager":
+    if config.backend_type == "manager":
         try:
-            backend = ManagerBackend.start()
+            backend = ManagerBackend(config.manager_address, config.manager_authkey)
         except OSError as exc:
             raise BackendUnavailable(f"cannot start the state manager: {exc}") from None
     else:
-        url = str(settings["redis_url"])
-        backend = RedisBackend(
-            url,
-            prefix=str(settings.get("redis_prefix", DEFAULT_PREFIX)),
-            ttl=int(settings.get("redis_ttl", DEFAULT_TTL)),
-        )
+        backend = RedisBackend(config.redis_url, prefix=config.redis_prefix, ttl=config.redis_ttl)
         if not backend.ping():
             backend.close()
-            raise BackendUnavailable(f"redis at {_without_password(url)} does not answer")
+            raise BackendUnavailable(f"redis at {_without_password(config.redis_url)} does not answer")
     return backend
 
 

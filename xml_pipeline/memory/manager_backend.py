@@ -5,9 +5,10 @@ spawned worker talk to it through proxies, by address and authkey. Each
 backend method is one call served under the backend's lock, so every method is
 atomic across processes, exactly as on the memory backend within one.
 
-The address is a Unix socket in a private temporary directory; the authkey is
-32 random bytes. Workers receive both through :attr:`ManagerBackend.spec`
-(a small picklable value), never a private manager of their own.
+The address of a manager this module starts is a Unix socket in a private
+temporary directory; the authkey is 32 random bytes unless the caller names
+one. Workers receive both through :attr:`ManagerBackend.spec` (a small
+picklable value), never a private manager of their own.
 """
 
 from __future__ import annotations
@@ -40,44 +41,69 @@ class _StateManager(BaseManager):
 _StateManager.register("state", callable=_state)
 
 
+Address = str | tuple[str, int]
+"""A Unix socket path, or (host, port) for a manager that listens on TCP."""
+
+
 @dataclass(frozen=True, slots=True)
 class ManagerSpec:
     """How a worker process reaches the manager."""
 
-    address: str
+    address: Address
     authkey: bytes
 
 
 class ManagerBackend:
-    """A SharedBackend whose state lives in a manager process."""
+    """A SharedBackend whose state lives in a manager process.
 
-    def __init__(
-        self, proxy: Any, spec: ManagerSpec, owner: _StateManager | None = None, workdir: str | None = None
-    ) -> None:
-        self._state = proxy
-        self.spec = spec
-        self._owner = owner
-        self._workdir = workdir
+    ``ManagerBackend()`` starts that process and owns it; ``ManagerBackend(address,
+    authkey)`` reaches one that is already running, from any process (a spawned
+    one included), and owns nothing. ``address`` and ``authkey`` are what a
+    second process needs; ``close()`` stops the manager only if this instance
+    started it.
+    """
+
+    def __init__(self, address: Address | None = None, authkey: bytes | None = None) -> None:
+        self._owner: _StateManager | None = None
+        self._workdir: str | None = None
+        if address is None:
+            self._workdir = tempfile.mkdtemp(prefix="xp-manager-")
+            os.chmod(self._workdir, 0o700)
+            self.spec = ManagerSpec(
+                os.path.join(self._workdir, "state.sock"), authkey if authkey is not None else os.urandom(32)
+            )
+            manager = _StateManager(
+                address=self.spec.address, authkey=self.spec.authkey, ctx=multiprocessing.get_context("spawn")
+            )
+            manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
+            self._owner = manager
+        else:
+            key = authkey if authkey is not None else bytes(multiprocessing.current_process().authkey)
+            self.spec = ManagerSpec(address, key)
+            manager = _StateManager(address=address, authkey=key)
+            try:
+                manager.connect()
+            except OSError as exc:
+                raise BackendUnavailable(f"cannot reach the state manager at {address}: {exc}") from None
+        self._state: Any = manager.state()  # type: ignore[attr-defined]
 
     @classmethod
     def start(cls) -> ManagerBackend:
         """Start the manager process (spawned) and connect to it; the caller owns it."""
-        workdir = tempfile.mkdtemp(prefix="xp-manager-")
-        os.chmod(workdir, 0o700)
-        spec = ManagerSpec(address=os.path.join(workdir, "state.sock"), authkey=os.urandom(32))
-        manager = _StateManager(address=spec.address, authkey=spec.authkey, ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
-        return cls(manager.state(), spec, owner=manager, workdir=workdir)  # type: ignore[attr-defined]
+        return cls()
 
     @classmethod
     def connect(cls, spec: ManagerSpec) -> ManagerBackend:
         """Reach a running manager from another process."""
-        manager = _StateManager(address=spec.address, authkey=spec.authkey)
-        try:
-            manager.connect()
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot reach the state manager at {spec.address}: {exc}") from None
-        return cls(manager.state(), spec)  # type: ignore[attr-defined]
+        return cls(spec.address, spec.authkey)
+
+    @property
+    def address(self) -> Address:
+        return self.spec.address
+
+    @property
+    def authkey(self) -> bytes:
+        return self.spec.authkey
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -91,8 +117,10 @@ class ManagerBackend:
     def is_shared(self) -> bool:
         return True
 
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
-        return int(self._call("buffer_append", thread_id, slot, max_slots=max_slots, max_threads=max_threads))
+    def buffer_append(
+        self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None, max_threads: int | None = None
+    ) -> int:
+        return int(self._call("buffer_append", thread_id, slot_data, max_slots=max_slots, max_threads=max_threads))
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         return list(self._call("buffer_get_thread", thread_id))

@@ -34,16 +34,18 @@ class InMemoryBackend:
     def is_shared(self) -> bool:
         return False
 
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
+    def buffer_append(
+        self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None, max_threads: int | None = None
+    ) -> int:
         with self._lock:
             slots = self._buffers.get(thread_id)
             if slots is None:
-                if len(self._buffers) >= max_threads:
+                if max_threads is not None and len(self._buffers) >= max_threads:
                     raise TooManyThreads(f"the buffer holds {len(self._buffers)} threads already")
                 slots = self._buffers[thread_id] = []
-            elif len(slots) >= max_slots:
+            elif max_slots is not None and len(slots) >= max_slots:
                 raise BufferFull(f"thread {thread_id} holds {len(slots)} slots already")
-            slots.append(slot)
+            slots.append(slot_data)
             return len(slots) - 1
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
@@ -172,8 +174,8 @@ class InMemoryBackend:
         with self._lock:
             return {
                 "type": "memory",
-                "threads": len(self._uuid_to_chain),
-                "buffers": len(self._buffers),
+                "buffer_threads": len(self._buffers),
+                "registry_entries": len(self._uuid_to_chain),
                 "slots": sum(len(slots) for slots in self._buffers.values()),
             }
 

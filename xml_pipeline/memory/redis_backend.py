@@ -15,7 +15,10 @@ runs inside one Lua script that takes a whole batch of them (see
 many processes race. The script builds key names from the prefix it is given,
 so it suits a single Redis server (or a replicated one), not Redis Cluster.
 Every key carries the TTL, refreshed whenever it is used, so state left
-behind by a crashed daemon disappears on its own. The thread index is a sorted
+behind by a crashed daemon disappears on its own. A TTL of 0 means no key
+expires (as in the reference design): finished conversations are still
+deleted, but what a crashed daemon leaves behind stays until someone deletes
+the prefix. The thread index is a sorted
 set scored by expiry rather than a plain set, so the thread count used for the
 ``max_threads`` cap cannot drift when lists expire: expired members are pruned
 before counting.
@@ -38,17 +41,34 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, TooManyThreads
+from xml_pipeline.memory.shared_backend import (
+    DEFAULT_REDIS_PREFIX,
+    DEFAULT_REDIS_TTL,
+    DEFAULT_REDIS_URL,
+    BackendUnavailable,
+    BufferFull,
+    TooManyThreads,
+)
 from xml_pipeline.memory.state_ops import AppendSlot, DeleteHistory, ForgetThread, RegisterThread, StateOp
 
-DEFAULT_PREFIX = "xp:"
-DEFAULT_TTL = 86_400
+DEFAULT_URL = DEFAULT_REDIS_URL
+DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
+DEFAULT_TTL = DEFAULT_REDIS_TTL
 SCAN_BATCH = 500
 
 _APPLY = """
--- ARGV: prefix, ttl, then ops: a thread slot max_slots max_threads | r chain uuid | f uuid | d thread
+-- ARGV: prefix, ttl (0: never expire), then ops:
+--   a thread slot max_slots max_threads (a cap below 0: none) | r chain uuid | f uuid | d thread
 local prefix, ttl = ARGV[1], tonumber(ARGV[2])
 local now = tonumber(redis.call('TIME')[1])
+local expires_at = '+inf'
+if ttl > 0 then expires_at = now + ttl end
+local function touch(key)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+local function set(key, value)
+  if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
+end
 local index_key = prefix .. 'buf-index'
 local uuid_prefix, chain_prefix, buffer_prefix = prefix .. 'reg:u:', prefix .. 'reg:c:', prefix .. 'buf:'
 local results, appended = {}, false
@@ -63,16 +83,17 @@ while i <= n do
       appended = true
     end
     local length = redis.call('LLEN', key)
+    local max_slots, max_threads = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
     local result
-    if length == 0 and redis.call('ZSCORE', index_key, thread) == false
-        and redis.call('ZCARD', index_key) >= tonumber(ARGV[i + 4]) then
+    if length == 0 and max_threads >= 0 and redis.call('ZSCORE', index_key, thread) == false
+        and redis.call('ZCARD', index_key) >= max_threads then
       result = -2
-    elseif length > 0 and length >= tonumber(ARGV[i + 3]) then
+    elseif length > 0 and max_slots >= 0 and length >= max_slots then
       result = -1
     else
       result = redis.call('RPUSH', key, ARGV[i + 2]) - 1
-      redis.call('EXPIRE', key, ttl)
-      redis.call('ZADD', index_key, now + ttl, thread)
+      touch(key)
+      redis.call('ZADD', index_key, expires_at, thread)
     end
     results[#results + 1] = result
     i = i + 5
@@ -83,8 +104,8 @@ while i <= n do
     if previous and previous ~= uuid then
       redis.call('UNLINK', uuid_prefix .. previous)
     end
-    redis.call('SET', chain_key, uuid, 'EX', ttl)
-    redis.call('SET', uuid_prefix .. uuid, chain, 'EX', ttl)
+    set(chain_key, uuid)
+    set(uuid_prefix .. uuid, chain)
     results[#results + 1] = 1
     i = i + 3
   elseif code == 'f' then
@@ -112,20 +133,28 @@ while i <= n do
   end
 end
 if appended then
-  redis.call('EXPIRE', index_key, ttl)
+  touch(index_key)
 end
 return results
 """
 
 _GET_OR_SET = """
+local ttl = tonumber(ARGV[3])
 local existing = redis.call('GET', KEYS[1])
 if existing then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', ARGV[4] .. existing, ARGV[3])
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', ARGV[4] .. existing, ttl)
+  end
   return existing
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2])
+end
 return ARGV[1]
 """
 
@@ -142,15 +171,15 @@ class RedisSpec:
 class RedisBackend:
     def __init__(
         self,
-        url: str,
-        *,
+        url: str = DEFAULT_URL,
         prefix: str = DEFAULT_PREFIX,
         ttl: int = DEFAULT_TTL,
+        *,
         retries: int = 3,
         socket_timeout: float = 2.0,
     ) -> None:
-        if ttl < 1:
-            raise ValueError("ttl must be at least one second")
+        if ttl < 0:
+            raise ValueError("ttl must be 0 (keys never expire) or a number of seconds")
         self.spec = RedisSpec(url, prefix, ttl)
         self.prefix = prefix
         self.ttl = ttl
@@ -182,6 +211,18 @@ class RedisBackend:
 
     def _uuid_key(self, uuid: str) -> str:
         return f"{self.prefix}reg:u:{uuid}"
+
+    def _touch(self, pipe: Any, key: str) -> None:
+        """Refresh ``key``'s TTL in ``pipe``; with ttl 0 keys never expire, so nothing to refresh."""
+        if self.ttl > 0:
+            pipe.expire(key, self.ttl)
+
+    def _get_touching(self, key: str) -> bytes | None:
+        if self.ttl > 0:
+            result: bytes | None = self._run(self._client.getex, key, ex=self.ttl)
+        else:
+            result = self._run(self._client.get, key)
+        return result
 
     def _run(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -223,7 +264,7 @@ class RedisBackend:
         args: list[Any] = [self.prefix, self.ttl]
         for op in ops:
             if type(op) is AppendSlot:
-                args += ("a", op.thread_id, op.slot, op.max_slots, op.max_threads)
+                args += ("a", op.thread_id, op.slot, _cap(op.max_slots), _cap(op.max_threads))
             elif type(op) is RegisterThread:
                 args += ("r", op.chain, op.uuid)
             elif type(op) is ForgetThread:
@@ -242,8 +283,10 @@ class RedisBackend:
         return outcome
 
     # --- context buffer ---
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
-        index = self._apply_one(AppendSlot(thread_id, slot, max_slots, max_threads))
+    def buffer_append(
+        self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None, max_threads: int | None = None
+    ) -> int:
+        index = self._apply_one(AppendSlot(thread_id, slot_data, max_slots, max_threads))
         assert isinstance(index, int)
         return index
 
@@ -251,8 +294,8 @@ class RedisBackend:
         key = self._buffer_key(thread_id)
         pipe = self._client.pipeline(transaction=False)
         pipe.lrange(key, 0, -1)
-        pipe.expire(key, self.ttl)
-        slots, _ = self._run(pipe.execute)
+        self._touch(pipe, key)
+        slots = self._run(pipe.execute)[0]
         return list(slots)
 
     def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
@@ -288,11 +331,11 @@ class RedisBackend:
         return result.decode() if isinstance(result, bytes) else str(result)
 
     def registry_get_uuid(self, chain: str) -> str | None:
-        result = self._run(self._client.getex, self._chain_key(chain), ex=self.ttl)
+        result = self._get_touching(self._chain_key(chain))
         return result.decode() if result is not None else None
 
     def registry_get_chain(self, uuid: str) -> str | None:
-        result = self._run(self._client.getex, self._uuid_key(uuid), ex=self.ttl)
+        result = self._get_touching(self._uuid_key(uuid))
         return result.decode() if result is not None else None
 
     def registry_delete(self, uuid: str) -> bool:
@@ -323,16 +366,16 @@ class RedisBackend:
             pipe.hsetnx(key, field, value)
         else:
             pipe.hset(key, field, value)
-        pipe.expire(key, self.ttl)
-        written, _ = self._run(pipe.execute)
+        self._touch(pipe, key)
+        written = self._run(pipe.execute)[0]
         return bool(written) or not only_if_absent
 
     def record_get(self, kind: str, record_id: str) -> dict[str, bytes]:
         key = self._record_key(kind, record_id)
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(key)
-        pipe.expire(key, self.ttl)
-        fields, _ = self._run(pipe.execute)
+        self._touch(pipe, key)
+        fields = self._run(pipe.execute)[0]
         return {name.decode(): value for name, value in fields.items()}
 
     def record_delete(self, kind: str, record_id: str) -> bool:
@@ -354,7 +397,16 @@ class RedisBackend:
 
     def info(self) -> dict[str, Any]:
         server = self._run(self._client.info, "server")
-        return {"type": "redis", "prefix": self.prefix, "ttl": self.ttl, "redis_version": server.get("redis_version")}
+        now = int(self._run(self._client.time)[0])
+        live_threads = self._run(self._client.zcount, self._index_key, f"({now}", "+inf")
+        return {
+            "type": "redis",
+            "buffer_threads": int(live_threads),
+            "registry_entries": sum(1 for _ in self._scan(self._uuid_key("*"))),
+            "ttl_seconds": self.ttl,
+            "prefix": self.prefix,
+            "redis_version": server.get("redis_version"),
+        }
 
     def keys(self) -> list[str]:
         """Every key under this backend's prefix (SCAN), for tests and operators."""
@@ -362,6 +414,11 @@ class RedisBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _cap(limit: int | None) -> int:
+    """A cap as the batch script reads it: -1 for none."""
+    return -1 if limit is None else limit
 
 
 def _outcome(op: StateOp, value: int) -> object:

@@ -7,11 +7,19 @@ workers call them from plain functions; each one is a single short operation,
 and every operation that must not interleave with another process (claiming a
 chain's thread, appending under a cap) is one method, so a backend can make it
 atomic.
+
+The method names and signatures are the reference design's, so code written
+against it runs unchanged; our additions (caps on appends, records, batches)
+are extra methods or optional keywords. :func:`get_shared_backend` opens the
+backend a :class:`BackendConfig` names, as organism.yaml's ``backend`` section
+does through :func:`xml_pipeline.memory.factory.open_backend`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -38,8 +46,16 @@ class SharedBackend(Protocol):
         ...
 
     # --- context buffer: per-thread, append-only lists of encoded slots ---
-    def buffer_append(self, thread_id: str, slot: bytes, *, max_slots: int, max_threads: int) -> int:
-        """Append and return the slot's index; raise BufferFull or TooManyThreads at the caps."""
+    def buffer_append(
+        self, thread_id: str, slot_data: bytes, *, max_slots: int | None = None, max_threads: int | None = None
+    ) -> int:
+        """Append and return the slot's index (from 0).
+
+        Raises BufferFull when the thread holds ``max_slots`` slots already, and
+        TooManyThreads when ``thread_id`` is new and ``max_threads`` threads exist.
+        A cap left out is no cap: the ContextBuffer always passes both, callers
+        of the bare backend bound their own data.
+        """
         ...
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]: ...
@@ -51,7 +67,9 @@ class SharedBackend(Protocol):
     def buffer_clear(self) -> None: ...
 
     # --- thread registry: chain key <-> thread UUID ---
-    def registry_set(self, chain: str, uuid: str) -> None: ...
+    def registry_set(self, chain: str, uuid: str) -> None:
+        """Map ``chain`` to ``uuid`` and back; a UUID the chain had before is forgotten."""
+        ...
 
     def registry_get_or_set(self, chain: str, uuid: str) -> str:
         """Register ``uuid`` for ``chain`` unless the chain has one; return the chain's UUID."""
@@ -59,7 +77,10 @@ class SharedBackend(Protocol):
 
     def registry_get_uuid(self, chain: str) -> str | None: ...
     def registry_get_chain(self, uuid: str) -> str | None: ...
-    def registry_delete(self, uuid: str) -> bool: ...
+    def registry_delete(self, uuid: str) -> bool:
+        """Forget ``uuid`` and its chain (both directions); True if it was registered."""
+        ...
+
     def registry_list_all(self) -> dict[str, str]:
         """Every registered thread, UUID -> chain key."""
         ...
@@ -87,5 +108,90 @@ class SharedBackend(Protocol):
 
     # --- housekeeping ---
     def ping(self) -> bool: ...
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> dict[str, Any]:
+        """Counts for operators: at least ``type``, ``buffer_threads`` and ``registry_entries``."""
+        ...
+
     def close(self) -> None: ...
+
+
+DEFAULT_REDIS_URL = "redis://localhost:6379"
+DEFAULT_REDIS_PREFIX = "xp:"
+DEFAULT_REDIS_TTL = 86_400
+BACKEND_TYPES = ("memory", "manager", "redis")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which backend to open, and how: the fields of organism.yaml's ``backend`` section.
+
+    ``redis_ttl`` 0 means Redis keys never expire. ``manager_address`` and
+    ``manager_authkey`` reach a running manager; without an address a
+    manager backend starts its own.
+    """
+
+    backend_type: str = "memory"
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
+    redis_ttl: int = DEFAULT_REDIS_TTL
+    manager_address: str | tuple[str, int] | None = None
+    manager_authkey: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend_type not in BACKEND_TYPES:
+            raise ValueError(f"backend_type must be one of {', '.join(BACKEND_TYPES)}, not {self.backend_type!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BackendConfig:
+        """The config organism.yaml's (already validated) ``backend`` section describes."""
+        return cls(
+            backend_type=str(settings.get("type", "memory")),
+            redis_url=str(settings.get("redis_url", DEFAULT_REDIS_URL)),
+            redis_prefix=str(settings.get("redis_prefix", DEFAULT_REDIS_PREFIX)),
+            redis_ttl=int(settings.get("redis_ttl", DEFAULT_REDIS_TTL)),
+        )
+
+
+class _ProcessBackend:
+    """The backend :func:`get_shared_backend` made, and the config it was made from."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: tuple[BackendConfig, SharedBackend] | None = None
+
+    def get(self, config: BackendConfig | None) -> SharedBackend:
+        from xml_pipeline.memory.factory import create_backend  # the backends import this module
+
+        with self._lock:
+            if self._current is None:
+                chosen = config if config is not None else BackendConfig()
+                self._current = (chosen, create_backend(chosen))
+            elif config is not None and config != self._current[0]:
+                raise ValueError(
+                    f"the shared backend is already open as {self._current[0]}; reset_shared_backend() first"
+                )
+            return self._current[1]
+
+    def reset(self) -> None:
+        with self._lock:
+            current, self._current = self._current, None
+        if current is not None:
+            current[1].close()
+
+
+_process_backend = _ProcessBackend()
+
+
+def get_shared_backend(config: BackendConfig | None = None) -> SharedBackend:
+    """This process's shared backend, opened from ``config`` on the first call (memory if None).
+
+    Later calls return the same backend. One that names a different config
+    raises ValueError rather than hand back a backend other than the one asked
+    for; raises BackendUnavailable if a Redis server does not answer.
+    """
+    return _process_backend.get(config)
+
+
+def reset_shared_backend() -> None:
+    """Close and forget the process's shared backend (tests; a manager it started stops)."""
+    _process_backend.reset()

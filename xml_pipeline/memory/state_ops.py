@@ -27,12 +27,15 @@ class RegisterThread:
 
 @dataclass(frozen=True, slots=True)
 class AppendSlot:
-    """``buffer_append(thread_id, slot, ...)``: the result is the slot's index."""
+    """``buffer_append(thread_id, slot, max_slots=..., max_threads=...)``: the result is the slot's index.
+
+    A cap of None means no cap, as when ``buffer_append`` is called without one.
+    """
 
     thread_id: str
     slot: bytes
-    max_slots: int
-    max_threads: int
+    max_slots: int | None
+    max_threads: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,6 @@ from xml_pipeline.handler import Handler, HandlerMetadata, HandlerResponse
 from xml_pipeline.imports import import_object
 from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
-from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, SharedBackend, TooManyThreads
 from xml_pipeline.memory.state_batcher import StateBatcher
 from xml_pipeline.memory.state_ops import DeleteHistory, ForgetThread, RegisterThread, StateOp
@@ -151,8 +150,8 @@ class Pump:
         self._xml_limits = organism.limits.xml_limits()
         self._output_limits_of_primitives = replace(self._xml_limits, max_bytes=UNBOUNDED_BYTES)
         self._listeners: dict[str, Listener] = dict(organism.listeners)
-        shared = backend if backend is not None else InMemoryBackend()
-        self.registry = ThreadRegistry(shared)
+        self.registry = ThreadRegistry(backend)
+        shared = self.registry.backend
         self.buffer = ContextBuffer(
             shared,
             max_slots_per_thread=self.limits.max_slots_per_thread,

@@ -5,15 +5,36 @@ for (``console -> router -> greeter``). Forwarding extends the chain, responding
 prunes the last segment and routes to the new last one.
 
 Chains are kept as tuples of names, never as dotted strings, so listener names
-that contain dots (``system.buffer``) stay unambiguous. Every chain also belongs
-to a *conversation*, named by the UUID of its root thread: two conversations
-that take the same path get different UUIDs, different history and different
+that contain dots (``system.buffer``) stay unambiguous. Every chain belongs to
+a *conversation*, named by the UUID of its root thread: two conversations that
+take the same path get different UUIDs, different history and different
 replies. The key a backend stores is ``<conversation>/<name>/<name>...``; ``/``
 cannot occur in a listener name.
 
-The dotted form (``console.router.greeter``) appears only where people read it:
-``lookup``, ``debug_dump``, ``root_chain``, and as an accepted input to
-``get_or_create`` for names without dots.
+Two faces, one store:
+
+- The pump's own API is conversation-scoped and tuple-based
+  (:meth:`ThreadRegistry.start_conversation`, ``get_or_create(chain,
+  conversation)``, :meth:`ThreadRegistry.lookup_record`); the pump itself
+  routes from its own index and writes here for handlers, workers and
+  operators to read.
+- The reference design's dotted API (``get_or_create("a.b")``,
+  ``start_chain``, ``register_thread``, ``prune_for_response`` giving
+  ``(caller, uuid)``) works in one shared namespace, the conversation with the
+  empty name, so the same dotted chain always gives the same UUID, as it did
+  there.
+
+**Names with dots in the dotted API.** A dotted string is split at every dot:
+``get_or_create("console.system.buffer")`` is the three-segment chain
+``console``, ``system``, ``buffer``. Names handed over one at a time stay one
+segment whatever they contain: ``start_chain("console", "system.buffer")``,
+``extend_chain(uuid, "team.alpha")`` and ``register_thread`` keep them whole,
+and ``prune_for_response`` on such a chain answers ``system.buffer``, not
+``buffer``. To name such a chain at once, pass a tuple:
+``get_or_create(("console", "system.buffer"))``. ``lookup`` and
+``debug_dump`` join segments with dots for people to read, so their output
+cannot tell the two apart; :meth:`ThreadRegistry.lookup_record` gives the
+segments.
 """
 
 from __future__ import annotations
@@ -21,12 +42,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.process_wide import ProcessWide
 
 _SEP = "/"
+SHARED_NAMESPACE = ""
+"""The conversation of the dotted API's chains: one namespace for all of them, as in the reference."""
+ROOT_SEGMENT = "system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +64,22 @@ class ThreadRecord:
         return ".".join(self.chain)
 
 
-@dataclass(frozen=True, slots=True)
-class Pruned:
-    """Where a response goes: to ``target`` on thread ``thread_id``."""
+class Pruned(NamedTuple):
+    """Where a response goes: to ``target`` (the caller) on thread ``thread_id``."""
 
     target: str
     thread_id: str
+
+
+NO_CALLER: tuple[None, None] = (None, None)
+"""What ``prune_for_response`` gives when there is no one to respond to."""
+
+
+class NewConversation(NamedTuple):
+    """A conversation just started: its root thread, and the thread its first target is called on."""
+
+    conversation: str
+    thread: str
 
 
 def new_thread_id() -> str:
@@ -75,54 +110,68 @@ def _as_chain(chain: str | Sequence[str]) -> tuple[str, ...]:
 
 class ThreadRegistry:
     def __init__(self, backend: SharedBackend | None = None) -> None:
+        self._given_backend = backend is not None
         self.backend: SharedBackend = backend if backend is not None else InMemoryBackend()
-        self._root: ThreadRecord | None = None
+        self._root_chain: tuple[str, ...] = (ROOT_SEGMENT,)
         self._root_uuid: str | None = None
 
-    # --- the organism's own conversation, for messages no client started ---
-    def initialize_root(self, organism_name: str) -> str:
-        """Create (or find) the organism's root thread, ``system.<organism_name>``."""
-        chain = ("system", organism_name)
-        existing = self._root_uuid
-        if existing is not None and self._root is not None and self._root.chain == chain:
-            return existing
-        candidate = new_thread_id()
-        root_uuid = self.backend.registry_get_or_set(chain_key(candidate, chain), candidate)
-        self._root = ThreadRecord(root_uuid, chain)
-        self._root_uuid = root_uuid
-        return root_uuid
+    @property
+    def is_shared(self) -> bool:
+        """True when this registry was given a backend (its state may then be seen elsewhere)."""
+        return self._given_backend
+
+    # --- the organism's root thread ---
+    def initialize_root(self, organism_name: str = "organism") -> str:
+        """The UUID of the root chain ``system.<organism_name>``, made on the first call.
+
+        Idempotent: later calls return the same UUID. Registries sharing a
+        backend find the same root.
+        """
+        if self._root_uuid is None:
+            chain = (ROOT_SEGMENT, organism_name)
+            self._root_uuid = self._claim(SHARED_NAMESPACE, _as_chain(chain))
+            self._root_chain = chain
+        return self._root_uuid
 
     @property
     def root_uuid(self) -> str | None:
         return self._root_uuid
 
     @property
-    def root_chain(self) -> str | None:
-        return self._root.display if self._root is not None else None
+    def root_chain(self) -> str:
+        """``system`` before :meth:`initialize_root`, ``system.<organism name>`` after."""
+        return ".".join(self._root_chain)
 
-    @property
-    def is_shared(self) -> bool:
-        return self.backend.is_shared
-
-    # --- conversations ---
-    def start_chain(self, initiator: str, target: str) -> tuple[str, str]:
-        """Start a new conversation ``initiator -> target``.
-
-        Returns ``(conversation, thread)``: the root thread (where replies to the
-        initiator arrive) and the thread the target is called on.
-        """
-        conversation = new_thread_id()
-        self.backend.registry_set(chain_key(conversation, (initiator,)), conversation)
-        return conversation, self._claim(conversation, (initiator, target))
-
+    # --- chains ---
     def get_or_create(self, chain: str | Sequence[str], conversation: str | None = None) -> str:
-        """The UUID of ``chain`` within ``conversation`` (the organism root if None)."""
-        segments = _as_chain(chain)
-        if conversation is None:
-            if self._root_uuid is None:
-                raise RuntimeError("initialize_root() first, or name the conversation")
-            conversation = self._root_uuid
-        return self._claim(conversation, segments)
+        """The UUID of ``chain``: the same chain always gives the same UUID.
+
+        ``chain`` is dotted (split at every dot) or a sequence of names. Without
+        ``conversation`` it lives in the dotted API's shared namespace.
+        """
+        return self._claim(SHARED_NAMESPACE if conversation is None else conversation, _as_chain(chain))
+
+    def start_chain(self, initiator: str, target: str) -> str:
+        """The UUID of the chain ``initiator.target`` (each name one segment)."""
+        return self._claim(SHARED_NAMESPACE, _as_chain((initiator, target)))
+
+    def start_conversation(self, initiator: str, target: str) -> NewConversation:
+        """Start a new conversation ``initiator -> target``, with threads no other conversation shares."""
+        conversation = new_thread_id()
+        self.backend.registry_set(chain_key(conversation, _as_chain((initiator,))), conversation)
+        return NewConversation(conversation, self._claim(conversation, _as_chain((initiator, target))))
+
+    def register_thread(self, thread_id: str, initiator: str, target: str) -> str:
+        """Bind a UUID from outside to ``<root_chain>.initiator.target`` (``initiator.target`` without a root).
+
+        Returns the UUID the chain has: ``thread_id``, or the one the chain
+        already had. A UUID registered before keeps its chain.
+        """
+        if self.backend.registry_get_chain(thread_id) is not None:
+            return thread_id
+        root = self._root_chain if self._root_uuid is not None else ()
+        key = chain_key(SHARED_NAMESPACE, _as_chain((*root, initiator, target)))
+        return self.backend.registry_get_or_set(key, thread_id)
 
     def _claim(self, conversation: str, chain: tuple[str, ...]) -> str:
         key = chain_key(conversation, chain)
@@ -131,12 +180,8 @@ class ThreadRegistry:
             return existing
         return self.backend.registry_get_or_set(key, new_thread_id())
 
-    def register_thread(self, thread_id: str, chain: str | Sequence[str], conversation: str | None = None) -> None:
-        """Bind a known UUID to ``chain``, e.g. one handed over by another organism."""
-        segments = _as_chain(chain)
-        self.backend.registry_set(chain_key(conversation or thread_id, segments), thread_id)
-
     def lookup_record(self, thread_id: str) -> ThreadRecord | None:
+        """The conversation and the exact segments of a UUID's chain."""
         key = self.backend.registry_get_chain(thread_id)
         return None if key is None else _parse_key(key)
 
@@ -145,26 +190,31 @@ class ThreadRegistry:
         record = self.lookup_record(thread_id)
         return None if record is None else record.display
 
-    def extend_chain(self, thread_id: str, next_name: str) -> str:
-        """The thread on which the head of ``thread_id``'s chain calls ``next_name``."""
+    def extend_chain(self, thread_id: str, next_hop: str) -> str:
+        """The UUID of ``thread_id``'s chain with ``next_hop`` appended (one segment); KeyError if unknown."""
         record = self.lookup_record(thread_id)
         if record is None:
             raise KeyError(f"unknown thread {thread_id}")
-        return self._claim(record.conversation, (*record.chain, next_name))
+        return self._claim(record.conversation, (*record.chain, *_as_chain((next_hop,))))
 
-    def prune_for_response(self, thread_id: str) -> Pruned | None:
-        """Where the head of ``thread_id``'s chain sends its response; None at the root."""
+    def prune_for_response(self, thread_id: str) -> Pruned | tuple[None, None]:
+        """Where the head of ``thread_id``'s chain sends its response: ``(caller, caller's thread)``.
+
+        ``(None, None)`` for an unknown UUID, and for a one-segment chain, which
+        has no one to respond to and is cleaned up.
+        """
         record = self.lookup_record(thread_id)
-        if record is None or len(record.chain) < 2:
-            return None
+        if record is None:
+            return NO_CALLER
+        if len(record.chain) < 2:
+            self.cleanup(thread_id)
+            return NO_CALLER
         parent = record.chain[:-1]
-        parent_thread = self.backend.registry_get_uuid(chain_key(record.conversation, parent))
-        if parent_thread is None:  # the conversation was cleaned up under us
-            return None
-        return Pruned(target=parent[-1], thread_id=parent_thread)
+        return Pruned(target=parent[-1], thread_id=self._claim(record.conversation, parent))
 
     # --- cleanup ---
     def cleanup(self, thread_id: str) -> bool:
+        """Forget a UUID and its chain; True if it was registered."""
         return self.backend.registry_delete(thread_id)
 
     def cleanup_many(self, thread_ids: Sequence[str] | set[str]) -> int:
@@ -178,13 +228,27 @@ class ThreadRegistry:
         return len(self.backend.registry_list_all())
 
     def clear(self) -> None:
+        """Forget every thread in the backend, and the root."""
         self.backend.registry_clear()
-        self._root = None
+        self._root_chain = (ROOT_SEGMENT,)
         self._root_uuid = None
 
 
 _current: ProcessWide[ThreadRegistry] = ProcessWide(ThreadRegistry)
-get_registry = _current.get
-"""The process-wide registry (the running pump installs its own as this one)."""
+
+
+def get_registry(backend: SharedBackend | None = None) -> ThreadRegistry:
+    """The process-wide registry (the running pump installs its own as this one).
+
+    ``backend`` is used only when this call makes the registry; once one
+    exists it is returned as it is.
+    """
+    return _current.get(lambda: ThreadRegistry(backend))
+
+
 set_registry = _current.set
-reset_registry = _current.reset
+
+
+def reset_registry() -> None:
+    """Forget the process-wide registry (tests); its threads stay in its backend."""
+    _current.reset()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
-from xml_pipeline.message_bus.buffer_registry import BufferRegistry, BufferState, ItemResult
+from xml_pipeline.message_bus.buffer_registry import BufferItemResult, BufferRegistry, BufferState, new_run_id
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.primitives.collector import Collector
 from xml_pipeline.primitives.decoding import decode_for, encode
@@ -34,17 +34,22 @@ def buffer_handler(pump: Pump, registry: BufferRegistry) -> Any:
             outcome: Any = BufferError(start.buffer_id, problem)
         else:
             state = registry.create(
-                target=start.target,
-                total=len(start.items),
-                collect=start.collect,
+                buffer_id=new_run_id(),
+                total_items=len(start.items),
                 return_to=start.return_to,
-                label=start.buffer_id,
+                thread_id=metadata.thread_id,
+                from_id=metadata.from_id,
+                target=start.target,
+                collect=start.collect,
             )
+            label = start.buffer_id or state.buffer_id
             if start.collect:
-                outcome = await _fan_out_and_in(pump, registry, state, start)
+                outcome = await _fan_out_and_in(pump, registry, state, start, label)
             else:
-                pump.run_background(_fan_out_and_in(pump, registry, state, start), name=f"buffer {state.buffer_id}")
-                outcome = BufferDispatched(state.label, state.total)
+                pump.run_background(
+                    _fan_out_and_in(pump, registry, state, start, label), name=f"buffer {state.buffer_id}"
+                )
+                outcome = BufferDispatched(label, state.total_items)
         if start.return_to:
             return HandlerResponse(outcome, to=start.return_to)
         return HandlerResponse.respond(outcome)
@@ -67,30 +72,32 @@ def _check(pump: Pump, start: BufferStart) -> str | None:
 
 
 async def _fan_out_and_in(
-    pump: Pump, registry: BufferRegistry, state: BufferState, start: BufferStart
+    pump: Pump, registry: BufferRegistry, state: BufferState, start: BufferStart, label: str
 ) -> BufferComplete:
     target = pump.listeners[start.target]
     limits = pump.limits.xml_limits()
-    indices: Iterator[int] = iter(range(state.total))
+    indices: Iterator[int] = iter(range(state.total_items))
     timed_out = False
 
     async def one(collector: Collector, index: int) -> None:
         try:
             payload = decode_for(target, start.items[index], limits)
         except ValueError as exc:
-            registry.record_result(state.buffer_id, index, success=False, error=f"item is not a valid payload: {exc}")
+            registry.store_result(
+                state.buffer_id, index, "", success=False, error=f"item is not a valid payload: {exc}"
+            )
             return
         answer = await collector.call(start.target, payload)
         if isinstance(answer, FAILURES):
-            registry.record_result(state.buffer_id, index, success=False, error=describe_failure(answer))
+            registry.store_result(state.buffer_id, index, "", success=False, error=describe_failure(answer))
         else:
-            registry.record_result(state.buffer_id, index, success=True, result=encode(answer))
+            registry.store_result(state.buffer_id, index, encode(answer))
 
     async def worker(collector: Collector) -> None:
         for index in indices:  # shared iterator: each index is taken by exactly one worker
             await one(collector, index)
 
-    workers = min(start.max_in_flight, state.total)
+    workers = min(start.max_in_flight, state.total_items)
     try:
         with Collector(pump, "buffer", state.buffer_id, concurrency=workers) as collector:
             try:
@@ -103,15 +110,15 @@ async def _fan_out_and_in(
     finally:
         registry.remove(state.buffer_id)
     results = final.results if final is not None else {}
-    items = [results.get(index) or _missing(index, start.timeout_seconds) for index in range(state.total)]
+    items = [results.get(index) or _missing(index, start.timeout_seconds) for index in range(state.total_items)]
     return BufferComplete(
-        buffer_id=state.label,
-        total=state.total,
+        buffer_id=label,
+        total=state.total_items,
         successful=sum(1 for item in items if item.success),
-        results=[BufferItem(item.index, item.success, item.result, item.error) for item in items],
+        results=[BufferItem(item.index, item.success, item.result, item.error or "") for item in items],
         timed_out=timed_out,
     )
 
 
-def _missing(index: int, timeout: float) -> ItemResult:
-    return ItemResult(index, False, "", f"no answer within the buffer's {timeout:g}s deadline")
+def _missing(index: int, timeout: float) -> BufferItemResult:
+    return BufferItemResult(index, "", success=False, error=f"no answer within the buffer's {timeout:g}s deadline")

@@ -50,7 +50,11 @@ class BufferItem:
 
 @dataclass(frozen=True)
 class BufferStart:
-    """Send each of ``items`` (payload XML) to ``target``, at most ``max_in_flight`` at once."""
+    """Send each of ``items`` (payload XML) to ``target``, at most ``max_in_flight`` at once.
+
+    ``items`` may also be given as one string, one item per non-empty line, as
+    the reference design wrote it; it becomes the list, which is what travels.
+    """
 
     target: str
     items: list[str]
@@ -59,6 +63,11 @@ class BufferStart:
     buffer_id: str = ""
     max_in_flight: int = 100
     timeout_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        items: object = self.items
+        if isinstance(items, str):
+            object.__setattr__(self, "items", [line.strip() for line in items.splitlines() if line.strip()])
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.message.system_payloads import Huh, SystemErrorPayload
+from xml_pipeline.message_bus.buffer_registry import new_run_id
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.sequence_registry import SequenceRegistry
 from xml_pipeline.primitives.collector import Collector, NoAnswer
@@ -36,7 +37,7 @@ def sequence_handler(pump: Pump, registry: SequenceRegistry) -> Any:
     async def run_sequence(start: Any, metadata: HandlerMetadata) -> HandlerResponse:
         if not isinstance(start, SequenceStart):  # return_to's answer on its way back: pass it up
             return HandlerResponse.respond(start)
-        outcome = await _run(pump, registry, start)
+        outcome = await _run(pump, registry, start, metadata)
         if start.return_to:
             return HandlerResponse(outcome, to=start.return_to)
         return HandlerResponse.respond(outcome)
@@ -44,7 +45,9 @@ def sequence_handler(pump: Pump, registry: SequenceRegistry) -> Any:
     return run_sequence
 
 
-async def _run(pump: Pump, registry: SequenceRegistry, start: SequenceStart) -> SequenceComplete | SequenceError:
+async def _run(
+    pump: Pump, registry: SequenceRegistry, start: SequenceStart, metadata: HandlerMetadata
+) -> SequenceComplete | SequenceError:
     label = start.sequence_id
     if not start.steps:
         return SequenceError(label, "", -1, "a sequence needs at least one step")
@@ -59,19 +62,22 @@ async def _run(pump: Pump, registry: SequenceRegistry, start: SequenceStart) -> 
         payload: Any = decode_for(pump.listeners[start.steps[0]], start.payload, pump.limits.xml_limits())
     except ValueError as exc:
         return SequenceError(label, start.steps[0], 0, f"the payload does not fit the first step: {exc}")
-    state = registry.create(steps=list(start.steps), return_to=start.return_to, label=label)
-    label = state.label
+    state = registry.create(
+        new_run_id(), list(start.steps), start.return_to, metadata.thread_id, metadata.from_id, start.payload
+    )
+    label = label or state.sequence_id
     index, step = 0, start.steps[0]
     try:
         with Collector(pump, "sequence", state.sequence_id, concurrency=1) as collector:
             async with asyncio.timeout(start.timeout_seconds):
                 for index, step in enumerate(start.steps):
-                    registry.advance(state.sequence_id, index)
                     payload = await collector.call(step, payload)
                     if isinstance(payload, FAILURES):
                         return SequenceError(label, step, index, describe_failure(payload))
+                    result_xml = encode(payload)
+                    registry.advance(state.sequence_id, result_xml)
     except TimeoutError:
         return SequenceError(label, step, index, f"timed out after {start.timeout_seconds:g}s while {step} was running")
     finally:
         registry.remove(state.sequence_id)
-    return SequenceComplete(label, encode(payload), len(start.steps))
+    return SequenceComplete(label, result_xml, len(start.steps))
