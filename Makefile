@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup run check test lint typecheck unit redis-server bench clean
+.PHONY: setup run check test lint typecheck unit test-packages bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,20 +30,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## the tests start real redis-server processes; install Debian's package if missing
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "installing redis-server: the tests run against a real one"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
+## the tests start real redis-server processes and call curl; install Debian's packages if missing
+TEST_COMMANDS := redis-server curl
+test-packages:
+	@missing=""; for command in $(TEST_COMMANDS); do command -v $$command >/dev/null 2>&1 || missing="$$missing $$command"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing: the tests use the real ones"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 
-unit: $(STAMP) redis-server
+unit: $(STAMP) test-packages
 	$(BIN)/python -m pytest -n auto
 
 ## lint, type-check and run the whole test suite
 test: lint typecheck unit
 
 ## measure the pump, the pool and the primitives against their floors (a few minutes)
-bench: $(STAMP) redis-server
+bench: $(STAMP) test-packages
 	$(BIN)/python -m benchmarks.run --out bench-results
 
 clean:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT
@@ -81,6 +84,25 @@ def test_readme_send_example_gets_the_reply_it_shows() -> None:
         result = cli(*command[1:], "--socket", str(daemon.socket_path))
     assert result.returncode == 0, result.stderr
     assert expected_payload in result.stdout
+
+
+def test_readme_curl_example_gets_the_greeting(tmp_path: Path) -> None:
+    (script,) = [block for block in blocks("sh") if "curl " in block]
+    with running_daemon(ROOT / "organism.yaml") as daemon:
+        script = script.replace("/tmp/xml-pipeline-$(id -u)/hello.sock", str(daemon.socket_path))
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["accepted"] is True
+    assert answer["ended"] is True
+    assert "HELLO, ADA!" in answer["replies"][0]
 
 
 def test_docs_link_to_files_that_exist() -> None:

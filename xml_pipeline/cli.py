@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -230,16 +231,20 @@ def send(
     for reply in body.get("replies", []):
         click.echo(reply)
     if not body.get("accepted", False):
-        error = body.get("error", {})
-        _fail(
-            f"refused ({error.get('code', answer.status)}): {error.get('message', body.get('error'))}", EXIT_ERROR_REPLY
-        )
+        _fail(_refusal_line(answer.status, body.get("error")), EXIT_ERROR_REPLY)
     replies = body.get("replies", [])
     click.echo(f"thread {body['thread']}: {len(replies)} repl{'y' if len(replies) == 1 else 'ies'}", err=True)
     if any("<SystemError>" in reply for reply in replies):
         sys.exit(EXIT_ERROR_REPLY)
     if (first and not replies) or (not first and not body.get("ended")):
         _fail(f"no {'reply' if first else 'end of the conversation'} within {timeout:g}s", EXIT_TIMEOUT)
+
+
+def _refusal_line(status: int, error: Any) -> str:
+    """The daemon's refusal in one line: a SystemError's code and message, or its plain ``error`` text."""
+    if isinstance(error, dict):
+        return f"refused ({error.get('code', status)}): {error.get('message', '')}"
+    return f"refused (HTTP {status}): {error if error is not None else 'no reason given'}"
 
 
 def _envelope_to_send(
@@ -308,6 +313,12 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------------- --stdin mode
 async def _serve_stdin(organism: Organism, sender: str, drain_timeout: float) -> int:
+    """Exit code: 1 if any line got a SystemError (refused or failed), else 3 if any timed out, else 0.
+
+    The same codes ``send`` uses, so a script can tell a clean run from one
+    whose input was partly refused.
+    """
+    outcomes = _StdinOutcomes()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -315,7 +326,7 @@ async def _serve_stdin(organism: Organism, sender: str, drain_timeout: float) ->
     pump = Pump(organism)
     await pump.start()
     try:
-        reading = asyncio.create_task(_read_stdin(pump, sender))
+        reading = asyncio.create_task(_read_stdin(pump, sender, outcomes))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         for task in (reading, stopping):
@@ -325,7 +336,16 @@ async def _serve_stdin(organism: Organism, sender: str, drain_timeout: float) ->
             raise error
     finally:
         await pump.stop(drain_timeout)
-    return EXIT_OK
+    if outcomes.errors:
+        click.echo(f"# {outcomes.errors} message(s) got a SystemError", err=True)
+        return EXIT_ERROR_REPLY
+    return EXIT_TIMEOUT if outcomes.timeouts else EXIT_OK
+
+
+@dataclass
+class _StdinOutcomes:
+    errors: int = 0
+    timeouts: int = 0
 
 
 def _envelope_from_line(line: str, sender: str) -> bytes:
@@ -341,7 +361,7 @@ def _envelope_from_line(line: str, sender: str) -> bytes:
     return serialize_envelope(sender, target, new_thread_id(), element)
 
 
-async def _read_stdin(pump: Pump, sender: str) -> None:
+async def _read_stdin(pump: Pump, sender: str, outcomes: _StdinOutcomes) -> None:
     lines: asyncio.Queue[str | None] = asyncio.Queue(maxsize=64)
     loop = asyncio.get_running_loop()
 
@@ -355,16 +375,19 @@ async def _read_stdin(pump: Pump, sender: str) -> None:
         while (line := await lines.get()) is not None:
             if line.strip():
                 submission = await pump.inject(_envelope_from_line(line, sender))
-                group.create_task(_print_replies(submission))
+                group.create_task(_print_replies(submission, outcomes))
 
 
-async def _print_replies(submission: Submission, timeout: float = 60.0) -> None:
+async def _print_replies(submission: Submission, outcomes: _StdinOutcomes, timeout: float = 60.0) -> None:
     started = time.monotonic()
     try:
         while True:
             reply = await submission.next_reply(timeout - (time.monotonic() - started))
             click.echo(reply.envelope.decode())
+            if reply.is_error:
+                outcomes.errors += 1
     except NoMoreReplies:
         return
     except TimeoutError:
+        outcomes.timeouts += 1
         click.echo(f"# no reply on thread {submission.thread_id} within {timeout:g}s", err=True)
