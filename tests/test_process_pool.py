@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import cpu_handlers
+from tests.conftest import ROOT
 from tests.daemon_support import cli, running_daemon, short_directory, write_organism
 from tests.redis_server import RedisServer, free_port
 from tests.support import Ping, Pong, echo, forwarder
@@ -26,7 +27,7 @@ from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
-from xml_pipeline.process_pool.crash_record import MAX_CRASHES, CrashRecord
+from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
 from xml_pipeline.process_pool.worker import Task
 from xml_pipeline.testing import ask, running
 
@@ -330,3 +331,9 @@ def test_the_crash_record_counts_crashes_in_a_row_per_payload_and_stays_bounded(
     for n in range(3):
         record.count_crash(_task(f"<Ping><text>{n}</text></Ping>".encode()))
     assert record.crashes(first) == 0  # the oldest is forgotten first
+
+
+def test_the_readme_states_the_refusal_limits_the_pool_applies() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"has crashed a worker {MAX_CRASHES} times in a row is refused" in readme
+    assert f"the pool remembers the last {REMEMBERED_PAYLOADS} crashing payloads" in readme
