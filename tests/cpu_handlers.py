@@ -89,3 +89,13 @@ async def pid_then_wait_for_release(payload: Ping, metadata: HandlerMetadata) ->
         while not release.exists():  # noqa: ASYNC110, ASYNC240 - another process creates it: nothing to await
             await asyncio.sleep(0.01)
     return HandlerResponse.respond(Pong(str(os.getpid())))
+
+
+async def stuck_beyond_signals(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """Writes its pid to ``<dir>/<name>.pid`` (``text`` is ``dir|name``), then blocks the worker's
+    timeout signal and never returns: only the pool killing the process ends it."""
+    directory, name = payload.text.split("|")
+    Path(directory, f"{name}.pid").write_text(str(os.getpid()))  # noqa: ASYNC240 - a few bytes, once
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(60)  # noqa: ASYNC251 - blocking is the point
+    return HandlerResponse.respond(Pong("unstuck"))

@@ -242,6 +242,7 @@ def crash_organism(**pool: int) -> Organism:
             Listener("worker", [Ping], cpu_handlers.works_a_while, cpu_bound=True, max_concurrency=20),
             Listener("held", [Ping], cpu_handlers.pid_then_wait_for_release, cpu_bound=True, max_concurrency=10),
             Listener("whoami", [Ping], cpu_handlers.whoami, cpu_bound=True),
+            Listener("stuck", [Ping], cpu_handlers.stuck_beyond_signals, cpu_bound=True, timeout_seconds=0.3),
         ],
     )
     organism.settings = {"process_pool": {"workers": 2, **pool}}
@@ -291,6 +292,27 @@ async def test_killing_one_worker_fails_only_the_call_it_was_running(tmp_path: P
         assert replies[victim_call].error_code is ErrorCode.WORKER_CRASH
         assert "died during the call" in replies[victim_call].payload.message
         assert victim_pid not in {int(reply.payload.text) for reply in replies if reply.error_code is None}
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 1
+
+
+async def test_a_stuck_worker_is_killed_alone_and_the_call_beside_it_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "STUCK_GRACE", 1.0)
+    async with running(crash_organism()) as pump:
+        stuck = await pump.inject_payload(Ping(f"{tmp_path}|0"), "stuck")
+        await until(lambda: 0 in started_calls(tmp_path), "the stuck call never started")
+        beside = await pump.inject_payload(Ping(f"{tmp_path}|1"), "held")
+        await until(lambda: 1 in started_calls(tmp_path), "the call beside it never started")
+        first_run = started_calls(tmp_path)
+        timed_out = await stuck.next_reply(20)
+        assert timed_out.error_code is ErrorCode.HANDLER_TIMEOUT
+        assert "it was killed" in timed_out.payload.message
+        (tmp_path / "release").touch()
+        answered = await beside.next_reply(20)
+        assert answered.error_code is None, answered.payload
+        assert int(answered.payload.text) not in first_run.values()  # it ran again, on the new workers
         assert pump.pool is not None
         assert pump.pool.rebuilds == 1
 
