@@ -309,6 +309,8 @@ async def test_a_stuck_worker_is_killed_alone_and_the_call_beside_it_runs_again(
         timed_out = await stuck.next_reply(20)
         assert timed_out.error_code is ErrorCode.HANDLER_TIMEOUT
         assert "it was killed" in timed_out.payload.message
+        beside_worker = Path(f"/proc/{first_run[1]}")
+        await until(lambda: not beside_worker.exists(), "the broken pool did not stop the worker beside it")
         (tmp_path / "release").touch()
         answered = await beside.next_reply(20)
         assert answered.error_code is None, answered.payload
