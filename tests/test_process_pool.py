@@ -9,23 +9,26 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from tests import cpu_handlers
+from tests.conftest import ROOT
 from tests.daemon_support import cli, running_daemon, short_directory, write_organism
 from tests.redis_server import RedisServer, free_port
 from tests.support import Ping, Pong, echo, forwarder
 from workers.cpu import Crunch, Crunched, checksum, crunch
-from xml_pipeline import ErrorCode
+from xml_pipeline import ErrorCode, HandlerMetadata
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
+from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
+from xml_pipeline.process_pool.worker import Task
 from xml_pipeline.testing import ask, running
 
 
@@ -221,3 +224,140 @@ async def test_calls_waiting_for_a_worker_are_not_mistaken_for_stuck_ones(monkey
         assert [reply.payload.text for reply in replies] == [str(n) for n in range(10)]
         assert pump.pool is not None
         assert pump.pool.rebuilds == 0
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Wait for something another process does (it writes a file), for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def crash_organism(**pool: int) -> Organism:
+    organism = Organism.of(
+        "crashes",
+        [
+            Listener("crasher", [Ping], cpu_handlers.notes_then_dies, cpu_bound=True, max_concurrency=20),
+            Listener("worker", [Ping], cpu_handlers.works_a_while, cpu_bound=True, max_concurrency=20),
+            Listener("held", [Ping], cpu_handlers.pid_then_wait_for_release, cpu_bound=True, max_concurrency=10),
+            Listener("whoami", [Ping], cpu_handlers.whoami, cpu_bound=True),
+            Listener("stuck", [Ping], cpu_handlers.stuck_beyond_signals, cpu_bound=True, timeout_seconds=0.3),
+        ],
+    )
+    organism.settings = {"process_pool": {"workers": 2, **pool}}
+    return organism
+
+
+async def test_calls_that_crash_their_worker_fail_alone_beside_ordinary_calls(tmp_path: Path) -> None:
+    """Twenty calls that end their worker (four payloads, five copies each) mixed with twenty ordinary
+    ones: every ordinary call answers, every crashing call gets worker-crash, and no payload runs
+    more than MAX_CRASHES times, plus one copy started beside another before either crash counted."""
+    runs = tmp_path / "runs.log"
+    payloads = [f"{runs}|{'kill' if tag % 2 else 'exit'}|{tag}" for tag in range(4)]
+    async with running(crash_organism()) as pump:
+        crashing = [ask(pump, Ping(payloads[n % 4]), "crasher", timeout=60) for n in range(20)]
+        ordinary = [ask(pump, Ping(str(n)), "worker", timeout=60) for n in range(20)]
+        replies = await asyncio.gather(*(call for pair in zip(crashing, ordinary, strict=True) for call in pair))
+        crashed, answered = replies[0::2], replies[1::2]
+        assert [reply.error_code for reply in answered] == [None] * 20
+        assert [reply.payload.text for reply in answered] == [str(n) for n in range(20)]
+        assert {reply.error_code for reply in crashed} == {ErrorCode.WORKER_CRASH}
+        ran = Counter(runs.read_text().splitlines())
+        assert set(ran) == set(payloads)
+        assert max(ran.values()) <= MAX_CRASHES + 1
+        refused = Counter(reply.payload.message for reply in crashed if "refused" in reply.payload.message)
+        assert sum(refused.values()) >= 20 - 4 * (MAX_CRASHES + 1)
+        assert pump.pool is not None
+        assert 0 < pump.pool.rebuilds <= sum(ran.values())  # two workers crashing at once break one executor
+        assert (await ask(pump, Ping("after"), "whoami", timeout=20)).error_code is None
+
+
+def started_calls(directory: Path) -> dict[int, int]:
+    """Which calls of ``held`` have started, and in which worker: call number to pid."""
+    return {int(path.stem): int(path.read_text()) for path in directory.glob("*.pid") if path.read_text()}
+
+
+async def test_killing_one_worker_fails_only_the_call_it_was_running(tmp_path: Path) -> None:
+    """Ten calls in flight on two workers, two of them running: kill -9 one worker, and only the call
+    in it fails; the one stopped in the other worker and the eight waiting all run on the new pool."""
+    async with running(crash_organism()) as pump:
+        submissions = [await pump.inject_payload(Ping(f"{tmp_path}|{n}"), "held") for n in range(10)]
+        await until(lambda: len(started_calls(tmp_path)) == 2, "two calls never started")
+        victim_call, victim_pid = min(started_calls(tmp_path).items())
+        os.kill(victim_pid, signal.SIGKILL)
+        (tmp_path / "release").touch()
+        replies = [await submission.next_reply(30) for submission in submissions]
+        assert [n for n, reply in enumerate(replies) if reply.error_code is not None] == [victim_call]
+        assert replies[victim_call].error_code is ErrorCode.WORKER_CRASH
+        assert "died during the call" in replies[victim_call].payload.message
+        assert victim_pid not in {int(reply.payload.text) for reply in replies if reply.error_code is None}
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 1
+
+
+async def test_a_stuck_worker_is_killed_alone_and_the_call_beside_it_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "STUCK_GRACE", 1.0)
+    async with running(crash_organism()) as pump:
+        stuck = await pump.inject_payload(Ping(f"{tmp_path}|0"), "stuck")
+        await until(lambda: 0 in started_calls(tmp_path), "the stuck call never started")
+        beside = await pump.inject_payload(Ping(f"{tmp_path}|1"), "held")
+        await until(lambda: 1 in started_calls(tmp_path), "the call beside it never started")
+        first_run = started_calls(tmp_path)
+        timed_out = await stuck.next_reply(20)
+        assert timed_out.error_code is ErrorCode.HANDLER_TIMEOUT
+        assert "it was killed" in timed_out.payload.message
+        beside_worker = Path(f"/proc/{first_run[1]}")
+        await until(lambda: not beside_worker.exists(), "the broken pool did not stop the worker beside it")
+        (tmp_path / "release").touch()
+        answered = await beside.next_reply(20)
+        assert answered.error_code is None, answered.payload
+        assert int(answered.payload.text) not in first_run.values()  # it ran again, on the new workers
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 1
+
+
+async def test_a_payload_that_crashes_every_time_is_refused_after_max_crashes(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.log"
+    crasher = Ping(f"{runs}|exit|always")
+    async with running(crash_organism()) as pump:
+        replies = [await ask(pump, crasher, "crasher", timeout=30) for _ in range(MAX_CRASHES + 2)]
+        assert {reply.error_code for reply in replies} == {ErrorCode.WORKER_CRASH}
+        assert len(runs.read_text().splitlines()) == MAX_CRASHES  # the side channel: runs, not replies
+        messages = [reply.payload.message for reply in replies]
+        assert all("died during the call" in message for message in messages[:MAX_CRASHES])
+        assert all(f"refused: this payload crashed a worker {MAX_CRASHES} times" in m for m in messages[MAX_CRASHES:])
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == MAX_CRASHES
+        other = await ask(pump, Ping(f"{runs}|exit|another"), "crasher", timeout=30)
+        assert "died during the call" in other.payload.message  # refusal is per payload
+        assert (await ask(pump, Ping("after"), "whoami", timeout=20)).error_code is None
+
+
+def _task(xml: bytes) -> Task:
+    metadata = HandlerMetadata(thread_id="t", from_id="f", own_name="o", conversation_id="c")
+    return Task("tests.cpu_handlers.whoami", "tests.support.Ping", xml, metadata, timeout=1)
+
+
+def test_the_crash_record_counts_crashes_in_a_row_per_payload_and_stays_bounded() -> None:
+    record = CrashRecord(max_crashes=2, remembered=3)
+    first, second = _task(b"<Ping><text>a</text></Ping>"), _task(b"<Ping><text>b</text></Ping>")
+    assert record.count_crash(first) == 1
+    assert not record.refuses(first)
+    record.forget(first)  # it completed once: the crashes before were not its alone
+    assert record.crashes(first) == 0
+    record.count_crash(first)
+    record.count_crash(first)
+    assert record.refuses(first)
+    assert not record.refuses(second)
+    for n in range(3):
+        record.count_crash(_task(f"<Ping><text>{n}</text></Ping>".encode()))
+    assert record.crashes(first) == 0  # the oldest is forgotten first
+
+
+def test_the_readme_states_the_refusal_limits_the_pool_applies() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"has crashed a worker {MAX_CRASHES} times in a row is refused" in readme
+    assert f"the pool remembers the last {REMEMBERED_PAYLOADS} crashing payloads" in readme

@@ -30,6 +30,7 @@ from xml_pipeline.message.payload_codec import PayloadDecodeError, PayloadTypeEr
 from xml_pipeline.message.safe_xml import XmlRejected
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, set_registry
 from xml_pipeline.process_pool.orphans import exit_with_parent
+from xml_pipeline.process_pool.started import StartMarks
 
 HARD_DEADLINE_GRACE = 1.0
 """Seconds after the timeout before SIGALRM interrupts a handler that does not await."""
@@ -61,13 +62,19 @@ class _HardTimeout(BaseException):
 
 
 _loop: asyncio.AbstractEventLoop | None = None
+_marks: StartMarks | None = None
 
 
 def initialize(
-    backend_spec: ManagerSpec | RedisSpec | None, max_slots_per_thread: int, max_threads: int, parent_pid: int
+    backend_spec: ManagerSpec | RedisSpec | None,
+    max_slots_per_thread: int,
+    max_threads: int,
+    parent_pid: int,
+    marks: StartMarks,
 ) -> None:
     """Pool initializer: die with the daemon, connect to the shared state, prepare the loop."""
-    global _loop
+    global _loop, _marks
+    _marks = marks
     exit_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle, not each worker's
     signal.signal(signal.SIGALRM, _on_alarm)
@@ -84,6 +91,13 @@ def initialize(
 
 def _on_alarm(signum: int, frame: object) -> None:
     raise _HardTimeout
+
+
+def run_in_slot(slot: int, hand_over: int, task: Task) -> Outcome:
+    """Run ``task``, first marking it started here, so that a crash of this process is blamed on it alone."""
+    assert _marks is not None, "initialize() runs first"
+    _marks.mark_started_here(slot, hand_over)
+    return run_task(task)
 
 
 def run_task(task: Task) -> Outcome:
