@@ -71,7 +71,7 @@ def test_http_interface_answers_bad_requests_with_clear_4xx() -> None:
     port = free_loopback_port()
     with running_daemon(EXAMPLE, "--tcp", f"127.0.0.1:{port}") as daemon:
         over_tcp = DaemonClient(tcp=("127.0.0.1", port))
-        assert over_tcp.request("GET", "/healthz").json() == {"status": "ok"}
+        assert over_tcp.request("GET", "/healthz").json()["status"] == "ok"
         client = daemon.client
         cases = {
             b"<not xml": (400, "malformed-xml"),

@@ -24,6 +24,7 @@ from xml_pipeline import ErrorCode, HandlerMetadata
 from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
+from xml_pipeline.memory.store_watch import StoreState
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
@@ -143,6 +144,8 @@ async def test_redis_stopping_and_returning_during_traffic() -> None:
             assert down.payload.retry_allowed is True
             assert pump.healthy
             server.start()
+            # the store watch probes every second; its next probe finds Redis back and lets calls through
+            assert (await pump.store_watch.probe_once()).state is StoreState.OK
             assert (await ask(pump, Ping("after"), to="echo")).payload == Pong("after")
             crunched = await ask(pump, Crunch("after", 10), to="cruncher", timeout=20)
             assert crunched.payload.history_seen == 1  # the workers reconnected too

@@ -148,6 +148,7 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "redis_url": _Key(str, check=_redis_url),
         "redis_prefix": _Key(str),
         "redis_ttl": _Key(int, check=_at_least(0)),
+        "redis_timeout_seconds": _Key(_NUMBER, check=_positive),
     },
     "http": {
         "max_connections": _Key(int, check=_at_least(1)),
@@ -369,9 +370,15 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             reader.problem(
                 entries["backend"][1], "backend.type redis needs backend.redis_url, e.g. redis://127.0.0.1:6379/0"
             )
-        if backend.get("type") != "redis" and backend.keys() & {"redis_url", "redis_prefix", "redis_ttl"}:
+        if backend.get("type") != "redis" and backend.keys() & {
+            "redis_url",
+            "redis_prefix",
+            "redis_ttl",
+            "redis_timeout_seconds",
+        }:
             reader.problem(
-                entries["backend"][1], "redis_url, redis_prefix and redis_ttl only apply to backend.type redis"
+                entries["backend"][1],
+                "redis_url, redis_prefix, redis_ttl and redis_timeout_seconds only apply to backend.type redis",
             )
         specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
         limits: PumpLimits | None = None

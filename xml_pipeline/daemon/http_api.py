@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
+from xml_pipeline.memory.store_watch import StoreState
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.pump import Pump
@@ -187,9 +188,13 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         return _json(_replies_body(submission, replies))
 
     async def healthz(request: web.Request) -> web.Response:
-        if daemon.accepting:
-            return _json({"status": "ok"})
-        return _json({"status": "stopping"}, status=503)
+        """Answers from what the daemon already knows: never waits for the store or the pump."""
+        store = daemon.pump.store_watch.health
+        if not daemon.accepting:
+            return _json({"status": "stopping", "backend": store.as_dict()}, status=503)
+        if store.state is not StoreState.OK:
+            return _json({"status": "degraded", "backend": store.as_dict()}, status=503)
+        return _json({"status": "ok", "backend": store.as_dict()})
 
     async def status(request: web.Request) -> web.Response:
         return _json(daemon.status())

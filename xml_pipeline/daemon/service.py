@@ -35,6 +35,7 @@ from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.submissions import SubmissionTable
 from xml_pipeline.logs import set_level
+from xml_pipeline.memory.manager_backend import ManagerBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump, PumpStartError
 from xml_pipeline.organism import Organism
@@ -144,6 +145,8 @@ class Daemon:
             "socket": str(self.options.socket_path),
             "tcp": f"{self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else None,
             "backend": self.pump.organism.settings.get("backend", {}).get("type", "memory"),
+            "backend_health": self.pump.store_watch.health.as_dict(),
+            "state_manager_pid": self.backend.manager_pid if isinstance(self.backend, ManagerBackend) else None,
             "worker_pids": self.pump.pool.worker_pids() if self.pump.pool is not None else [],
             "queue_depth": stats.queue_depth,
             "in_flight": stats.in_flight,
@@ -231,7 +234,8 @@ class Daemon:
     def _housekeeping_tick(self) -> None:
         self.submissions.sweep()
         if not self.pump.healthy:
-            log.critical("the pump stopped working; exiting so that the service manager restarts the daemon")
+            why = self.pump.store_watch.health.detail or "the pump stopped working"
+            log.critical("%s; exiting so that the service manager restarts the daemon", why)
             self._exit_code = 1
             self._command("stop")
 

@@ -15,11 +15,15 @@ BackendSpec = ManagerSpec | RedisSpec | None
 
 
 def open_backend(settings: Mapping[str, Any]) -> SharedBackend:
-    """The backend for ``settings`` (organism.yaml's ``backend`` section); raises BackendUnavailable."""
-    return create_backend(BackendConfig.from_settings(settings))
+    """The daemon's backend for ``settings`` (organism.yaml's ``backend`` section); raises BackendUnavailable.
+
+    Its pump's store watch probes the store off the event loop, so a Redis
+    circuit, once open, waits for that probe rather than trying calls on the loop.
+    """
+    return create_backend(BackendConfig.from_settings(settings), probed_off_loop=True)
 
 
-def create_backend(config: BackendConfig) -> SharedBackend:
+def create_backend(config: BackendConfig, *, probed_off_loop: bool = False) -> SharedBackend:
     """A new backend as ``config`` says; raises BackendUnavailable if it cannot be reached."""
     backend: SharedBackend
     if config.backend_type == "memory":
@@ -30,7 +34,13 @@ def create_backend(config: BackendConfig) -> SharedBackend:
         except OSError as exc:
             raise BackendUnavailable(f"cannot start the state manager: {exc}") from None
     else:
-        backend = RedisBackend(config.redis_url, prefix=config.redis_prefix, ttl=config.redis_ttl)
+        backend = RedisBackend(
+            config.redis_url,
+            prefix=config.redis_prefix,
+            ttl=config.redis_ttl,
+            socket_timeout=config.redis_timeout_seconds,
+            fail_fast_seconds=None if probed_off_loop else 1.0,
+        )
         if not backend.ping():
             backend.close()
             raise BackendUnavailable(f"redis at {_without_password(config.redis_url)} does not answer")

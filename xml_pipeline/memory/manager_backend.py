@@ -195,6 +195,24 @@ class ManagerBackend:
     def info(self) -> dict[str, Any]:
         return {**self._call("info"), "type": "manager", "address": self.spec.address}
 
+    @property
+    def manager_pid(self) -> int | None:
+        """The pid of the manager process this instance started; None when it only connected to one."""
+        process = getattr(self._owner, "_process", None)  # BaseManager has no public handle on it
+        return None if process is None else int(process.pid)
+
+    def lost(self) -> str | None:
+        """Why the state is gone for good, if it is: the manager this instance started has exited.
+
+        Unlike Redis, a manager holds its state in its own memory, so it cannot
+        come back: what it held is lost, and the conversations that used it
+        cannot go on.
+        """
+        process = getattr(self._owner, "_process", None)
+        if process is None or process.is_alive():
+            return None
+        return f"the state manager (pid {process.pid}) exited with code {process.exitcode}; the state it held is lost"
+
     def close(self) -> None:
         """Disconnect; the owner also stops the manager process and removes its socket."""
         if self._owner is not None:

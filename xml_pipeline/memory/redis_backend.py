@@ -23,9 +23,12 @@ set scored by expiry rather than a plain set, so the thread count used for the
 ``max_threads`` cap cannot drift when lists expire: expired members are pruned
 before counting.
 
-Connection problems are retried with exponential backoff by redis-py; if the
-server stays away, methods raise :class:`BackendUnavailable`, which the pump
-turns into a ``backend-unavailable`` SystemError for the caller.
+Refused connections are retried with exponential backoff by redis-py; a call
+that times out is not retried (it may have run). If the server stays away,
+methods raise :class:`BackendUnavailable`, which the pump turns into a
+``backend-unavailable`` SystemError for the caller, and the circuit
+(:mod:`xml_pipeline.memory.circuit`) makes the next calls fail at once rather
+than each wait out the socket timeout.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from xml_pipeline.memory.circuit import Circuit
 from xml_pipeline.memory.shared_backend import (
     DEFAULT_REDIS_PREFIX,
     DEFAULT_REDIS_TTL,
@@ -177,7 +181,11 @@ class RedisBackend:
         *,
         retries: int = 3,
         socket_timeout: float = 2.0,
+        fail_fast_seconds: float | None = 1.0,
     ) -> None:
+        """``socket_timeout`` bounds how long one call may wait for an answer (a
+        timed-out call is not retried: it may have run); ``fail_fast_seconds``
+        is the circuit's ``retry_after`` (see :mod:`xml_pipeline.memory.circuit`)."""
         if ttl < 0:
             raise ValueError("ttl must be 0 (keys never expire) or a number of seconds")
         self.spec = RedisSpec(url, prefix, ttl)
@@ -188,11 +196,12 @@ class RedisBackend:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            retry_on_error=[RedisConnectionError],
             health_check_interval=30,
         )
         self._apply = self._client.register_script(_APPLY)
         self._get_or_set = self._client.register_script(_GET_OR_SET)
+        self.circuit = Circuit(retry_after=fail_fast_seconds)
 
     @classmethod
     def from_spec(cls, spec: RedisSpec) -> RedisBackend:
@@ -225,18 +234,25 @@ class RedisBackend:
         return result
 
     def _run(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
+        self.circuit.check()
         try:
             return operation(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise BackendUnavailable(f"redis is unreachable: {exc}") from None
+            raise self._unreachable(exc) from None
         except RedisError as exc:
             raise BackendUnavailable(f"redis refused the operation: {exc}") from None
 
+    def _unreachable(self, exc: Exception) -> BackendUnavailable:
+        reason = f"redis is unreachable: {exc}"
+        self.circuit.trip(reason)
+        return BackendUnavailable(reason)
+
     def _scan(self, pattern: str) -> Iterator[bytes]:
+        self.circuit.check()
         try:
             yield from self._client.scan_iter(match=pattern, count=SCAN_BATCH)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise BackendUnavailable(f"redis is unreachable: {exc}") from None
+            raise self._unreachable(exc) from None
 
     def _unlink_matching(self, pattern: str) -> None:
         batch: list[bytes] = []
@@ -390,10 +406,17 @@ class RedisBackend:
 
     # --- housekeeping ---
     def ping(self) -> bool:
+        """Ask Redis for real, past an open circuit; an answer closes the circuit."""
         try:
-            return bool(self._client.ping())
+            answered = bool(self._client.ping())
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self._unreachable(exc)
+            return False
         except RedisError:
             return False
+        if answered:
+            self.circuit.reset()
+        return answered
 
     def info(self) -> dict[str, Any]:
         server = self._run(self._client.info, "server")

@@ -118,6 +118,8 @@ class SharedBackend(Protocol):
 DEFAULT_REDIS_URL = "redis://localhost:6379"
 DEFAULT_REDIS_PREFIX = "xp:"
 DEFAULT_REDIS_TTL = 86_400
+DEFAULT_REDIS_TIMEOUT_SECONDS = 1.0
+"""How long one Redis call may wait for an answer: the most a stalled Redis can hold up the event loop."""
 BACKEND_TYPES = ("memory", "manager", "redis")
 
 
@@ -136,10 +138,13 @@ class BackendConfig:
     redis_ttl: int = DEFAULT_REDIS_TTL
     manager_address: str | tuple[str, int] | None = None
     manager_authkey: bytes | None = None
+    redis_timeout_seconds: float = DEFAULT_REDIS_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
         if self.backend_type not in BACKEND_TYPES:
             raise ValueError(f"backend_type must be one of {', '.join(BACKEND_TYPES)}, not {self.backend_type!r}")
+        if self.redis_timeout_seconds <= 0:
+            raise ValueError("redis_timeout_seconds must be positive")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> BackendConfig:
@@ -149,6 +154,7 @@ class BackendConfig:
             redis_url=str(settings.get("redis_url", DEFAULT_REDIS_URL)),
             redis_prefix=str(settings.get("redis_prefix", DEFAULT_REDIS_PREFIX)),
             redis_ttl=int(settings.get("redis_ttl", DEFAULT_REDIS_TTL)),
+            redis_timeout_seconds=float(settings.get("redis_timeout_seconds", DEFAULT_REDIS_TIMEOUT_SECONDS)),
         )
 
 

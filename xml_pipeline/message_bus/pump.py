@@ -42,6 +42,7 @@ from xml_pipeline.memory.factory import spec_of
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, SharedBackend, TooManyThreads
 from xml_pipeline.memory.state_batcher import StateBatcher
 from xml_pipeline.memory.state_ops import DeleteHistory, ForgetThread, RegisterThread, StateOp
+from xml_pipeline.memory.store_watch import StoreState, StoreWatch
 from xml_pipeline.message.envelope import (
     Envelope,
     best_effort_origin,
@@ -158,6 +159,7 @@ class Pump:
             max_threads=self.limits.max_conversations,
         )
         self.state = StateBatcher(shared)
+        self.store_watch = StoreWatch(shared)
         self._on_conversation_end = on_conversation_end
         self._conversations: dict[str, Conversation] = {}
         self._threads: dict[str, tuple[Conversation, tuple[str, ...]]] = {}
@@ -237,6 +239,7 @@ class Pump:
         if self._pool is not None:
             await self._pool.close(kill=not drained)
             self._pool = None
+        await self.store_watch.close()
         self.state.flush()
         self._runner = None
         log.info("pump stopped organism=%s drained=%s cancelled=%d", self.organism.name, drained, cancelled)
@@ -251,6 +254,8 @@ class Pump:
         async with asyncio.TaskGroup() as group:
             self._group = group
             group.create_task(self._dispatch(group), name="xml-pipeline-dispatcher")
+            if self.store_watch.needed:
+                group.create_task(self.store_watch.run(), name="xml-pipeline-store-watch")
 
     def run_background(self, work: Coroutine[Any, Any, object], name: str) -> None:
         """Run ``work`` in the pump's task group: it ends with the pump, and its errors are logged."""
@@ -375,8 +380,9 @@ class Pump:
 
     @property
     def healthy(self) -> bool:
-        """True while the dispatcher runs."""
-        return self._runner is not None and not self._runner.done()
+        """True while the dispatcher runs and the shared state has not been lost for good."""
+        runs = self._runner is not None and not self._runner.done()
+        return runs and self.store_watch.health.state is not StoreState.LOST
 
     def stats(self) -> PumpStats:
         return PumpStats(
