@@ -31,6 +31,7 @@ class ErrorCode(enum.Enum):
     SHUTTING_DOWN = "shutting-down"
     BACKEND_UNAVAILABLE = "backend-unavailable"
     WORKER_CRASH = "worker-crash"
+    CRASH_LOOP = "crash-loop"
     INTERNAL = "internal"
 
     @property

@@ -62,7 +62,7 @@ from xml_pipeline.message_bus.conversations import Conversation, Reply, Submissi
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
 from xml_pipeline.organism import Listener, Organism, is_reserved
-from xml_pipeline.process_pool.pool import CpuPool, WorkerCrashed, WorkerStuck
+from xml_pipeline.process_pool.pool import CpuPool, PayloadRefused, WorkerCrashed, WorkerStuck
 from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.pump")
@@ -660,6 +660,8 @@ class Pump:
         )
         try:
             outcome = await self._process_pool().run(task)
+        except PayloadRefused as exc:
+            return _Failure(ErrorCode.CRASH_LOOP, f"{listener.name}: {exc}")
         except WorkerCrashed as exc:
             return _Failure(ErrorCode.WORKER_CRASH, f"{listener.name}: {exc}")
         except WorkerStuck as exc:

@@ -57,6 +57,10 @@ class WorkerCrashed(Exception):
     pass
 
 
+class PayloadRefused(WorkerCrashed):
+    """The payload crashed a worker too many times in a row; running it again would only crash another."""
+
+
 class WorkerStuck(Exception):
     pass
 
@@ -128,7 +132,7 @@ class CpuPool:
         if self._closing:
             raise WorkerCrashed("the worker pool is shutting down")
         if self.crashes.refuses(task):
-            raise WorkerCrashed(f"refused: this payload crashed a worker {self.crashes.crashes(task)} times in a row")
+            raise PayloadRefused(f"refused: this payload crashed a worker {self.crashes.crashes(task)} times in a row")
         call = HandOver(slot, self._marks.next_hand_over(), task)
         allowance = self._allowances[slot]
         ahead = sum(self._allowances.values()) - allowance  # the executor may run all of these first
