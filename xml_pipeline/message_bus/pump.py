@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
@@ -44,34 +44,29 @@ from xml_pipeline.memory.state_batcher import StateBatcher
 from xml_pipeline.memory.state_ops import DeleteHistory, ForgetThread, RegisterThread, StateOp
 from xml_pipeline.memory.store_watch import StoreState, StoreWatch
 from xml_pipeline.message.envelope import (
-    Envelope,
-    best_effort_origin,
     envelope_bytes,
-    read_envelope,
     serialize_envelope,
 )
 from xml_pipeline.message.payload_codec import (
     PayloadDecodeError,
-    PayloadTypeError,
     codec_for,
     payload_type_name,
 )
-from xml_pipeline.message.safe_xml import XmlRejected, check_outgoing, parse_checked
+from xml_pipeline.message.safe_xml import XmlRejected
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+from xml_pipeline.message_bus.admission import admit
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.metrics import PumpMetrics
+from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
+from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
-from xml_pipeline.organism import Listener, Organism, is_reserved
+from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool.pool import CpuPool, PayloadRefused, WorkerCrashed, WorkerStuck
 from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.pump")
 
 SYSTEM_SENDER = "system"
-UNBOUNDED_BYTES = 2**62
-"""The size bound of the built-in primitives' outputs: none (see Pump._beyond_limits)."""
-_THREAD_SIZED = "00000000-0000-0000-0000-000000000000"
-"""Stands in for a hop's thread when only the envelope's length matters (every thread is a UUID)."""
 
 ConversationEndHook = Callable[[str, tuple[BufferSlot, ...]], None]
 
@@ -86,26 +81,6 @@ class _Delivery:
     sender: str
     thread: str
     conversation: Conversation
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    code: ErrorCode
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Refusal:
-    """Why a client's message was not accepted, and whom to tell."""
-
-    code: ErrorCode
-    detail: str
-    sender: str | None = None
-    thread: str | None = None
-    target: str | None = None
-
-
-_Admitted = tuple[Listener, Any, bytes, Envelope]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +124,7 @@ class Pump:
         self.metrics = metrics if metrics is not None else PumpMetrics()
         self.limits = organism.limits
         self._xml_limits = organism.limits.xml_limits()
-        self._output_limits_of_primitives = replace(self._xml_limits, max_bytes=UNBOUNDED_BYTES)
+        self._outputs = OutputPreparer(self._xml_limits)
         self._listeners: dict[str, Listener] = dict(organism.listeners)
         self.registry = ThreadRegistry(backend)
         shared = self.registry.backend
@@ -331,7 +306,7 @@ class Pump:
         payload: Any,
         on_started: Callable[[str], None],
         on_end: Callable[[], None] | None = None,
-    ) -> _Failure | None:
+    ) -> Failure | None:
         """Start a conversation from listener ``initiator`` to ``target_name``.
 
         The target's answer (or error) comes back to ``initiator`` as a message.
@@ -341,13 +316,13 @@ class Pump:
         """
         target = self._listeners.get(target_name)
         if target is None:
-            return _Failure(ErrorCode.UNKNOWN_TARGET, f"no listener is named {target_name!r}")
-        prepared = self._prepare(target, payload, initiator)
-        if isinstance(prepared, _Failure):
+            return Failure(ErrorCode.UNKNOWN_TARGET, f"no listener is named {target_name!r}")
+        prepared = self._outputs.for_listener(target, payload, initiator)
+        if isinstance(prepared, Failure):
             return prepared
         fresh, payload_xml = prepared
         if len(self._conversations) >= self.limits.max_conversations:
-            return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+            return Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
         conversation = Conversation(new_thread_id(), initiator, None, on_end=on_end)
         thread, registrations = self._open(conversation, target_name)
         on_started(conversation.id)
@@ -405,19 +380,26 @@ class Pump:
     async def inject(self, raw: bytes) -> Submission:
         """Accept one envelope from outside. Never raises for bad input: a refused
         message comes back as a Submission whose first reply is the SystemError."""
+        if not self._accepting:
+            return self._refuse(Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages"))
         try:
-            admitted = self._admit(raw)
+            admitted = admit(raw, self._listeners, self._xml_limits)
         except Exception as exc:  # a bug, or lxml refusing in a way we did not foresee: never a crash
             log.exception("internal error while admitting a message")
-            admitted = _Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")
-        if isinstance(admitted, _Refusal):
+            admitted = Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")
+        if isinstance(admitted, Refusal):
             return self._refuse(admitted)
-        listener, payload, payload_xml, envelope = admitted
+        listener, payload, payload_xml, envelope = (
+            admitted.listener,
+            admitted.payload,
+            admitted.payload_xml,
+            admitted.envelope,
+        )
         sender, thread = envelope.sender, envelope.thread
         conversation, delivery_thread, registrations = self._assign_thread(sender, listener.name, thread)
         if conversation is None:
             return self._refuse(
-                _Refusal(
+                Refusal(
                     ErrorCode.OVERLOAD,
                     "too many conversations are open; try again later",
                     sender,
@@ -435,13 +417,13 @@ class Pump:
             self._finish_one(conversation)
             raise
         if failure is None and not self.healthy:
-            failure = _Failure(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this message could be queued")
+            failure = Failure(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this message could be queued")
         if failure is None:
             assert self._queue is not None
             try:
                 self._queue.put_nowait(_Delivery(listener, payload, payload_xml, sender, delivery_thread, conversation))
             except asyncio.QueueFull:
-                failure = _Failure(ErrorCode.OVERLOAD, "the pump's queue is full; try again later")
+                failure = Failure(ErrorCode.OVERLOAD, "the pump's queue is full; try again later")
         if failure is None:
             self.metrics.ingress(accepted=True)
         else:
@@ -452,46 +434,7 @@ class Pump:
 
     def reject(self, code: ErrorCode, detail: str) -> Submission:
         """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
-        return self._refuse(_Refusal(code, detail))
-
-    def _admit(self, raw: bytes) -> _Admitted | _Refusal:
-        """Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, target, peers, payload."""
-        if not self._accepting:
-            return _Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages")
-        try:
-            parsed = parse_checked(raw, self._xml_limits)
-        except XmlRejected as rejected:
-            return _Refusal(rejected.code, rejected.detail)
-        if parsed.repairs:
-            log.warning("message repaired before use: %s", "; ".join(parsed.repairs))
-        try:
-            envelope = read_envelope(parsed.root)
-        except XmlRejected as rejected:
-            return _Refusal(rejected.code, rejected.detail, *best_effort_origin(parsed.root))
-        sender, thread, to = envelope.sender, envelope.thread, envelope.to
-        if to is None:
-            return _Refusal(
-                ErrorCode.ENVELOPE_INVALID, "<meta> has no <to>: say which listener it is for", sender, thread
-            )
-        listener = self._listeners.get(to)
-        if listener is None:
-            return _Refusal(ErrorCode.UNKNOWN_TARGET, f"no listener is named {to!r}", sender, thread, to)
-        sending_listener = self._listeners.get(sender)
-        if sending_listener is not None and not sending_listener.may_call(to):
-            return _Refusal(ErrorCode.PEER_NOT_ALLOWED, f"{sender!r} may not send to {to!r}", sender, thread, to)
-        codec = listener.codecs_by_tag.get(envelope.payload.tag)
-        if codec is None:
-            name = etree.QName(envelope.payload).localname
-            detail = f"{to!r} accepts {listener.accepted_names}, not <{name}>"
-            return _Refusal(ErrorCode.PAYLOAD_INVALID, detail, sender, thread, to)
-        problem = codec.validate(envelope.payload)
-        if problem is not None:
-            return _Refusal(ErrorCode.PAYLOAD_INVALID, f"<{codec.xml_name}>: {problem}", sender, thread, to)
-        try:
-            payload = codec.from_element(envelope.payload)
-        except PayloadDecodeError as exc:
-            return _Refusal(ErrorCode.PAYLOAD_INVALID, str(exc), sender, thread, to)
-        return listener, payload, etree.tostring(envelope.payload), envelope
+        return self._refuse(Refusal(code, detail))
 
     def _assign_thread(
         self, sender: str, to: str, thread: str
@@ -547,7 +490,7 @@ class Pump:
         parent = chain[:-1]
         return Pruned(target=parent[-1], thread_id=conversation.chains[parent])
 
-    def _refuse(self, refusal: _Refusal) -> Submission:
+    def _refuse(self, refusal: Refusal) -> Submission:
         """A client message that never became part of a conversation: answer it directly."""
         submission = Submission(refusal.thread or new_thread_id(), self.limits.mailbox_size)
         submission.deliver(
@@ -576,7 +519,7 @@ class Pump:
             finally:
                 if not delivery.listener.coordinator:
                     self._slots.release()
-            if isinstance(outcome, _Failure):
+            if isinstance(outcome, Failure):
                 self._note_error(
                     outcome.code,
                     outcome.detail,
@@ -604,7 +547,7 @@ class Pump:
             self._finish_one(conversation)
 
     async def _invoke(self, delivery: _Delivery) -> Any:
-        """Run the handler under its listener's limits; a _Failure if it did not finish well."""
+        """Run the handler under its listener's limits; a Failure if it did not finish well."""
         listener = delivery.listener
         try:
             if listener.slots.locked():  # only a wait needs a deadline; a free slot is taken at once
@@ -614,7 +557,7 @@ class Pump:
                 await listener.slots.acquire()
         except TimeoutError:
             waited = self.limits.enqueue_timeout_seconds
-            return _Failure(ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {waited:g}s")
+            return Failure(ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {waited:g}s")
         try:
             metadata = HandlerMetadata(
                 thread_id=delivery.thread,
@@ -638,7 +581,7 @@ class Pump:
             except TimeoutError as exc:
                 if deadline.expired():
                     limit = listener.timeout_seconds
-                    return _Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
+                    return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
                 return self._handler_raised(delivery, exc)
             except Exception as exc:
                 return self._handler_raised(delivery, exc)
@@ -661,11 +604,11 @@ class Pump:
         try:
             outcome = await self._process_pool().run(task)
         except PayloadRefused as exc:
-            return _Failure(ErrorCode.CRASH_LOOP, f"{listener.name}: {exc}")
+            return Failure(ErrorCode.CRASH_LOOP, f"{listener.name}: {exc}")
         except WorkerCrashed as exc:
-            return _Failure(ErrorCode.WORKER_CRASH, f"{listener.name}: {exc}")
+            return Failure(ErrorCode.WORKER_CRASH, f"{listener.name}: {exc}")
         except WorkerStuck as exc:
-            return _Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name}: {exc}")
+            return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name}: {exc}")
         if outcome.kind == "none":
             return None
         if outcome.kind == "response":
@@ -674,16 +617,16 @@ class Pump:
                     outcome.payload_xml, self._xml_limits
                 )
             except XmlRejected as refused:
-                return _Failure(refused.code, f"{listener.name} returned a payload beyond the limits: {refused.detail}")
+                return Failure(refused.code, f"{listener.name} returned a payload beyond the limits: {refused.detail}")
             except PayloadDecodeError as exc:
-                return _Failure(ErrorCode.BAD_RESPONSE, f"{listener.name} returned an invalid payload: {exc}")
+                return Failure(ErrorCode.BAD_RESPONSE, f"{listener.name} returned an invalid payload: {exc}")
             return HandlerResponse(payload, outcome.to)
         if outcome.kind == "timeout":
             limit = listener.timeout_seconds
-            return _Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
+            return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
         code = ErrorCode.HANDLER_ERROR if outcome.kind == "raised" else ErrorCode.BAD_RESPONSE
         verb = "raised" if outcome.kind == "raised" else ""
-        return _Failure(code, f"{listener.name} {verb} {outcome.detail}".replace("  ", " "))
+        return Failure(code, f"{listener.name} {verb} {outcome.detail}".replace("  ", " "))
 
     def _process_pool(self) -> CpuPool:
         if self._pool is None:
@@ -702,9 +645,9 @@ class Pump:
         """The process pool, once a cpu_bound listener has needed it."""
         return self._pool
 
-    def _handler_raised(self, delivery: _Delivery, exc: Exception) -> _Failure:
+    def _handler_raised(self, delivery: _Delivery, exc: Exception) -> Failure:
         log.debug("handler traceback listener=%s thread=%s", delivery.listener.name, delivery.thread, exc_info=exc)
-        return _Failure(ErrorCode.HANDLER_ERROR, f"{delivery.listener.name} raised {type(exc).__name__}: {exc}")
+        return Failure(ErrorCode.HANDLER_ERROR, f"{delivery.listener.name} raised {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ routing
     async def _route(self, delivery: _Delivery, result: Any) -> None:
@@ -717,22 +660,20 @@ class Pump:
         else:
             await self._report_output_error(delivery.conversation, delivery.thread, failure, name)
 
-    async def _deliver_result(self, delivery: _Delivery, result: Any) -> _Failure | None:
+    async def _deliver_result(self, delivery: _Delivery, result: Any) -> Failure | None:
         """Send what a handler returned where it asked; the failure if it cannot go."""
         listener, conversation = delivery.listener, delivery.conversation
         if not isinstance(result, HandlerResponse):
             kind = type(result).__name__
-            return _Failure(
+            return Failure(
                 ErrorCode.BAD_RESPONSE, f"{listener.name} returned {kind}; a handler returns HandlerResponse or None"
             )
         if result.to is not None:
             target = self._listeners.get(result.to)
             if target is None:
-                return _Failure(
-                    ErrorCode.UNKNOWN_TARGET, f"{listener.name} sent to {result.to!r}, which is no listener"
-                )
+                return Failure(ErrorCode.UNKNOWN_TARGET, f"{listener.name} sent to {result.to!r}, which is no listener")
             if not listener.may_call(result.to):
-                return _Failure(ErrorCode.PEER_NOT_ALLOWED, f"{listener.name} may not send to {result.to!r}")
+                return Failure(ErrorCode.PEER_NOT_ALLOWED, f"{listener.name} may not send to {result.to!r}")
             return await self._send(conversation, target, result.payload, listener.name, None, delivery.thread)
         pruned = self._caller_of(delivery.thread)
         if pruned is None:
@@ -747,52 +688,7 @@ class Pump:
             )
         if pruned.target == conversation.initiator:
             return await self._to_client(conversation, listener.name, pruned.target, pruned.thread_id, result.payload)
-        return _Failure(ErrorCode.UNKNOWN_TARGET, f"{listener.name}'s caller {pruned.target!r} is no longer a listener")
-
-    def _prepare(self, target: Listener, payload: Any, sender: str) -> tuple[Any, bytes] | _Failure:
-        """Write ``payload`` as XML for ``target``, validate it, decode a fresh copy."""
-        codec = target.codecs_by_class.get(type(payload))
-        if codec is None and target.accepts_any:
-            try:
-                codec = codec_for(type(payload))
-            except PayloadTypeError as exc:
-                return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent something that cannot travel as XML: {exc}")
-        if codec is None:
-            kind = type(payload).__name__
-            return _Failure(
-                ErrorCode.BAD_RESPONSE, f"{sender} sent {kind} to {target.name}, which accepts {target.accepted_names}"
-            )
-        try:
-            element = codec.to_element(payload)
-        except PayloadTypeError as exc:
-            return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {exc}")
-        payload_xml = etree.tostring(element)
-        beyond = self._beyond_limits(payload_xml, element, sender, target.name)
-        if beyond is not None:
-            return beyond
-        problem = codec.validate(element)
-        if problem is not None:
-            return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {problem}")
-        try:
-            fresh = codec.from_element(element)
-        except PayloadDecodeError as exc:
-            return _Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an undecodable {codec.xml_name}: {exc}")
-        return fresh, payload_xml
-
-    def _beyond_limits(self, payload_xml: bytes, element: etree._Element, sender: str, to: str) -> _Failure | None:
-        """The failure for a handler's output that an incoming message of its size or depth would get.
-
-        The built-in primitives are held to the depth bound only: a buffer's
-        outcome gathers one answer per item, each of which met the size bound
-        on its own way in, and refusing it would throw away the whole run.
-        """
-        envelope_size = lambda: len(envelope_bytes(sender, to, _THREAD_SIZED, b""))  # noqa: E731
-        limits = self._output_limits_of_primitives if is_reserved(sender) else self._xml_limits
-        try:
-            check_outgoing(payload_xml, element, limits, envelope_size=envelope_size)
-        except XmlRejected as refused:
-            return _Failure(refused.code, f"{sender}'s output to {to}: {refused.detail}")
-        return None
+        return Failure(ErrorCode.UNKNOWN_TARGET, f"{listener.name}'s caller {pruned.target!r} is no longer a listener")
 
     async def _send(
         self,
@@ -802,14 +698,14 @@ class Pump:
         sender: str,
         thread: str | None,
         from_thread: str,
-    ) -> _Failure | None:
+    ) -> Failure | None:
         """Queue a message from a listener (or the system) to ``target``.
 
         ``thread`` is the delivery thread for a response; ``None`` means a
         forward, whose thread extends ``from_thread`` once the payload is valid.
         """
-        prepared = self._prepare(target, payload, sender)
-        if isinstance(prepared, _Failure):
+        prepared = self._outputs.for_listener(target, payload, sender)
+        if isinstance(prepared, Failure):
             return prepared
         fresh, payload_xml = prepared
         registrations: list[RegisterThread] = []
@@ -820,7 +716,7 @@ class Pump:
             return failure
         return await self._enqueue(conversation, _Delivery(target, fresh, payload_xml, sender, thread, conversation))
 
-    async def _enqueue(self, conversation: Conversation, delivery: _Delivery) -> _Failure | None:
+    async def _enqueue(self, conversation: Conversation, delivery: _Delivery) -> Failure | None:
         """Queue an internal message, waiting for room (bounded); the failure if there is none."""
         assert self._queue is not None
         self._begin_one(conversation)
@@ -836,25 +732,17 @@ class Pump:
         except TimeoutError:
             self._finish_one(conversation)
             waited = self.limits.enqueue_timeout_seconds
-            return _Failure(ErrorCode.OVERLOAD, f"the pump's queue stayed full for {waited:g}s")
+            return Failure(ErrorCode.OVERLOAD, f"the pump's queue stayed full for {waited:g}s")
         return None
 
     async def _to_client(
         self, conversation: Conversation, sender: str, to: str, thread: str, payload: Any
-    ) -> _Failure | None:
+    ) -> Failure | None:
         """Deliver a message addressed to the conversation's client into its mailbox."""
-        try:
-            codec = codec_for(type(payload))
-            element = codec.to_element(payload)
-        except PayloadTypeError as exc:
-            return _Failure(
-                ErrorCode.BAD_RESPONSE, f"{sender} responded with something that cannot travel as XML: {exc}"
-            )
-        payload_xml = etree.tostring(element)
-        beyond = self._beyond_limits(payload_xml, element, sender, to)
-        if beyond is not None:
-            return beyond
-        fresh = codec.from_element(element)
+        prepared = self._outputs.for_client(payload, sender, to)
+        if isinstance(prepared, Failure):
+            return prepared
+        fresh, payload_xml = prepared
         failure = await self._record(conversation, sender, to, thread, fresh, payload_xml)
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
@@ -894,7 +782,7 @@ class Pump:
         )
 
     async def _report_output_error(
-        self, conversation: Conversation, thread: str, failure: _Failure, listener: str
+        self, conversation: Conversation, thread: str, failure: Failure, listener: str
     ) -> None:
         """``listener`` (at the head of ``thread``'s chain) produced output that cannot go where it asked."""
         self._note_error(
@@ -911,7 +799,7 @@ class Pump:
         else:
             await self._climb(conversation, thread, failure, listener)
 
-    async def _climb(self, conversation: Conversation, thread: str, failure: _Failure, listener: str) -> None:
+    async def _climb(self, conversation: Conversation, thread: str, failure: Failure, listener: str) -> None:
         """Carry an error up ``thread``'s call chain to the nearest caller that can take it."""
         current = thread
         while (pruned := self._caller_of(current)) is not None:
@@ -921,7 +809,7 @@ class Pump:
                 return
             if caller is None and pruned.target == conversation.initiator:
                 await self._to_client(
-                    conversation, SYSTEM_SENDER, pruned.target, pruned.thread_id, _error_payload(failure, listener)
+                    conversation, SYSTEM_SENDER, pruned.target, pruned.thread_id, error_payload(failure, listener)
                 )
                 return
             current = pruned.thread_id
@@ -934,9 +822,9 @@ class Pump:
         )
 
     async def _error_to_listener(
-        self, conversation: Conversation, target: Listener, thread: str, failure: _Failure, listener: str
+        self, conversation: Conversation, target: Listener, thread: str, failure: Failure, listener: str
     ) -> None:
-        error = _error_payload(failure, listener)
+        error = error_payload(failure, listener)
         problem = await self._send(conversation, target, error, SYSTEM_SENDER, thread, thread)
         if problem is not None:  # the error itself could not be delivered: tell the client instead
             detail = f"{failure.detail} (and it could not reach {target.name}: {problem.detail})"
@@ -953,7 +841,7 @@ class Pump:
         conversation.submission.deliver(reply)
 
     def _error_reply(self, code: ErrorCode, detail: str, *, to: str | None, thread: str, listener: str = "") -> Reply:
-        payload = _error_payload(_Failure(code, detail), listener)
+        payload = error_payload(Failure(code, detail), listener)
         element = codec_for(SystemErrorPayload).to_element(payload)
         envelope = envelope_bytes(SYSTEM_SENDER, to, thread, etree.tostring(element))
         return Reply(sender=SYSTEM_SENDER, to=to or "", thread=thread, payload=payload, envelope=envelope)
@@ -975,7 +863,7 @@ class Pump:
         payload: Any,
         payload_xml: bytes,
         registrations: list[RegisterThread] | None = None,
-    ) -> _Failure | None:
+    ) -> Failure | None:
         """Write the hop to history (and any new thread to the registry): one batched call."""
         ops: list[StateOp] = list(registrations or ())
         ops.append(
@@ -992,7 +880,7 @@ class Pump:
             outcomes = await self.state.run(ops)
         except BackendUnavailable as exc:
             self._unclaim(op.uuid for op in registrations or ())
-            return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+            return Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
         refused = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
         if not refused:
             return None
@@ -1010,13 +898,13 @@ class Pump:
             if known is not None:
                 known[0].chains.pop(known[1], None)
 
-    def _refused_write(self, refused: Exception) -> _Failure:
+    def _refused_write(self, refused: Exception) -> Failure:
         if isinstance(refused, BufferFull):
             limit = self.limits.max_slots_per_thread
-            return _Failure(ErrorCode.HISTORY_FULL, f"the conversation reached its limit of {limit} messages")
+            return Failure(ErrorCode.HISTORY_FULL, f"the conversation reached its limit of {limit} messages")
         if isinstance(refused, TooManyThreads):
-            return _Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
-        return _Failure(ErrorCode.BACKEND_UNAVAILABLE, str(refused))
+            return Failure(ErrorCode.OVERLOAD, "too many conversations are open; try again later")
+        return Failure(ErrorCode.BACKEND_UNAVAILABLE, str(refused))
 
     def _begin_one(self, conversation: Conversation) -> None:
         """Count a message that is about to be queued; paired with :meth:`_finish_one`."""
@@ -1055,9 +943,3 @@ class Pump:
                 conversation.on_end()
             except Exception:
                 log.exception("on_end hook failed conversation=%s", conversation.id)
-
-
-def _error_payload(failure: _Failure, listener: str) -> SystemErrorPayload:
-    return SystemErrorPayload(
-        code=failure.code, message=failure.detail, retry_allowed=failure.code.retry_allowed, listener=listener
-    )
