@@ -36,7 +36,6 @@ from typing import Any
 from lxml import etree
 
 from xml_pipeline.handler import Handler, HandlerMetadata, HandlerResponse
-from xml_pipeline.imports import import_object
 from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
 from xml_pipeline.memory.shared_backend import BackendUnavailable, BufferFull, SharedBackend, TooManyThreads
@@ -48,20 +47,19 @@ from xml_pipeline.message.envelope import (
     serialize_envelope,
 )
 from xml_pipeline.message.payload_codec import (
-    PayloadDecodeError,
     codec_for,
     payload_type_name,
 )
-from xml_pipeline.message.safe_xml import XmlRejected
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import admit
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
+from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
 from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
 from xml_pipeline.organism import Listener, Organism
-from xml_pipeline.process_pool.pool import CpuPool, PayloadRefused, WorkerCrashed, WorkerStuck
+from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.pump")
@@ -566,67 +564,24 @@ class Pump:
                 conversation_id=delivery.conversation.id,
                 is_self_call=delivery.sender == listener.name,
             )
-            deadline = asyncio.timeout(listener.timeout_seconds)
             self._running += 1
             started = time.perf_counter()
-            if listener.cpu_bound:
-                try:
-                    return await self._invoke_in_worker(delivery, metadata)
-                finally:
-                    self._running -= 1
-                    self.metrics.handler_finished(listener.name, time.perf_counter() - started)
             try:
-                async with deadline:
-                    return await listener.handler(delivery.payload, metadata)
-            except TimeoutError as exc:
-                if deadline.expired():
-                    limit = listener.timeout_seconds
-                    return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
-                return self._handler_raised(delivery, exc)
-            except Exception as exc:
-                return self._handler_raised(delivery, exc)
+                if listener.cpu_bound:
+                    task = Task(
+                        handler_path=listener.handler_path,
+                        payload_type=payload_type_name(type(delivery.payload)),
+                        payload_xml=delivery.payload_xml,
+                        metadata=metadata,
+                        timeout=listener.timeout_seconds,
+                    )
+                    return await call_in_worker(self._process_pool(), listener, task, self._xml_limits)
+                return await call_in_process(listener, delivery.payload, metadata)
             finally:
                 self._running -= 1
                 self.metrics.handler_finished(listener.name, time.perf_counter() - started)
         finally:
             listener.slots.release()
-
-    async def _invoke_in_worker(self, delivery: _Delivery, metadata: HandlerMetadata) -> Any:
-        """Run a cpu_bound handler in the process pool; same outcomes as in-process."""
-        listener = delivery.listener
-        task = Task(
-            handler_path=listener.handler_path,
-            payload_type=payload_type_name(type(delivery.payload)),
-            payload_xml=delivery.payload_xml,
-            metadata=metadata,
-            timeout=listener.timeout_seconds,
-        )
-        try:
-            outcome = await self._process_pool().run(task)
-        except PayloadRefused as exc:
-            return Failure(ErrorCode.CRASH_LOOP, f"{listener.name}: {exc}")
-        except WorkerCrashed as exc:
-            return Failure(ErrorCode.WORKER_CRASH, f"{listener.name}: {exc}")
-        except WorkerStuck as exc:
-            return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name}: {exc}")
-        if outcome.kind == "none":
-            return None
-        if outcome.kind == "response":
-            try:
-                payload = codec_for(import_object(outcome.payload_type)).from_bytes(
-                    outcome.payload_xml, self._xml_limits
-                )
-            except XmlRejected as refused:
-                return Failure(refused.code, f"{listener.name} returned a payload beyond the limits: {refused.detail}")
-            except PayloadDecodeError as exc:
-                return Failure(ErrorCode.BAD_RESPONSE, f"{listener.name} returned an invalid payload: {exc}")
-            return HandlerResponse(payload, outcome.to)
-        if outcome.kind == "timeout":
-            limit = listener.timeout_seconds
-            return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {limit:g}s")
-        code = ErrorCode.HANDLER_ERROR if outcome.kind == "raised" else ErrorCode.BAD_RESPONSE
-        verb = "raised" if outcome.kind == "raised" else ""
-        return Failure(code, f"{listener.name} {verb} {outcome.detail}".replace("  ", " "))
 
     def _process_pool(self) -> CpuPool:
         if self._pool is None:
@@ -644,10 +599,6 @@ class Pump:
     def pool(self) -> CpuPool | None:
         """The process pool, once a cpu_bound listener has needed it."""
         return self._pool
-
-    def _handler_raised(self, delivery: _Delivery, exc: Exception) -> Failure:
-        log.debug("handler traceback listener=%s thread=%s", delivery.listener.name, delivery.thread, exc_info=exc)
-        return Failure(ErrorCode.HANDLER_ERROR, f"{delivery.listener.name} raised {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ routing
     async def _route(self, delivery: _Delivery, result: Any) -> None:
