@@ -21,7 +21,7 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on 127.0.0.1, without persistence; restartable on the same port."""
 
-    def __init__(self, password: str | None = None, *, tls: bool = False) -> None:
+    def __init__(self, password: str | None = None, *, tls: bool = False, persistent: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it (Debian package redis-server)")
@@ -29,6 +29,8 @@ class RedisServer:
         self.port = free_port()
         self.password = password
         self.tls = tls
+        self.persistent = persistent
+        """AOF on, fsync on every write: a restart keeps everything acknowledged."""
         self.directory = Path(tempfile.mkdtemp(prefix="xp-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
         if tls:
@@ -53,7 +55,8 @@ class RedisServer:
         subprocess.run(command, check=True, capture_output=True, timeout=60)
 
     def _arguments(self) -> list[str]:
-        arguments = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        arguments = [self.binary, "--bind", "127.0.0.1", "--save", "", *aof]
         arguments += ["--dir", str(self.directory), "--protected-mode", "yes"]
         if self.tls:
             arguments += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]

@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from redis.exceptions import RedisError
 
 from xml_pipeline import __version__
+from xml_pipeline.cluster.dead_letters import DeadLetters
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address, read_organism_section
 from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.service import Daemon, DaemonOptions, DaemonStartError
 from xml_pipeline.logs import configure_logging
 from xml_pipeline.memory.factory import open_backend
-from xml_pipeline.memory.shared_backend import BackendUnavailable
+from xml_pipeline.memory.shared_backend import BackendConfig, BackendUnavailable
 from xml_pipeline.message.envelope import LISTENER_NAME, THREAD_ID, serialize_envelope
 from xml_pipeline.message.safe_xml import XmlRejected, parse_untrusted
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Submission
@@ -101,6 +103,11 @@ def check(organism: str) -> None:
     help="No sockets: read messages from standard input, print replies, stop at end of input.",
 )
 @click.option("--sender", default="console", show_default=True, help="With --stdin: sender of shorthand messages.")
+@click.option(
+    "--listeners",
+    "serve",
+    help="With delivery at-least-once: handle only these listeners (comma-separated listener names).",
+)
 def run(
     organism: str,
     socket_path: str | None,
@@ -110,6 +117,7 @@ def run(
     drain_timeout: float | None,
     use_stdin: bool,
     sender: str,
+    serve: str | None,
 ) -> None:
     """Run ORGANISM (default: organism.yaml) in the foreground: the systemd entry point.
 
@@ -132,17 +140,23 @@ def run(
     except ValueError as exc:
         _fail(f"--tcp {exc}", EXIT_USAGE)
     try:
-        sys.exit(run_on_uvloop(_run_daemon(loaded, Path(organism), options)))
+        served = frozenset(name.strip() for name in serve.split(",") if name.strip()) if serve else None
+        sys.exit(run_on_uvloop(_run_daemon(loaded, Path(organism), options, served)))
     except DaemonStartError as exc:
         _fail(str(exc), EXIT_ERROR_REPLY)
 
 
-async def _run_daemon(organism: Organism, path: Path, options: DaemonOptions) -> int:
+async def _run_daemon(organism: Organism, path: Path, options: DaemonOptions, serve: frozenset[str] | None) -> int:
     try:
         backend = open_backend(organism.settings.get("backend", {}))
     except BackendUnavailable as exc:
         raise DaemonStartError(f"the backend is unavailable: {exc}") from None
-    return await Daemon(organism, path, options, backend).run()
+    try:
+        daemon = Daemon(organism, path, options, backend, serve=serve)
+    except DaemonStartError:
+        backend.close()
+        raise
+    return await daemon.run()
 
 
 def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> DaemonClient:
@@ -309,6 +323,75 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+# ---------------------------------------------------------------------- dead letters
+@main.group()
+def dlq() -> None:
+    """Dead letters of a delivery at-least-once organism: hops that failed max_deliveries times."""
+
+
+_organism_option = click.option(
+    "-o", "--organism", default=DEFAULT_ORGANISM, show_default=True, help="The organism.yaml naming the Redis."
+)
+
+
+def _dead_letters(organism: str) -> DeadLetters:
+    backend = _load_or_exit(organism).settings.get("backend", {})
+    if backend.get("delivery") != "at-least-once":
+        _fail(f"{organism}: dead letters exist only with backend.delivery at-least-once", EXIT_USAGE)
+    config = BackendConfig.from_settings(backend)
+    return DeadLetters(config.redis_url, config.redis_prefix)
+
+
+@dlq.command("list")
+@_organism_option
+@click.option("--count", default=100, show_default=True, help="List at most this many, oldest first.")
+def dlq_list(organism: str, count: int) -> None:
+    """List dead letters: id, listener, deliveries, conversation, sender and payload."""
+    letters = _dead_letters(organism)
+    try:
+        for letter in letters.list(count):
+            failed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at))
+            hop = letter.hop
+            click.echo(
+                f"{letter.entry_id}  {letter.listener}  deliveries {letter.deliveries}  failed {failed}"
+                f"  conversation {hop.conversation}  from {hop.sender}  {hop.payload_xml.decode()[:200]}"
+            )
+    except RedisError as exc:
+        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
+    finally:
+        letters.close()
+
+
+@dlq.command("replay")
+@click.argument("entry_id")
+@_organism_option
+def dlq_replay(entry_id: str, organism: str) -> None:
+    """Put dead letter ENTRY_ID back in its listener's stream, to be handled again."""
+    letters = _dead_letters(organism)
+    try:
+        new_id = letters.replay(entry_id)
+    except RedisError as exc:
+        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
+    finally:
+        letters.close()
+    if new_id is None:
+        _fail(f"no dead letter {entry_id}", EXIT_ERROR_REPLY)
+    click.echo(f"replayed {entry_id} as {new_id}")
+
+
+@dlq.command("purge")
+@_organism_option
+def dlq_purge(organism: str) -> None:
+    """Delete every dead letter."""
+    letters = _dead_letters(organism)
+    try:
+        click.echo(f"purged {letters.purge()} dead letter(s)")
+    except RedisError as exc:
+        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
+    finally:
+        letters.close()
 
 
 # ---------------------------------------------------------------------- --stdin mode

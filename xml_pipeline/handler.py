@@ -23,6 +23,10 @@ class HandlerMetadata:
     own_name: str
     conversation_id: str
     is_self_call: bool = False
+    delivery_attempt: int = 1
+    """1 the first time this message reaches a handler. With ``delivery: at-least-once`` a message
+    whose daemon died before finishing it is handled again (2, 3, ...): handlers whose effects must
+    happen once use it, with the thread, to recognise a repeat."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,15 @@ def _redis_url(value: Any) -> str | None:
     return "must be a redis://, rediss:// (TLS) or unix:// URL"
 
 
+def _only_for_redis(backend: dict[str, Any]) -> str:
+    if backend.get("delivery") == "at-least-once":
+        return (
+            "delivery at-least-once needs backend.type redis: messages in flight must outlive the daemon, and only"
+            " Redis keeps them (memory and manager are single-daemon, at most once)"
+        )
+    return "redis_url, redis_prefix, redis_ttl, redis_timeout_seconds and delivery only apply to backend.type redis"
+
+
 def _listener_name(value: Any) -> str | None:
     if not LISTENER_NAME.match(value):
         return "is not a valid listener name (letters, digits, _ and -, parts joined by dots)"
@@ -121,6 +130,7 @@ def _listener_name(value: Any) -> str | None:
 
 
 _NUMBER = (int, float)
+DELIVERY_MODES = ("at-most-once", "at-least-once")
 ORGANISM_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
 _SECTIONS: dict[str, dict[str, _Key]] = {
     "organism": {
@@ -149,6 +159,9 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "redis_prefix": _Key(str),
         "redis_ttl": _Key(int, check=_at_least(0)),
         "redis_timeout_seconds": _Key(_NUMBER, check=_positive),
+        "delivery": _Key(str, check=_one_of(DELIVERY_MODES)),
+        "max_deliveries": _Key(int, check=_at_least(1)),
+        "claim_grace_seconds": _Key(_NUMBER, check=_positive),
     },
     "http": {
         "max_connections": _Key(int, check=_at_least(1)),
@@ -370,15 +383,13 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             reader.problem(
                 entries["backend"][1], "backend.type redis needs backend.redis_url, e.g. redis://127.0.0.1:6379/0"
             )
-        if backend.get("type") != "redis" and backend.keys() & {
-            "redis_url",
-            "redis_prefix",
-            "redis_ttl",
-            "redis_timeout_seconds",
-        }:
+        redis_only = {"redis_url", "redis_prefix", "redis_ttl", "redis_timeout_seconds", "delivery"}
+        if backend.get("type") != "redis" and backend.keys() & redis_only:
+            reader.problem(entries["backend"][1], _only_for_redis(backend))
+        durable_only = {"max_deliveries", "claim_grace_seconds"}
+        if backend.get("delivery", "at-most-once") != "at-least-once" and backend.keys() & durable_only:
             reader.problem(
-                entries["backend"][1],
-                "redis_url, redis_prefix, redis_ttl and redis_timeout_seconds only apply to backend.type redis",
+                entries["backend"][1], f"{', '.join(sorted(durable_only))} only apply to delivery at-least-once"
             )
         specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
         limits: PumpLimits | None = None

@@ -22,11 +22,12 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from xml_pipeline.cluster.engine import Collected, DurableEngine, Refused
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.memory.store_watch import StoreState
-from xml_pipeline.message.system_payloads import ErrorCode
+from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.pump import Pump
 
@@ -55,7 +56,7 @@ STATUS_FOR_CODE = {
 class DaemonView(Protocol):
     """What the HTTP layer needs from the daemon."""
 
-    pump: Pump
+    pump: Pump | DurableEngine
     submissions: SubmissionTable
     metrics: PrometheusMetrics
 
@@ -63,6 +64,8 @@ class DaemonView(Protocol):
     def accepting(self) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    async def cluster_status(self) -> dict[str, Any] | None: ...
 
 
 def _json(data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -112,6 +115,44 @@ def _replies_body(submission: Submission, replies: list[Reply]) -> dict[str, Any
     }
 
 
+def _refused(thread: str, error: SystemErrorPayload, envelope: bytes) -> web.Response:
+    """A message refused at the door: its SystemError, with the HTTP status its code maps to."""
+    status = STATUS_FOR_CODE.get(error.code, 400)
+    return _json(
+        {
+            "thread": thread,
+            "accepted": False,
+            "error": {"code": error.code.value, "message": error.message, "retry_allowed": error.retry_allowed},
+            "replies": [envelope.decode()],
+        },
+        status=status,
+        headers={"Retry-After": "1"} if status == 503 else None,
+    )
+
+
+async def _post_durable(
+    engine: DurableEngine, body: bytes | tuple[ErrorCode, str], mode: str, timeout: float
+) -> web.Response:
+    """POST /messages on the durable engine: 202 means the message is stored in Redis."""
+    outcome = engine.refuse(*body) if isinstance(body, tuple) else await engine.accept(body)
+    if isinstance(outcome, Refused):
+        error = SystemErrorPayload(outcome.code, outcome.detail, outcome.code.retry_allowed, "")
+        return _refused(outcome.thread, error, outcome.envelope)
+    if mode == "none":
+        return _json({"thread": outcome.thread, "accepted": True}, status=202)
+    collected = await engine.collect(outcome.thread, mode, timeout)
+    return _json({"accepted": True, **_durable_body(outcome.thread, collected or Collected())})
+
+
+def _durable_body(thread: str, collected: Collected) -> dict[str, Any]:
+    return {
+        "thread": thread,
+        "replies": [envelope.decode() for envelope in collected.replies],
+        "ended": collected.ended,
+        "complete": collected.ended,
+    }
+
+
 def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard) -> web.Application:
     @web.middleware
     async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -125,19 +166,17 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[count_requests])
     body_timeout = door.limits.body_timeout_seconds
 
-    async def read_body(request: web.Request) -> bytes | Submission:
-        """The request's body, or a refusal: too large (said before reading when the length is known), too slow."""
+    async def read_body(request: web.Request) -> bytes | tuple[ErrorCode, str]:
+        """The request's body, or why not: too large (said before reading when the length is known), too slow."""
         if request.content_length is not None and request.content_length > max_body_bytes:
-            return daemon.pump.reject(
-                ErrorCode.TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {max_body_bytes}"
-            )
+            return ErrorCode.TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {max_body_bytes}"
         try:
             async with asyncio.timeout(body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return daemon.pump.reject(ErrorCode.TOO_LARGE, f"the body is over the limit of {max_body_bytes} bytes")
+            return ErrorCode.TOO_LARGE, f"the body is over the limit of {max_body_bytes} bytes"
         except TimeoutError:
-            return daemon.pump.reject(ErrorCode.BODY_TIMEOUT, f"the body did not arrive within {body_timeout:g}s")
+            return ErrorCode.BODY_TIMEOUT, f"the body did not arrive within {body_timeout:g}s"
 
     async def post_message(request: web.Request) -> web.Response:
         if not daemon.accepting:
@@ -146,24 +185,14 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         if isinstance(wait, web.Response):
             return wait
         body = await read_body(request)
-        submission = body if isinstance(body, Submission) else await daemon.pump.inject(body)
+        engine = daemon.pump
+        if isinstance(engine, DurableEngine):
+            return await _post_durable(engine, body, *wait)
+        submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body)
         if submission.closed and submission.pending() and submission.pending()[0].is_error:
             refusal = submission.take_pending()[0]
-            status = STATUS_FOR_CODE.get(refusal.error_code or ErrorCode.INTERNAL, 400)
-            return _json(
-                {
-                    "thread": submission.thread_id,
-                    "accepted": False,
-                    "error": {
-                        "code": refusal.payload.code.value,
-                        "message": refusal.payload.message,
-                        "retry_allowed": refusal.payload.retry_allowed,
-                    },
-                    "replies": [refusal.envelope.decode()],
-                },
-                status=status,
-                headers={"Retry-After": "1"} if status == 503 else None,
-            )
+            assert isinstance(refusal.payload, SystemErrorPayload)
+            return _refused(submission.thread_id, refusal.payload, refusal.envelope)
         try:
             daemon.submissions.add(submission)
         except SubmissionTableFull as exc:
@@ -177,12 +206,18 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
 
     async def get_replies(request: web.Request) -> web.Response:
         thread = request.match_info["thread"]
-        submission = daemon.submissions.get(thread)
-        if submission is None:
-            return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
         wait = _wait_parameters(request, "first")
         if isinstance(wait, web.Response):
             return wait
+        engine = daemon.pump
+        if isinstance(engine, DurableEngine):
+            collected = await engine.collect(thread, *wait)
+            if collected is None:
+                return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
+            return _json(_durable_body(thread, collected))
+        submission = daemon.submissions.get(thread)
+        if submission is None:
+            return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
         replies = await _collect(submission, *wait)
         daemon.submissions.forget_if_finished(submission)
         return _json(_replies_body(submission, replies))
@@ -197,7 +232,11 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         return _json({"status": "ok", "backend": store.as_dict()})
 
     async def status(request: web.Request) -> web.Response:
-        return _json(daemon.status())
+        data = daemon.status()
+        cluster = await daemon.cluster_status()
+        if cluster is not None:
+            data["cluster"] = cluster
+        return _json(data)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

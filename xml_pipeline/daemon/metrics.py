@@ -45,6 +45,18 @@ class PrometheusMetrics(PumpMetrics):
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._redelivered = Counter(
+            "xml_pipeline_redelivered",
+            "Hops claimed from a silent daemon to be handled again (delivery: at-least-once).",
+            ["listener"],
+            registry=self.registry,
+        )
+        self._dead_lettered = Counter(
+            "xml_pipeline_dead_lettered",
+            "Hops moved to the dead-letter stream after max_deliveries (delivery: at-least-once).",
+            ["listener"],
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "xml_pipeline_reloads", "organism.yaml reloads, by result.", ["result"], registry=self.registry
         )
@@ -72,6 +84,12 @@ class PrometheusMetrics(PumpMetrics):
 
     def ingress(self, accepted: bool) -> None:
         self._ingress.labels("accepted" if accepted else "refused").inc()
+
+    def redelivered(self, listener: str) -> None:
+        self._redelivered.labels(listener).inc()
+
+    def dead_lettered(self, listener: str) -> None:
+        self._dead_lettered.labels(listener).inc()
 
     def reload(self, succeeded: bool) -> None:
         self._reloads.labels("ok" if succeeded else "failed").inc()

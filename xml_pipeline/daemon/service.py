@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from xml_pipeline import __version__
+from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
 from xml_pipeline.daemon.door import ConnectionGuard, DoorLimits, default_max_connections
 from xml_pipeline.daemon.http_api import build_app
@@ -36,6 +38,7 @@ from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.submissions import SubmissionTable
 from xml_pipeline.logs import set_level
 from xml_pipeline.memory.manager_backend import ManagerBackend
+from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump, PumpStartError
 from xml_pipeline.organism import Organism
@@ -110,12 +113,20 @@ class DaemonOptions:
 
 
 class Daemon:
-    def __init__(self, organism: Organism, organism_path: Path, options: DaemonOptions, backend: SharedBackend) -> None:
+    def __init__(
+        self,
+        organism: Organism,
+        organism_path: Path,
+        options: DaemonOptions,
+        backend: SharedBackend,
+        *,
+        serve: frozenset[str] | None = None,
+    ) -> None:
         self.organism_path = organism_path
         self.options = options
         self.backend = backend
         self.notifier = SystemdNotifier()
-        self.pump = Pump(organism, backend=backend)
+        self.pump: Pump | DurableEngine = _engine_for(organism, backend, serve)
         self.metrics = PrometheusMetrics(self.pump.stats)
         self.pump.metrics = self.metrics
         self.submissions = SubmissionTable(
@@ -168,6 +179,12 @@ class Daemon:
         }
 
     # ------------------------------------------------------------------ lifecycle
+    async def cluster_status(self) -> dict[str, Any] | None:
+        """Every live daemon and each listener's backlog, for the durable mode; None otherwise."""
+        if isinstance(self.pump, DurableEngine):
+            return await self.pump.cluster_status()
+        return None
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._command, "stop")
@@ -177,6 +194,8 @@ class Daemon:
             await self.pump.start()
         except PumpStartError as exc:
             raise DaemonStartError(str(exc)) from None
+        except (RedisError, OSError) as exc:
+            raise DaemonStartError(f"the durable engine cannot reach redis: {exc}") from None
         try:
             runner = await self._serve_http()
         except BaseException:
@@ -318,6 +337,21 @@ class Daemon:
             await runner.cleanup()
             raise
         return runner
+
+
+def _engine_for(organism: Organism, backend: SharedBackend, serve: frozenset[str] | None) -> Pump | DurableEngine:
+    """The in-process pump, or with ``delivery: at-least-once`` the durable engine on Redis Streams."""
+    settings = organism.settings.get("backend", {})
+    if settings.get("delivery", "at-most-once") != "at-least-once":
+        if serve is not None:
+            raise DaemonStartError("--listeners needs delivery at-least-once: only then do daemons share the work")
+        return Pump(organism, backend=backend)
+    if not isinstance(backend, RedisBackend):
+        raise DaemonStartError("delivery at-least-once needs the redis backend")
+    unknown = sorted((serve or frozenset()) - set(organism.listeners))
+    if unknown:
+        raise DaemonStartError(f"--listeners names no listener of this organism: {', '.join(unknown)}")
+    return DurableEngine(organism, backend, DurableSettings.from_settings(settings, organism.settings, serve))
 
 
 def _bind_unix_socket(path: Path) -> socket.socket:

@@ -189,6 +189,7 @@ class RedisBackend:
         if ttl < 0:
             raise ValueError("ttl must be 0 (keys never expire) or a number of seconds")
         self.spec = RedisSpec(url, prefix, ttl)
+        self.socket_timeout = socket_timeout
         self.prefix = prefix
         self.ttl = ttl
         self._client = redis.Redis.from_url(

@@ -32,6 +32,7 @@ class ErrorCode(enum.Enum):
     BACKEND_UNAVAILABLE = "backend-unavailable"
     WORKER_CRASH = "worker-crash"
     CRASH_LOOP = "crash-loop"
+    DEAD_LETTER = "dead-letter"
     INTERNAL = "internal"
 
     @property

@@ -25,3 +25,9 @@ class PumpMetrics:
 
     def ingress(self, accepted: bool) -> None:
         """A client message was accepted or refused at the door."""
+
+    def redelivered(self, listener: str) -> None:
+        """A hop of ``listener`` was claimed from a silent daemon to be handled again (at-least-once)."""
+
+    def dead_lettered(self, listener: str) -> None:
+        """A hop of ``listener`` failed its last delivery and went to the dead-letter stream."""

@@ -1,0 +1,287 @@
+"""Several real daemons, one Redis, delivery at-least-once: nothing accepted is lost when daemons die."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+
+from tests.cluster_handlers import RUNS_FILE
+from tests.daemon_support import DaemonProcess, cli, running_daemon, short_directory
+from tests.redis_server import RedisServer
+from xml_pipeline.message.envelope import read_envelope
+from xml_pipeline.message.safe_xml import parse_untrusted
+
+LISTENERS = """
+listeners:
+  - name: echo
+    payload_class: tests.support.Ping
+    handler: tests.cluster_handlers.counted_echo
+    peers: []
+    max_concurrency: 200
+  - name: slow
+    payload_class: tests.support.Ping
+    handler: tests.cluster_handlers.slow_counted_echo
+    peers: []
+    timeout_seconds: 2
+    max_concurrency: 1000
+  - name: poisoned
+    payload_class: tests.support.Ping
+    handler: tests.cluster_handlers.poisoned_echo
+    peers: []
+    timeout_seconds: 2
+"""
+
+
+def cluster_organism(directory: Path, redis_url: str, *, max_deliveries: int = 3) -> Path:
+    path = directory / "organism.yaml"
+    path.write_text(
+        "organism:\n  name: cluster\n  reply_retention_seconds: 60\n"
+        "pump:\n  max_in_flight: 1000\n  queue_size: 5000\n"
+        f"backend:\n  type: redis\n  redis_url: {redis_url}\n  redis_prefix: 'c{uuid.uuid4().hex[:6]}:'\n"
+        f"  delivery: at-least-once\n  max_deliveries: {max_deliveries}\n  claim_grace_seconds: 1\n" + LISTENERS
+    )
+    return path
+
+
+@contextlib.contextmanager
+def daemons(organism: Path, count: int, runs: Path) -> Iterator[list[DaemonProcess]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(running_daemon(organism, env={RUNS_FILE: str(runs)})) for _ in range(count)]
+
+
+@pytest.fixture
+def redis_for_cluster() -> Iterator[RedisServer]:
+    server = RedisServer(persistent=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def envelope(target: str, text: str) -> bytes:
+    return (
+        '<message xmlns="https://xml-pipeline.org/ns/envelope/v1"><meta><from>console</from>'
+        f'<to>{target}</to><thread>{uuid.uuid4()}</thread></meta><Ping xmlns=""><text>{text}</text></Ping></message>'
+    ).encode()
+
+
+async def post_all(sockets: list[Path], target: str, texts: list[str]) -> list[str]:
+    """Send each text round-robin over the daemons' sockets; the threads they accepted (202)."""
+    sessions = [aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path), limit=50)) for path in sockets]
+    try:
+
+        async def post(index: int, text: str) -> str:
+            session = sessions[index % len(sessions)]
+            async with session.post("http://daemon/messages", data=envelope(target, text)) as answer:
+                assert answer.status == 202, await answer.text()
+                return str((await answer.json())["thread"])
+
+        return list(await asyncio.gather(*(post(i, text) for i, text in enumerate(texts))))
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+async def collect_all(sockets: list[Path], threads: list[str], timeout: float = 60) -> list[list[str]]:
+    """Every conversation's replies until it ends, asked of the daemons round-robin (not the one that took it)."""
+    sessions = [aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path), limit=50)) for path in sockets]
+    try:
+
+        async def collect(index: int, thread: str) -> list[str]:
+            session = sessions[(index + 1) % len(sessions)]
+            url = f"http://daemon/threads/{thread}/replies?wait=end&timeout={timeout:g}"
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout + 30)) as answer:
+                assert answer.status == 200, await answer.text()
+                body = await answer.json()
+                assert body["ended"] is True, body
+                return list(body["replies"])
+
+        return list(await asyncio.gather(*(collect(i, thread) for i, thread in enumerate(threads))))
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+def texts_of(replies: list[list[str]]) -> list[str | None]:
+    found: list[str | None] = []
+    for conversation in replies:
+        assert len(conversation) == 1, conversation
+        payload = read_envelope(parse_untrusted(conversation[0].encode())).payload
+        found.append(payload.findtext("text") if payload.tag == "Pong" else f"error:{payload.findtext('code')}")
+    return found
+
+
+def runs_of(runs: Path) -> Counter[str]:
+    return Counter(line.split()[0] for line in runs.read_text().splitlines()) if runs.exists() else Counter()
+
+
+def conversation_keys(server: RedisServer) -> list[bytes]:
+    """Keys a finished conversation must not leave behind: its hash, threads, history and registry entries."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        patterns = ("*conv:*", "*conv-threads:*", "*buf:*", "*reg:*")
+        return [key for pattern in patterns for key in client.scan_iter(match=pattern, count=1000)]
+    finally:
+        client.close()
+
+
+def stream_lengths(server: RedisServer) -> dict[bytes, int]:
+    client = redis.Redis.from_url(server.url)
+    try:
+        return {key: int(client.xlen(key)) for key in client.scan_iter(match="*s:*", count=1000)}
+    finally:
+        client.close()
+
+
+async def test_three_daemons_answer_3000_conversations_once_and_leave_nothing(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory, daemons(cluster_organism(directory, redis_for_cluster.url), 3, runs) as group:
+        sockets = [daemon.socket_path for daemon in group]
+        texts = [f"m{i}" for i in range(3000)]
+        threads = await post_all(sockets, "echo", texts)
+        replies = await collect_all(sockets, threads)
+        assert texts_of(replies) == texts
+        assert set(runs_of(runs)) == set(texts)
+        assert conversation_keys(redis_for_cluster) == []
+        assert set(stream_lengths(redis_for_cluster).values()) == {0}  # acknowledged entries are deleted
+        handled_by = Counter(line.split()[2] for line in runs.read_text().splitlines())
+        assert len(handled_by) == 3, handled_by  # every daemon took a share
+        for daemon in group:
+            assert await asyncio.to_thread(daemon.stop) == 0
+
+
+async def test_kill_9_of_one_daemon_with_500_in_flight_loses_nothing(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory, daemons(cluster_organism(directory, redis_for_cluster.url), 3, runs) as group:
+        sockets = [daemon.socket_path for daemon in group]
+        texts = [f"s{i}" for i in range(500)]
+        threads = await post_all(sockets, "slow", texts)
+        victim = group[0]
+        victim_pid = str(victim.process.pid)
+        await asyncio.to_thread(_wait_for_runs_by, runs, victim_pid)
+        victim.process.kill()
+        assert await asyncio.to_thread(victim.process.wait, 10) == -signal.SIGKILL
+        replies = await collect_all(sockets[1:], threads)
+        assert texts_of(replies) == texts
+        ran = runs_of(runs)
+        assert set(ran) == set(texts)
+        duplicates = sum(count - 1 for count in ran.values())
+        redelivered = [line for line in runs.read_text().splitlines() if line.split()[1] != "1"]
+        assert len(redelivered) == duplicates  # every second run says it is one (delivery_attempt 2)
+        assert duplicates > 0, "the killed daemon was handling hops; they must have run again"
+        print(f"duplicate handler runs after kill -9: {duplicates} of {len(texts)}")
+        assert conversation_keys(redis_for_cluster) == []
+        for daemon in group[1:]:
+            assert await asyncio.to_thread(daemon.stop) == 0
+
+
+def _wait_for_runs_by(runs: Path, pid: str, timeout: float = 30) -> None:
+    """Until the daemon ``pid`` has started handling hops (its handler runs are written down)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runs.exists() and any(line.split()[2] == pid for line in runs.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"daemon {pid} never handled a hop")
+
+
+async def test_every_daemon_killed_then_one_started_handles_every_accepted_message(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory:
+        organism = cluster_organism(directory, redis_for_cluster.url)
+        texts = [f"k{i}" for i in range(300)]
+        with daemons(organism, 2, runs) as group:
+            threads = await post_all([daemon.socket_path for daemon in group], "slow", texts)
+            for daemon in group:
+                daemon.process.kill()
+                await asyncio.to_thread(daemon.process.wait, 10)
+        with running_daemon(organism, env={RUNS_FILE: str(runs)}) as survivor:
+            replies = await collect_all([survivor.socket_path], threads)
+            assert await asyncio.to_thread(survivor.stop) == 0
+    assert texts_of(replies) == texts
+    assert set(runs_of(runs)) == set(texts)
+
+
+async def test_a_handler_that_kills_its_daemon_ends_in_the_dead_letter_stream(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    """max_deliveries 2: the poison kills two daemons; the third dead-letters it and tells the sender."""
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory:
+        organism = cluster_organism(directory, redis_for_cluster.url, max_deliveries=2)
+        with daemons(organism, 3, runs) as group:
+            sockets = [daemon.socket_path for daemon in group]
+            ordinary = await post_all(sockets, "poisoned", [f"p{i}" for i in range(30)])
+            [poison_thread] = await post_all(sockets[:1], "poisoned", ["poison"])
+            survivors = await asyncio.to_thread(_wait_for_deaths, group, 2)
+            live = [daemon.socket_path for daemon in survivors]
+            [poison_replies] = await collect_all(live, [poison_thread])
+            ordinary_replies = await collect_all(live, ordinary)
+            assert texts_of([poison_replies]) == ["error:dead-letter"]
+            assert texts_of(ordinary_replies) == [f"p{i}" for i in range(30)]
+            assert runs_of(runs)["poison"] == 2
+            listed = await asyncio.to_thread(cli, "dlq", "list", "-o", str(organism))
+            assert listed.returncode == 0, listed.stderr
+            assert "poisoned" in listed.stdout
+            assert "deliveries 2" in listed.stdout
+            for daemon in survivors:
+                assert await asyncio.to_thread(daemon.stop) == 0
+
+
+def _wait_for_deaths(group: list[DaemonProcess], deaths: int, timeout: float = 60) -> list[DaemonProcess]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [daemon for daemon in group if daemon.process.poll() is not None]
+        if len(dead) >= deaths:
+            return [daemon for daemon in group if daemon.process.poll() is None]
+        time.sleep(0.05)
+    raise AssertionError("the poison did not kill the daemons it reached")
+
+
+async def test_redis_restarted_during_traffic_loses_nothing_accepted(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory, daemons(cluster_organism(directory, redis_for_cluster.url), 2, runs) as group:
+        sockets = [daemon.socket_path for daemon in group]
+        before = await post_all(sockets, "slow", [f"b{i}" for i in range(200)])
+        redis_for_cluster.stop()
+        refused = await _post_while_down(sockets[0])
+        assert refused == 503
+        redis_for_cluster.start()
+        after = await post_all(sockets, "slow", [f"a{i}" for i in range(100)])
+        replies = await collect_all(sockets, before + after)
+        assert texts_of(replies) == [f"b{i}" for i in range(200)] + [f"a{i}" for i in range(100)]
+        for daemon in group:
+            assert await asyncio.to_thread(daemon.stop) == 0
+
+
+async def _post_while_down(socket_path: Path) -> int:
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post("http://daemon/messages", data=envelope("echo", "down")) as answer,
+    ):
+        body = await answer.json()
+        assert body["error"]["code"] == "backend-unavailable", body
+        return answer.status

@@ -1,0 +1,564 @@
+"""The durable engine: one daemon's share of an organism whose hops live in Redis Streams.
+
+Each daemon is one consumer of the organism's consumer group. Its tasks:
+
+- **consume**: read new hops for the listeners it serves, no more than it can
+  start now (each listener's ``max_concurrency``, the pump's ``max_in_flight``),
+  so nothing it holds waits unseen;
+- **handle**: decode, call the handler (here or in the process pool), route
+  the result (:mod:`.routing`) and commit it with the acknowledgement in one
+  script (:mod:`.store`);
+- **lease and reclaim**: every ``lease_seconds`` it renews the hops it holds
+  (so a long handler or a long wait in the pool's line is never mistaken for a
+  dead daemon) and claims hops that another consumer has held without renewal
+  for longer than their listener's ``timeout_seconds`` plus
+  ``claim_grace_seconds``. A hop delivered ``max_deliveries`` times without
+  being committed goes to the dead-letter stream, and its sender is told;
+- **heartbeat**: a key with a TTL that ``status`` lists.
+
+Handlers therefore run at least once per hop: a daemon that dies after a
+handler ran but before its commit leaves the hop to be handled again, with
+``metadata.delivery_attempt`` one higher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+from redis.exceptions import RedisError
+
+from xml_pipeline.cluster.hop import Hop
+from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
+from xml_pipeline.cluster.store import BacklogFull, ClusterStore, Effects
+from xml_pipeline.handler import HandlerMetadata
+from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
+from xml_pipeline.memory.factory import spec_of
+from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.memory.store_watch import StoreState, StoreWatch
+from xml_pipeline.message.envelope import envelope_bytes
+from xml_pipeline.message.payload_codec import PayloadDecodeError, codec_for
+from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
+from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+from xml_pipeline.message_bus.admission import admit
+from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
+from xml_pipeline.message_bus.metrics import PumpMetrics
+from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
+from xml_pipeline.message_bus.outputs import OutputPreparer
+from xml_pipeline.message_bus.pump import PumpStats, ShutdownReport
+from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
+from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.process_pool.pool import CpuPool
+from xml_pipeline.process_pool.worker import Task
+
+log = logging.getLogger("xml_pipeline.cluster")
+
+BLOCK_SECONDS = 0.5
+"""How long one read waits for new hops or replies before looking around again."""
+
+
+@dataclass(frozen=True, slots=True)
+class DurableSettings:
+    max_deliveries: int = 3
+    claim_grace_seconds: float = 5.0
+    lease_seconds: float = 1.0
+    heartbeat_seconds: float = 2.0
+    reply_retention_seconds: float = 300.0
+    serve: frozenset[str] | None = None
+    """The listeners this daemon handles (``run --listeners``); None: all of them."""
+
+    @classmethod
+    def from_settings(
+        cls, backend: Mapping[str, Any], organism: Mapping[str, Any], serve: frozenset[str] | None
+    ) -> DurableSettings:
+        return cls(
+            max_deliveries=int(backend.get("max_deliveries", 3)),
+            claim_grace_seconds=float(backend.get("claim_grace_seconds", 5.0)),
+            reply_retention_seconds=float(organism.get("reply_retention_seconds", 300.0)),
+            serve=serve,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    thread: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    code: ErrorCode
+    detail: str
+    thread: str
+    envelope: bytes
+
+
+@dataclass(slots=True)
+class Collected:
+    replies: list[bytes] = field(default_factory=list)
+    ended: bool = False
+
+
+@dataclass(slots=True)
+class _Held:
+    """A hop this daemon has taken from its stream and not yet committed."""
+
+    task: asyncio.Task[None] | None = None
+
+
+class DurableEngine:
+    def __init__(
+        self,
+        organism: Organism,
+        backend: RedisBackend,
+        settings: DurableSettings,
+        *,
+        metrics: PumpMetrics | None = None,
+        daemon_id: str | None = None,
+    ) -> None:
+        self.organism = organism
+        self.limits = organism.limits
+        self.metrics = metrics if metrics is not None else PumpMetrics()
+        self.settings = settings
+        self.backend = backend
+        self.daemon_id = daemon_id or f"{socket.gethostname()}-{os.getpid()}-{new_thread_id()[:8]}"
+        self.store = ClusterStore(
+            backend.spec.url, backend.prefix, backend.ttl, socket_timeout=backend_timeout(backend) + 2 * BLOCK_SECONDS
+        )
+        self.registry = ThreadRegistry(backend)
+        self.buffer = ContextBuffer(
+            backend, max_slots_per_thread=self.limits.max_slots_per_thread, max_threads=self.limits.max_conversations
+        )
+        self.store_watch = StoreWatch(backend)
+        self._xml_limits = organism.limits.xml_limits()
+        self._listeners: dict[str, Listener] = dict(organism.listeners)
+        self._router = Router(lambda: self._listeners, OutputPreparer(self._xml_limits), self.buffer, self._note_error)
+        self._held: dict[str, dict[bytes, _Held]] = {name: {} for name in self._listeners}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._freed = asyncio.Event()
+        self._consuming = False
+        self._accepting = False
+        self._runner: asyncio.Task[None] | None = None
+        self._handlers: asyncio.TaskGroup | None = None
+        self._pool: CpuPool | None = None
+        self.redeliveries = 0
+        self.dead_letters = 0
+        self.started_at: float | None = None
+
+    # ------------------------------------------------------------------ what the daemon sees
+    @property
+    def listeners(self) -> dict[str, Listener]:
+        return self._listeners
+
+    @property
+    def pool(self) -> CpuPool | None:
+        return self._pool
+
+    @property
+    def served(self) -> list[str]:
+        serve = self.settings.serve
+        return [name for name in self._listeners if serve is None or name in serve]
+
+    @property
+    def healthy(self) -> bool:
+        runs = self._runner is not None and not self._runner.done()
+        return runs and self.store_watch.health.state is not StoreState.LOST
+
+    def stats(self) -> PumpStats:
+        held = sum(len(entries) for entries in self._held.values())
+        return PumpStats(
+            listeners=len(self._listeners),
+            queue_depth=0,
+            in_flight=held,
+            conversations=0,
+            threads=0,
+            accepting=self._accepting,
+        )
+
+    def reload(self, organism: Organism) -> None:
+        self._listeners = dict(organism.listeners)
+        for name in self._listeners:
+            self._held.setdefault(name, {})
+        self.organism = organism
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        set_registry(self.registry)
+        set_context_buffer(self.buffer)
+        await self.store.ensure_groups(list(self._listeners))
+        if any(listener.cpu_bound for listener in self._listeners.values()):
+            await self._process_pool().warm_up()
+        self._consuming = True
+        self._accepting = True
+        self._runner = asyncio.create_task(self._run(), name="xml-pipeline-durable")
+        self.started_at = time.monotonic()
+        log.info(
+            "durable engine started organism=%s daemon=%s serving=%s",
+            self.organism.name,
+            self.daemon_id,
+            ",".join(self.served),
+        )
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._handlers = group
+            group.create_task(self._consume(group), name="xml-pipeline-consume")
+            group.create_task(
+                self._every(self.settings.lease_seconds, self._lease_and_reclaim), name="xml-pipeline-reclaim"
+            )
+            group.create_task(
+                self._every(self.settings.heartbeat_seconds, self._heartbeat), name="xml-pipeline-heartbeat"
+            )
+            group.create_task(self.store_watch.run(), name="xml-pipeline-store-watch")
+
+    async def stop(self, drain_timeout: float = 10.0) -> ShutdownReport:
+        """Stop taking hops, let those held finish for ``drain_timeout``, then leave the rest pending.
+
+        Nothing is lost: a hop cut short was never acknowledged, so a live
+        daemon (or this one, restarted) claims it and handles it again.
+        """
+        self._accepting = False
+        self._consuming = False
+        drained = True
+        try:
+            async with asyncio.timeout(drain_timeout):
+                while any(self._held.values()):
+                    self._freed.clear()
+                    await self._freed.wait()
+        except TimeoutError:
+            drained = False
+        cut_short = sum(len(entries) for entries in self._held.values())
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._pool is not None:
+            await self._pool.close(kill=not drained)
+            self._pool = None
+        await self.store_watch.close()
+        with contextlib.suppress(RedisError):
+            await self.store.forget_daemon(self.daemon_id)
+        await self.store.close()
+        if cut_short:
+            log.warning("stopping: %d hop(s) left pending; a live daemon will handle them again", cut_short)
+        log.info("durable engine stopped daemon=%s drained=%s", self.daemon_id, drained)
+        return ShutdownReport(drained=drained, cancelled=cut_short)
+
+    async def _every(self, interval: float, work: Any) -> None:
+        while True:
+            try:
+                await work()
+            except (RedisError, OSError) as exc:
+                log.warning("%s failed, trying again in %gs: %s", work.__name__, interval, exc)
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ the door
+    async def accept(self, raw: bytes) -> Accepted | Refused:
+        """Store a client's message durably: Accepted means it is in Redis and will be handled."""
+        if not self._accepting:
+            return self._refused(Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages"))
+        try:
+            admitted = admit(raw, self._listeners, self._xml_limits)
+        except Exception as exc:
+            log.exception("internal error while admitting a message")
+            admitted = Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")
+        if isinstance(admitted, Refusal):
+            return self._refused(admitted)
+        sender, target = admitted.envelope.sender, admitted.listener
+        hop, effects = self._router.opening(sender, target, admitted.payload, admitted.payload_xml)
+        try:
+            await self.store.commit(
+                hop.conversation,
+                effects,
+                opening=(sender, target.name, self.limits.queue_size),
+                retention=self.settings.reply_retention_seconds,
+            )
+        except BacklogFull as exc:
+            return self._refused(
+                Refusal(ErrorCode.OVERLOAD, f"{exc}; try again later", sender, admitted.envelope.thread, target.name)
+            )
+        except (RedisError, OSError) as exc:
+            return self._refused(
+                Refusal(
+                    ErrorCode.BACKEND_UNAVAILABLE,
+                    f"redis is unreachable: {exc}",
+                    sender,
+                    admitted.envelope.thread,
+                    target.name,
+                )
+            )
+        self.metrics.ingress(accepted=True)
+        return Accepted(hop.conversation)
+
+    def refuse(self, code: ErrorCode, detail: str) -> Refused:
+        """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
+        return self._refused(Refusal(code, detail))
+
+    def _refused(self, refusal: Refusal) -> Refused:
+        thread = refusal.thread or new_thread_id()
+        self.metrics.ingress(accepted=False)
+        self.metrics.error(refusal.code)
+        log.warning(
+            "message failed code=%s listener=%s conversation=%s thread=%s from=%s: %s",
+            refusal.code.value,
+            refusal.target or "-",
+            thread,
+            thread,
+            refusal.sender or "-",
+            refusal.detail,
+        )
+        payload = error_payload(Failure(refusal.code, refusal.detail), "")
+        element = codec_for(SystemErrorPayload).to_element(payload)
+        envelope = envelope_bytes(SYSTEM_SENDER, refusal.sender, thread, etree.tostring(element))
+        return Refused(refusal.code, refusal.detail, thread, envelope)
+
+    async def collect(self, conversation: str, mode: str, timeout: float) -> Collected | None:
+        """The replies for ``conversation`` so far (``none``), the first, or all until it ends; None if unknown.
+
+        Any daemon of the organism answers: replies live in Redis until
+        collected, or ``reply_retention_seconds`` after the end.
+        """
+        collected = Collected()
+        seen: list[bytes] = []
+        after = b"0"
+        deadline = time.monotonic() + timeout
+        block: int | None = None
+        while True:
+            for entry_id, envelope in await self.store.replies(conversation, after, block):
+                after = entry_id
+                seen.append(entry_id)
+                if envelope is None:
+                    collected.ended = True
+                else:
+                    collected.replies.append(envelope)
+            remaining = deadline - time.monotonic()
+            if collected.ended or mode == "none" or (mode == "first" and collected.replies) or remaining <= 0:
+                break
+            block = max(1, int(min(remaining, BLOCK_SECONDS) * 1000))
+        if not seen and not await self.store.conversation_known(conversation):
+            return None
+        await self.store.forget_replies(conversation, seen, ended=collected.ended)
+        return collected
+
+    # ------------------------------------------------------------------ consuming
+    def _capacity(self) -> dict[str, int]:
+        overall = self.limits.max_in_flight - sum(len(entries) for entries in self._held.values())
+        if overall <= 0:
+            return {}
+        free = {}
+        for name in self.served:
+            listener = self._listeners[name]
+            room = min(listener.max_concurrency - len(self._held[name]), overall)
+            if room > 0:
+                free[name] = room
+        return free
+
+    async def _consume(self, group: asyncio.TaskGroup) -> None:
+        while self._consuming:
+            counts = self._capacity()
+            if not counts:
+                self._freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BLOCK_SECONDS):
+                        await self._freed.wait()
+                continue
+            try:
+                found = await self.store.read(self.daemon_id, counts, int(BLOCK_SECONDS * 1000))
+            except (RedisError, OSError) as exc:
+                log.warning("reading hops failed, trying again: %s", exc)
+                await asyncio.sleep(BLOCK_SECONDS)
+                continue
+            for listener, entry_id, hop in found:
+                self._start(group, listener, entry_id, hop, attempt=1)
+
+    def _start(self, group: asyncio.TaskGroup, listener: str, entry_id: bytes, hop: Hop, attempt: int) -> None:
+        held = _Held()
+        self._held.setdefault(listener, {})[entry_id] = held
+        held.task = group.create_task(self._handle(listener, entry_id, hop, attempt))
+
+    async def _handle(self, listener_name: str, entry_id: bytes, hop: Hop, attempt: int) -> None:
+        try:
+            effects = await self._outcome(listener_name, hop, attempt)
+            await self.store.commit(
+                hop.conversation,
+                effects,
+                done=(self.store.keys.stream(listener_name), entry_id),
+                retention=self.settings.reply_retention_seconds,
+            )
+            if effects.hops or effects.replies:
+                self.metrics.message_out(listener_name)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "hop of %s left pending (it will be handled again) thread=%s: %s", listener_name, hop.thread, exc
+            )
+        except Exception:
+            log.exception("internal error listener=%s thread=%s; the hop stays pending", listener_name, hop.thread)
+        finally:
+            self._held.get(listener_name, {}).pop(entry_id, None)
+            self._freed.set()
+
+    async def _outcome(self, listener_name: str, hop: Hop, attempt: int) -> Effects:
+        listener = self._listeners.get(listener_name)
+        if listener is None:
+            failure = Failure(ErrorCode.UNKNOWN_TARGET, f"no listener is named {listener_name!r} any more")
+            return self._router.failure(hop, listener_name, failure)
+        payload = self._decode(listener, hop)
+        if isinstance(payload, Failure):
+            return self._router.failure(hop, listener_name, payload)
+        metadata = HandlerMetadata(
+            thread_id=hop.thread,
+            from_id=hop.sender,
+            own_name=listener.name,
+            conversation_id=hop.conversation,
+            is_self_call=hop.sender == listener.name,
+            delivery_attempt=attempt,
+        )
+        slots = self._slots.setdefault(listener.name, asyncio.Semaphore(listener.max_concurrency))
+        async with slots:
+            self.metrics.message_in(listener.name)
+            started = time.perf_counter()
+            try:
+                if listener.cpu_bound:
+                    task = Task(
+                        listener.handler_path, hop.payload_type, hop.payload_xml, metadata, listener.timeout_seconds
+                    )
+                    result = await call_in_worker(self._process_pool(), listener, task, self._xml_limits)
+                else:
+                    result = await call_in_process(listener, payload, metadata)
+            finally:
+                self.metrics.handler_finished(listener.name, time.perf_counter() - started)
+        return self._router.route(hop, listener, result)
+
+    def _decode(self, listener: Listener, hop: Hop) -> Any:
+        """The hop's payload as ``listener``'s class, checked again: Redis is not the sender's word."""
+        try:
+            element = parse_checked(hop.payload_xml, self._xml_limits).root
+        except XmlRejected as rejected:
+            return Failure(rejected.code, rejected.detail)
+        codec = listener.codecs_by_tag.get(element.tag)
+        if codec is None and listener.accepts_errors and element.tag == codec_for(SystemErrorPayload).xml_name:
+            codec = codec_for(SystemErrorPayload)
+        if codec is None:
+            return Failure(ErrorCode.PAYLOAD_INVALID, f"{listener.name!r} accepts {listener.accepted_names}")
+        problem = codec.validate(element)
+        if problem is not None:
+            return Failure(ErrorCode.PAYLOAD_INVALID, f"<{codec.xml_name}>: {problem}")
+        try:
+            return codec.from_element(element)
+        except PayloadDecodeError as exc:
+            return Failure(ErrorCode.PAYLOAD_INVALID, str(exc))
+
+    def _note_error(self, code: ErrorCode, detail: str, listener: str, hop: Hop) -> None:
+        self.metrics.error(code)
+        log.warning(
+            "message failed code=%s listener=%s conversation=%s thread=%s from=%s: %s",
+            code.value,
+            listener,
+            hop.conversation,
+            hop.thread,
+            hop.sender,
+            detail,
+        )
+
+    # ------------------------------------------------------------------ leases, reclaiming, dead letters
+    async def _lease_and_reclaim(self) -> None:
+        assert self._handlers is not None
+        for name in self.served:
+            held = self._held.get(name, {})
+            await self.store.renew(name, self.daemon_id, list(held))
+            if not self._consuming:
+                continue
+            room = self._capacity().get(name, 0)
+            if room <= 0:
+                continue
+            listener = self._listeners[name]
+            min_idle_ms = int((listener.timeout_seconds + self.settings.claim_grace_seconds) * 1000)
+            for entry in await self.store.pending(name, min_idle_ms, room):
+                if entry.entry_id in held:
+                    continue
+                hop = await self.store.claim(name, self.daemon_id, min_idle_ms, entry.entry_id)
+                if hop is None:
+                    continue
+                if entry.deliveries >= self.settings.max_deliveries:
+                    await self._dead_letter(name, entry.entry_id, hop, entry.deliveries)
+                    continue
+                self.redeliveries += 1
+                self.metrics.redelivered(name)
+                log.warning(
+                    "claimed a hop of %s from silent daemon %s (delivery %d) thread=%s",
+                    name,
+                    entry.consumer,
+                    entry.deliveries + 1,
+                    hop.thread,
+                )
+                self._start(self._handlers, name, entry.entry_id, hop, attempt=entry.deliveries + 1)
+
+    async def _dead_letter(self, listener: str, entry_id: bytes, hop: Hop, deliveries: int) -> None:
+        failure = Failure(
+            ErrorCode.DEAD_LETTER,
+            f"{listener} did not finish this message in {deliveries} deliveries (each time its daemon stopped or"
+            " died); it was moved to the dead-letter stream",
+        )
+        effects = self._router.failure(hop, listener, failure)
+        effects.dead_letters.append(
+            [*hop.fields(), "listener", listener, "deliveries", str(deliveries), "failed_at", str(time.time())]
+        )
+        await self.store.commit(
+            hop.conversation,
+            effects,
+            done=(self.store.keys.stream(listener), entry_id),
+            retention=self.settings.reply_retention_seconds,
+        )
+        self.dead_letters += 1
+        self.metrics.dead_lettered(listener)
+
+    async def _heartbeat(self) -> None:
+        about = {
+            "daemon": self.daemon_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "serving": self.served,
+            "in_flight": sum(len(entries) for entries in self._held.values()),
+            "redeliveries": self.redeliveries,
+            "dead_letters": self.dead_letters,
+        }
+        await self.store.heartbeat(self.daemon_id, about, ttl_seconds=max(3, int(3 * self.settings.heartbeat_seconds)))
+
+    async def cluster_status(self) -> dict[str, Any]:
+        """Every live daemon, and the backlog of every listener, as ``status`` shows them."""
+        listeners = {}
+        for name in self._listeners:
+            waiting, handling = await self.store.backlog(name)
+            listeners[name] = {"stored": waiting, "in_flight": handling}
+        return {
+            "daemon": self.daemon_id,
+            "daemons": sorted(await self.store.daemons(), key=lambda d: str(d.get("daemon"))),
+            "listeners": listeners,
+            "dead_letters": await self.store.dead_letter_count(),
+            "redeliveries": self.redeliveries,
+        }
+
+    # ------------------------------------------------------------------ pool
+    def _process_pool(self) -> CpuPool:
+        if self._pool is None:
+            settings = self.organism.settings.get("process_pool", {})
+            self._pool = CpuPool(
+                workers=settings.get("workers"),
+                max_tasks_per_child=settings.get("max_tasks_per_child"),
+                backend_spec=spec_of(self.backend),
+                max_slots_per_thread=self.limits.max_slots_per_thread,
+                max_threads=self.limits.max_conversations,
+            )
+        return self._pool
+
+
+def backend_timeout(backend: RedisBackend) -> float:
+    """The configured per-call bound of the sync client, reused for the async one (plus its blocking reads)."""
+    return backend.socket_timeout

@@ -1,0 +1,337 @@
+"""The durable engine's Redis: keys, the one script that writes, and the reads around it.
+
+Keys, under the organism's prefix (shared with the thread registry and the
+context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
+
+    {prefix}s:{listener}          STREAM  hops waiting for or being handled by ``listener``
+    {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed)
+    {prefix}conv-threads:{conv}   SET     the conversation's thread UUIDs, to forget them at the end
+    {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
+    {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
+    {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
+
+Every state change is one call of ``_COMMIT``: it acknowledges and deletes the
+hop it finishes (or, at the door, checks the target's backlog and opens the
+conversation), adds the hops it produced to their streams, appends history,
+registers threads, adjusts the conversation's pending count, and, when that
+count reaches zero, deletes the conversation's state and only then writes the
+``end`` entry its client waits for. All or nothing: a daemon that dies before
+the call leaves the hop pending, to be handled again; one that dies after it
+has nothing left to do. A hop that is no longer pending when its commit runs
+(another daemon claimed and finished it) changes nothing.
+
+Acknowledged entries are deleted at once, so a stream holds only work not yet
+done, and its length is the listener's backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from xml_pipeline.cluster.hop import Hop
+
+GROUP = "xml-pipeline"
+MAX_CONNECTIONS = 64
+"""Connections one daemon opens to Redis at most; further calls wait (bounded) for a free one."""
+
+_COMMIT = """
+-- ARGV: prefix, group, input stream ('' at the door), input id, conversation, ttl (0: none),
+--       reply retention, backlog cap (-1: none), capped stream, initiator ('' unless opening), then ops:
+--   x stream n field value ... | y envelope | a slot | r chain uuid | q n field value ...
+local prefix, group, stream, id, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ttl, retention, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local capped, initiator = ARGV[9], ARGV[10]
+local conv_key = prefix .. 'conv:' .. conv
+local threads_key = prefix .. 'conv-threads:' .. conv
+local replies_key = prefix .. 'r:' .. conv
+local history_key = prefix .. 'buf:' .. conv
+local function expire(key)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+local function set(key, value)
+  if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
+end
+if cap >= 0 and redis.call('XLEN', capped) >= cap then
+  return {-1, 0}
+end
+local delta = 0
+if stream ~= '' then
+  if redis.call('XACK', stream, group, id) == 0 then
+    return {0, 0}
+  end
+  redis.call('XDEL', stream, id)
+  delta = -1
+end
+if initiator ~= '' then
+  redis.call('HSET', conv_key, 'initiator', initiator, 'pending', 0, 'started', redis.call('TIME')[1])
+end
+local i, n = 11, #ARGV
+while i <= n do
+  local code = ARGV[i]
+  if code == 'x' or code == 'q' then
+    local key, count, offset
+    if code == 'x' then key, count, offset = ARGV[i + 1], tonumber(ARGV[i + 2]), i + 2
+    else key, count, offset = prefix .. 'dlq', tonumber(ARGV[i + 1]), i + 1 end
+    local fields = {}
+    for k = 1, 2 * count do fields[k] = ARGV[offset + k] end
+    redis.call('XADD', key, '*', unpack(fields))
+    if code == 'x' then delta = delta + 1 end
+    i = offset + 2 * count + 1
+  elseif code == 'y' then
+    redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1])
+    expire(replies_key)
+    i = i + 2
+  elseif code == 'a' then
+    redis.call('RPUSH', history_key, ARGV[i + 1])
+    expire(history_key)
+    i = i + 2
+  elseif code == 'r' then
+    local chain, uuid = ARGV[i + 1], ARGV[i + 2]
+    set(prefix .. 'reg:c:' .. chain, uuid)
+    set(prefix .. 'reg:u:' .. uuid, chain)
+    redis.call('SADD', threads_key, uuid)
+    expire(threads_key)
+    i = i + 3
+  else
+    return redis.error_reply('unknown op ' .. tostring(code))
+  end
+end
+local pending = redis.call('HINCRBY', conv_key, 'pending', delta)
+if pending > 0 then
+  expire(conv_key)
+  return {1, 0}
+end
+for _, uuid in ipairs(redis.call('SMEMBERS', threads_key)) do
+  local uuid_key = prefix .. 'reg:u:' .. uuid
+  local chain = redis.call('GET', uuid_key)
+  redis.call('UNLINK', uuid_key)
+  if chain and redis.call('GET', prefix .. 'reg:c:' .. chain) == uuid then
+    redis.call('UNLINK', prefix .. 'reg:c:' .. chain)
+  end
+end
+redis.call('UNLINK', threads_key, history_key, conv_key)
+redis.call('XADD', replies_key, '*', 'end', '1')
+redis.call('EXPIRE', replies_key, retention)
+return {1, 1}
+"""
+
+
+class BacklogFull(Exception):
+    """The target's stream already holds as many hops as the organism allows."""
+
+
+@dataclass(slots=True)
+class Effects:
+    """Everything one step produces, written by one commit."""
+
+    hops: list[Hop] = field(default_factory=list)
+    replies: list[bytes] = field(default_factory=list)
+    history: list[bytes] = field(default_factory=list)
+    registrations: list[tuple[str, str]] = field(default_factory=list)
+    dead_letters: list[list[bytes | str]] = field(default_factory=list)
+
+    def arguments(self, keys: Keys) -> list[bytes | str | int]:
+        args: list[bytes | str | int] = []
+        for chain, uuid in self.registrations:
+            args += ["r", chain, uuid]
+        for slot in self.history:
+            args += ["a", slot]
+        for hop in self.hops:
+            fields = hop.fields()
+            args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
+        for reply in self.replies:
+            args += ["y", reply]
+        for letter in self.dead_letters:
+            args += ["q", len(letter) // 2, *letter]
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    def stream(self, listener: str) -> str:
+        return f"{self.prefix}s:{listener}"
+
+    def conversation(self, conversation: str) -> str:
+        return f"{self.prefix}conv:{conversation}"
+
+    def replies(self, conversation: str) -> str:
+        return f"{self.prefix}r:{conversation}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}dlq"
+
+    def daemon(self, daemon_id: str) -> str:
+        return f"{self.prefix}daemon:{daemon_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEntry:
+    entry_id: bytes
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+class ClusterStore:
+    """The async Redis client of one daemon, and the few operations the engine needs."""
+
+    def __init__(self, url: str, prefix: str, ttl: int, *, socket_timeout: float) -> None:
+        self.keys = Keys(prefix)
+        self.ttl = ttl
+        # A connection Redis closed (a restart) is retried on a fresh one. Retrying a commit is safe: one
+        # that did run has acknowledged its hop, and its repeat then changes nothing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError],
+        )
+        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self._commit = self.client.register_script(_COMMIT)
+
+    async def ensure_groups(self, listeners: Sequence[str]) -> None:
+        for listener in listeners:
+            try:
+                await self.client.xgroup_create(self.keys.stream(listener), GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def commit(
+        self,
+        conversation: str,
+        effects: Effects,
+        *,
+        done: tuple[str, bytes] | None = None,
+        opening: tuple[str, str, int] | None = None,
+        retention: float,
+    ) -> bool:
+        """Write ``effects`` and finish ``done`` (stream, entry id) in one step; True when the conversation ended.
+
+        ``opening`` (initiator, target, backlog cap) opens the conversation at
+        the door, refused with BacklogFull when the target's stream is full.
+        Returns False too when ``done`` was no longer pending (someone else
+        finished it): then nothing was written.
+        """
+        stream, entry_id = done if done is not None else ("", b"")
+        initiator, capped, cap = opening if opening is not None else ("", "", -1)
+        args: list[Any] = [
+            self.keys.prefix,
+            GROUP,
+            stream,
+            entry_id,
+            conversation,
+            self.ttl,
+            max(1, round(retention)),
+            cap,
+            self.keys.stream(capped) if capped else "",
+            initiator,
+            *effects.arguments(self.keys),
+        ]
+        written, ended = await self._commit(args=args)
+        if written == -1:
+            raise BacklogFull(f"{capped} has {cap} messages waiting already")
+        return bool(ended)
+
+    async def read(self, consumer: str, counts: dict[str, int], block_ms: int) -> list[tuple[str, bytes, Hop]]:
+        """New hops for the listeners in ``counts``, at most that many each: (listener, entry id, hop)."""
+        if not counts:
+            return []
+        count = max(counts.values())
+        streams = {self.keys.stream(listener): ">" for listener in counts}
+        answer: Any = await self.client.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)  # type: ignore[arg-type]
+        found: list[tuple[str, bytes, Hop]] = []
+        for stream, entries in answer or []:
+            listener = stream.decode().removeprefix(self.keys.prefix + "s:")
+            for entry_id, fields in entries:
+                found.append((listener, entry_id, Hop.from_fields(fields)))
+        return found
+
+    async def pending(self, listener: str, min_idle_ms: int, count: int) -> list[PendingEntry]:
+        rows: Any = await self.client.xpending_range(
+            self.keys.stream(listener), GROUP, "-", "+", count, idle=min_idle_ms
+        )
+        return [
+            PendingEntry(
+                row["message_id"], row["consumer"].decode(), row["time_since_delivered"], row["times_delivered"]
+            )
+            for row in rows
+        ]
+
+    async def claim(self, listener: str, consumer: str, min_idle_ms: int, entry_id: bytes) -> Hop | None:
+        """Take over a hop a silent daemon was handling; None if it is gone or was renewed meanwhile."""
+        claimed: Any = await self.client.xclaim(self.keys.stream(listener), GROUP, consumer, min_idle_ms, [entry_id])
+        for _, fields in claimed:
+            if fields:
+                return Hop.from_fields(fields)
+        return None
+
+    async def renew(self, listener: str, consumer: str, entry_ids: Sequence[bytes]) -> None:
+        """Reset the idle time of hops this daemon is still handling, so nobody claims them."""
+        if entry_ids:
+            await self.client.xclaim(self.keys.stream(listener), GROUP, consumer, 0, list(entry_ids), justid=True)
+
+    async def replies(self, conversation: str, after: bytes, block_ms: int | None) -> list[tuple[bytes, bytes | None]]:
+        """Reply entries after ``after``: (id, envelope), with None for the end marker."""
+        answer: Any = await self.client.xread({self.keys.replies(conversation): after}, block=block_ms)
+        entries: list[tuple[bytes, bytes | None]] = []
+        for _, rows in answer or []:
+            for entry_id, fields in rows:
+                entries.append((entry_id, fields.get(b"reply")))
+        return entries
+
+    async def conversation_known(self, conversation: str) -> bool:
+        keys = self.keys
+        return bool(await self.client.exists(keys.conversation(conversation), keys.replies(conversation)))
+
+    async def forget_replies(self, conversation: str, entry_ids: Sequence[bytes], *, ended: bool) -> None:
+        """Collected replies are gone; after the end, the whole stream."""
+        key = self.keys.replies(conversation)
+        if ended:
+            await self.client.unlink(key)
+        elif entry_ids:
+            await self.client.xdel(key, *entry_ids)
+
+    async def heartbeat(self, daemon_id: str, about: dict[str, Any], ttl_seconds: int) -> None:
+        await self.client.set(self.keys.daemon(daemon_id), json.dumps({**about, "seen": time.time()}), ex=ttl_seconds)
+
+    async def forget_daemon(self, daemon_id: str) -> None:
+        await self.client.unlink(self.keys.daemon(daemon_id))
+
+    async def daemons(self) -> list[dict[str, Any]]:
+        found = []
+        async for key in self.client.scan_iter(match=self.keys.daemon("*"), count=100):
+            value = await self.client.get(key)
+            if value is not None:
+                found.append(json.loads(value))
+        return found
+
+    async def backlog(self, listener: str) -> tuple[int, int]:
+        """(hops in the stream, of which being handled) for ``listener``."""
+        stream = self.keys.stream(listener)
+        length = await self.client.xlen(stream)
+        summary: Any = await self.client.xpending(stream, GROUP)
+        return int(length), int(summary["pending"]) if summary else 0
+
+    async def dead_letter_count(self) -> int:
+        return int(await self.client.xlen(self.keys.dead_letters))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
