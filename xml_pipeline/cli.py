@@ -28,6 +28,7 @@ from xml_pipeline.memory.factory import open_backend
 from xml_pipeline.memory.shared_backend import BackendUnavailable
 from xml_pipeline.message.envelope import LISTENER_NAME, THREAD_ID, serialize_envelope
 from xml_pipeline.message.safe_xml import XmlRejected, parse_untrusted
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Submission
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.thread_registry import new_thread_id
@@ -79,7 +80,13 @@ def check(organism: str) -> None:
     Exits 0 when it is valid, 2 with every problem listed when it is not.
     """
     loaded = _load_or_exit(organism)
-    click.echo(f"{organism}: organism '{loaded.name}' is valid ({len(loaded.listeners)} listeners)")
+    open_to_clients = sum(1 for listener in loaded.listeners.values() if listener.ingress)
+    click.echo(
+        f"{organism}: organism '{loaded.name}' is valid ({len(loaded.listeners)} listeners,"
+        f" {open_to_clients} open to clients)"
+    )
+    if not open_to_clients:
+        click.echo(f"{organism}: note: no listener says 'ingress: true', so clients cannot call any", err=True)
 
 
 @main.command()
@@ -294,8 +301,9 @@ def status(as_json: bool, organism: str, socket_path: str | None, tcp: str | Non
     click.echo("listeners:")
     for listener in data["listeners"]:
         peers = "anyone" if listener["peers"] is None else (", ".join(listener["peers"]) or "no one (responds only)")
+        door = "open to clients" if listener["ingress"] else "internal"
         click.echo(
-            f"  {listener['name']:<20} accepts {', '.join(listener['accepts'])}; may call {peers};"
+            f"  {listener['name']:<20} {door}; accepts {', '.join(listener['accepts'])}; may call {peers};"
             f" timeout {listener['timeout_seconds']:g}s, concurrency {listener['max_concurrency']}"
         )
 
@@ -354,7 +362,7 @@ async def _read_stdin(pump: Pump, sender: str) -> None:
     async with asyncio.TaskGroup() as group:
         while (line := await lines.get()) is not None:
             if line.strip():
-                submission = await pump.inject(_envelope_from_line(line, sender))
+                submission = await pump.inject(_envelope_from_line(line, sender), access=ClientAccess.anonymous())
                 group.create_task(_print_replies(submission))
 
 

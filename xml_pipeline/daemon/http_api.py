@@ -26,6 +26,7 @@ from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.message.system_payloads import ErrorCode
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.pump import Pump
 
@@ -43,6 +44,8 @@ STATUS_FOR_CODE = {
     ErrorCode.BODY_TIMEOUT: 408,
     ErrorCode.UNKNOWN_TARGET: 404,
     ErrorCode.PEER_NOT_ALLOWED: 403,
+    ErrorCode.SENDER_FORBIDDEN: 403,
+    ErrorCode.TARGET_FORBIDDEN: 403,
     ErrorCode.PAYLOAD_INVALID: 422,
     ErrorCode.HISTORY_FULL: 409,
     ErrorCode.OVERLOAD: 503,
@@ -145,7 +148,8 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         if isinstance(wait, web.Response):
             return wait
         body = await read_body(request)
-        submission = body if isinstance(body, Submission) else await daemon.pump.inject(body)
+        access = ClientAccess.anonymous()
+        submission = body if isinstance(body, Submission) else await daemon.pump.inject(body, access=access)
         if submission.closed and submission.pending() and submission.pending()[0].is_error:
             refusal = submission.take_pending()[0]
             status = STATUS_FOR_CODE.get(refusal.error_code or ErrorCode.INTERNAL, 400)

@@ -157,6 +157,7 @@ class Daemon:
                     "accepts": sorted(codec.xml_name for codec in listener.codecs_by_tag.values()),
                     "peers": None if listener.peers is None else sorted(listener.peers),
                     "agent": listener.agent,
+                    "ingress": listener.ingress,
                     "timeout_seconds": listener.timeout_seconds,
                     "max_concurrency": listener.max_concurrency,
                 }

@@ -57,6 +57,7 @@ from xml_pipeline.message.payload_codec import (
 )
 from xml_pipeline.message.safe_xml import XmlRejected, check_outgoing, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
@@ -67,6 +68,7 @@ from xml_pipeline.process_pool.worker import Task
 log = logging.getLogger("xml_pipeline.pump")
 
 SYSTEM_SENDER = "system"
+IN_PROCESS = ClientAccess.in_process()
 UNBOUNDED_BYTES = 2**62
 """The size bound of the built-in primitives' outputs: none (see Pump._beyond_limits)."""
 _THREAD_SIZED = "00000000-0000-0000-0000-000000000000"
@@ -390,17 +392,27 @@ class Pump:
 
     # ------------------------------------------------------------------ ingress
     async def inject_payload(
-        self, payload: Any, to: str, *, sender: str = "console", thread: str | None = None
+        self,
+        payload: Any,
+        to: str,
+        *,
+        sender: str = "console",
+        thread: str | None = None,
+        access: ClientAccess = IN_PROCESS,
     ) -> Submission:
         """Wrap ``payload`` in an envelope and :meth:`inject` it, exactly as a client would."""
         element = codec_for(type(payload)).to_element(payload)
-        return await self.inject(serialize_envelope(sender, to, thread or new_thread_id(), element))
+        return await self.inject(serialize_envelope(sender, to, thread or new_thread_id(), element), access=access)
 
-    async def inject(self, raw: bytes) -> Submission:
-        """Accept one envelope from outside. Never raises for bad input: a refused
-        message comes back as a Submission whose first reply is the SystemError."""
+    async def inject(self, raw: bytes, *, access: ClientAccess = IN_PROCESS) -> Submission:
+        """Accept one envelope from a client. Never raises for bad input: a refused
+        message comes back as a Submission whose first reply is the SystemError.
+
+        ``access`` says what this client may send; the default, for code in this
+        process (tests, embedding programs), may call any listener. Doors to the
+        outside pass the client's own (``ClientAccess.anonymous()`` at least)."""
         try:
-            admitted = self._admit(raw)
+            admitted = self._admit(raw, access)
         except Exception as exc:  # a bug, or lxml refusing in a way we did not foresee: never a crash
             log.exception("internal error while admitting a message")
             admitted = _Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")
@@ -448,8 +460,8 @@ class Pump:
         """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
         return self._refuse(_Refusal(code, detail))
 
-    def _admit(self, raw: bytes) -> _Admitted | _Refusal:
-        """Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, target, peers, payload."""
+    def _admit(self, raw: bytes, access: ClientAccess) -> _Admitted | _Refusal:
+        """Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, sender, target, payload."""
         if not self._accepting:
             return _Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages")
         try:
@@ -467,12 +479,15 @@ class Pump:
             return _Refusal(
                 ErrorCode.ENVELOPE_INVALID, "<meta> has no <to>: say which listener it is for", sender, thread
             )
+        forged = access.sender_refusal(sender, self._listeners)
+        if forged is not None:
+            return _Refusal(ErrorCode.SENDER_FORBIDDEN, forged, sender, thread, to)
         listener = self._listeners.get(to)
         if listener is None:
             return _Refusal(ErrorCode.UNKNOWN_TARGET, f"no listener is named {to!r}", sender, thread, to)
-        sending_listener = self._listeners.get(sender)
-        if sending_listener is not None and not sending_listener.may_call(to):
-            return _Refusal(ErrorCode.PEER_NOT_ALLOWED, f"{sender!r} may not send to {to!r}", sender, thread, to)
+        closed = access.target_refusal(listener)
+        if closed is not None:
+            return _Refusal(ErrorCode.TARGET_FORBIDDEN, closed, sender, thread, to)
         codec = listener.codecs_by_tag.get(envelope.payload.tag)
         if codec is None:
             name = etree.QName(envelope.payload).localname
