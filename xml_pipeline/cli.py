@@ -19,8 +19,9 @@ from typing import Any, NoReturn
 import click
 
 from xml_pipeline import __version__
+from xml_pipeline.cli_tokens import token
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address, read_organism_section
-from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable
+from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable, DoorRefused
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.service import Daemon, DaemonOptions, DaemonStartError
 from xml_pipeline.logs import configure_logging
@@ -151,14 +152,20 @@ async def _run_daemon(organism: Organism, path: Path, options: DaemonOptions) ->
     return await Daemon(organism, path, options, backend).run()
 
 
-def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> DaemonClient:
+def _client_for(
+    organism: str, socket_path: str | None, tcp: str | None, token: str | None = None, tls_ca: str | None = None
+) -> DaemonClient:
+    if tls_ca and not tcp:
+        _fail("--tls-ca goes with --tcp: the Unix socket does not speak TLS", EXIT_USAGE)
     if socket_path:
-        return DaemonClient(socket_path=Path(socket_path))
+        return DaemonClient(socket_path=Path(socket_path), token=token)
     if tcp:
         try:
-            return DaemonClient(tcp=parse_tcp_address(tcp))
+            return DaemonClient(tcp=parse_tcp_address(tcp), token=token, tls_ca=Path(tls_ca) if tls_ca else None)
         except ValueError as exc:
             _fail(f"--tcp {exc}", EXIT_USAGE)
+        except OSError as exc:
+            _fail(f"--tls-ca {tls_ca}: {exc.strerror or exc}", EXIT_USAGE)
     try:
         section = read_organism_section(organism)
     except ConfigError as exc:
@@ -166,8 +173,8 @@ def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> Daem
     configured = section.get("socket")
     if isinstance(configured, str):
         path = Path(configured)
-        return DaemonClient(socket_path=path if path.is_absolute() else Path(section["base_dir"]) / path)
-    return DaemonClient(socket_path=default_socket_path(section["name"]))
+        return DaemonClient(socket_path=path if path.is_absolute() else Path(section["base_dir"]) / path, token=token)
+    return DaemonClient(socket_path=default_socket_path(section["name"]), token=token)
 
 
 daemon_address_options = [
@@ -179,7 +186,18 @@ daemon_address_options = [
         help="The daemon's organism.yaml, to find its socket.",
     ),
     click.option("--socket", "socket_path", help="The daemon's Unix socket."),
-    click.option("--tcp", help="The daemon's loopback HOST:PORT."),
+    click.option("--tcp", help="The daemon's HOST:PORT."),
+    click.option(
+        "--token",
+        envvar="XML_PIPELINE_TOKEN",
+        help="Bearer token for a daemon with auth (default: $XML_PIPELINE_TOKEN).",
+    ),
+    click.option(
+        "--tls-ca",
+        envvar="XML_PIPELINE_TLS_CA",
+        type=click.Path(dir_okay=False),
+        help="With --tcp: speak TLS, trusting the daemon's certificate if this CA signed it.",
+    ),
 ]
 
 
@@ -213,6 +231,8 @@ def send(
     organism: str,
     socket_path: str | None,
     tcp: str | None,
+    token: str | None,
+    tls_ca: str | None,
 ) -> None:
     """Send a message to the running daemon and print the replies.
 
@@ -225,11 +245,13 @@ def send(
     stderr. Exits 1 if a reply is a SystemError, 3 on timeout, 4 if no daemon answers.
     """
     envelope = _envelope_to_send(target, payload, envelope_file, sender, thread)
-    client = _client_for(organism, socket_path, tcp)
+    client = _client_for(organism, socket_path, tcp, token, tls_ca)
     try:
         answer = client.send(envelope, wait="first" if first else "end", timeout=timeout)
     except DaemonUnreachable as exc:
         _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
     try:
         body = answer.json()
     except ValueError:
@@ -280,13 +302,17 @@ def _envelope_to_send(
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 @_with_daemon_address
-def status(as_json: bool, organism: str, socket_path: str | None, tcp: str | None) -> None:
+def status(
+    as_json: bool, organism: str, socket_path: str | None, tcp: str | None, token: str | None, tls_ca: str | None
+) -> None:
     """Show what the running daemon is doing: listeners, queue, in-flight work, threads, uptime."""
-    client = _client_for(organism, socket_path, tcp)
+    client = _client_for(organism, socket_path, tcp, token, tls_ca)
     try:
         data = client.status()
     except DaemonUnreachable as exc:
         _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -306,6 +332,9 @@ def status(as_json: bool, organism: str, socket_path: str | None, tcp: str | Non
             f"  {listener['name']:<20} {door}; accepts {', '.join(listener['accepts'])}; may call {peers};"
             f" timeout {listener['timeout_seconds']:g}s, concurrency {listener['max_concurrency']}"
         )
+
+
+main.add_command(token)
 
 
 def _duration(seconds: float) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from xml_pipeline.daemon.tokens import TokenBook, TokenFileError
 from xml_pipeline.imports import import_object
 from xml_pipeline.memory.shared_backend import BACKEND_TYPES
 from xml_pipeline.message.envelope import LISTENER_NAME
@@ -153,6 +154,10 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "max_connections": _Key(int, check=_at_least(1)),
         "header_timeout_seconds": _Key(_NUMBER, check=_positive),
         "body_timeout_seconds": _Key(_NUMBER, check=_positive),
+    },
+    "auth": {
+        "tokens_file": _Key(str, required=True),
+        "require_on_socket": _Key(bool),
     },
     "process_pool": {
         "workers": _Key(int, check=_at_least(1)),
@@ -375,6 +380,13 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             reader.problem(
                 entries["backend"][1], "redis_url, redis_prefix and redis_ttl only apply to backend.type redis"
             )
+        auth = sections["auth"]
+        if "tokens_file" in auth:
+            auth["tokens_file"] = str(_relative_to(base_dir, auth["tokens_file"]))
+            try:
+                TokenBook.load(Path(auth["tokens_file"]))
+            except TokenFileError as exc:
+                reader.problem(entries["auth"][1], f"auth: {exc}")
         specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
         limits: PumpLimits | None = None
         try:
@@ -391,10 +403,36 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             "backend": sections["backend"],
             "process_pool": sections["process_pool"],
             "http": sections["http"],
+            "auth": auth,
         }
         return organism
     finally:
         loader.dispose()
+
+
+def _relative_to(base_dir: Path | None, configured: str) -> Path:
+    path = Path(configured)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+def read_token_setup(path: str | Path) -> tuple[Path, dict[str, bool]]:
+    """The tokens file organism.yaml names, and its listeners (name -> open to clients), importing nothing.
+
+    ``xml-pipeline token`` uses it: editing tokens must work while a handler does not import.
+    """
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [Problem(None, f"not valid YAML: {exc}")]) from None
+    auth = document.get("auth") if isinstance(document, dict) else None
+    if not isinstance(auth, dict) or not isinstance(auth.get("tokens_file"), str):
+        raise ConfigError(str(path), [Problem(None, "there is no auth section naming a tokens_file")])
+    listeners = document.get("listeners")
+    entries = [entry for entry in listeners if isinstance(entry, dict)] if isinstance(listeners, list) else []
+    names = {str(entry.get("name")): entry.get("ingress") is True for entry in entries}
+    return _relative_to(Path(path).resolve().parent, auth["tokens_file"]), names
 
 
 def load_organism(path: str | Path) -> Organism:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from xml_pipeline.daemon.auth import DoorAuth, Unauthorized
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
@@ -33,6 +34,8 @@ from xml_pipeline.message_bus.pump import Pump
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_WAIT_SECONDS = 10.0
 WAIT_MODES = ("none", "first", "end")
+ACCESS = "xml_pipeline.access"
+"""Where the request keeps what its client may do (set by the door's identify_client middleware)."""
 
 STATUS_FOR_CODE = {
     ErrorCode.MALFORMED_XML: 400,
@@ -114,7 +117,18 @@ def _replies_body(submission: Submission, replies: list[Reply]) -> dict[str, Any
     }
 
 
-def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard) -> web.Application:
+def _over_socket(request: web.Request) -> bool:
+    """Whether the request came through the Unix socket (its address is a path, a TCP one a tuple)."""
+    transport = request.transport
+    return transport is None or not isinstance(transport.get_extra_info("sockname"), tuple)
+
+
+def _access(request: web.Request) -> ClientAccess:
+    access: ClientAccess = request[ACCESS]
+    return access
+
+
+def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard, auth: DoorAuth) -> web.Application:
     @web.middleware
     async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Tell the door which connections are busy, so it never times out or evicts one mid-request."""
@@ -124,7 +138,22 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         finally:
             door.request_finished(request.transport)
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[count_requests])
+    @web.middleware
+    async def identify_client(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Who is asking, from the bearer token (or the socket's permissions): 401 before anything is read."""
+        if request.path == "/healthz":
+            return await handler(request)  # for load balancers and probes, which hold no token
+        access = auth.access_for(request.headers.get("Authorization"), over_socket=_over_socket(request))
+        if isinstance(access, Unauthorized):
+            return _json(
+                {"error": access.reason, "code": "unauthorized"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="xml-pipeline"'},
+            )
+        request[ACCESS] = access
+        return await handler(request)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[count_requests, identify_client])
     body_timeout = door.limits.body_timeout_seconds
 
     async def read_body(request: web.Request) -> bytes | Submission:
@@ -148,7 +177,7 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         if isinstance(wait, web.Response):
             return wait
         body = await read_body(request)
-        access = ClientAccess.anonymous()
+        access = _access(request)
         submission = body if isinstance(body, Submission) else await daemon.pump.inject(body, access=access)
         if submission.closed and submission.pending() and submission.pending()[0].is_error:
             refusal = submission.take_pending()[0]
@@ -168,7 +197,7 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
                 headers={"Retry-After": "1"} if status == 503 else None,
             )
         try:
-            daemon.submissions.add(submission)
+            daemon.submissions.add(submission, owner=access.identity)
         except SubmissionTableFull as exc:
             return _problem(503, f"too many replies are waiting to be collected: {exc}")
         mode, timeout = wait
@@ -180,7 +209,7 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
 
     async def get_replies(request: web.Request) -> web.Response:
         thread = request.match_info["thread"]
-        submission = daemon.submissions.get(thread)
+        submission = daemon.submissions.get(thread, owner=_access(request).identity)
         if submission is None:
             return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
         wait = _wait_parameters(request, "first")

@@ -28,12 +28,14 @@ from aiohttp import web
 
 from xml_pipeline import __version__
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
+from xml_pipeline.daemon.auth import DoorAuth
 from xml_pipeline.daemon.door import ConnectionGuard, DoorLimits, default_max_connections
 from xml_pipeline.daemon.http_api import build_app
 from xml_pipeline.daemon.metrics import PrometheusMetrics
 from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.submissions import SubmissionTable
+from xml_pipeline.daemon.tokens import TokenFileError
 from xml_pipeline.logs import set_level
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump, PumpStartError
@@ -59,6 +61,7 @@ RESTART_ONLY_SETTINGS = (
     "backend",
     "process_pool",
     "http",
+    "auth",
 )
 
 
@@ -121,6 +124,10 @@ class Daemon:
             capacity=organism.limits.max_conversations, retention_seconds=options.reply_retention
         )
         self.door = ConnectionGuard(options.door)
+        try:
+            self.auth = DoorAuth.from_settings(organism.settings.get("auth", {}))
+        except TokenFileError as exc:
+            raise DaemonStartError(str(exc)) from None
         self._servers: list[asyncio.Server] = []
         self._accepting = False
         self._commands: asyncio.Queue[str] = asyncio.Queue(maxsize=4)
@@ -239,6 +246,7 @@ class Daemon:
     async def _reload(self) -> None:
         self.notifier.reloading()
         log.info("reloading %s", self.organism_path)
+        self.auth.reload()  # even when the organism edit is refused below: a revocation must never wait
         try:
             organism = await asyncio.to_thread(load_organism, self.organism_path)
         except ConfigError as exc:
@@ -293,6 +301,7 @@ class Daemon:
             self,
             max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK,
             door=self.door,
+            auth=self.auth,
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
