@@ -95,7 +95,7 @@ def check(organism: str) -> None:
 @click.option(
     "--socket", "socket_path", help="Unix socket to listen on (default: organism.socket, else the runtime directory)."
 )
-@click.option("--tcp", help="Also listen on this loopback HOST:PORT (default: organism.tcp).")
+@click.option("--tcp", help="Also listen on HOST:PORT (default: organism.tcp); beyond loopback only with tls and auth.")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Overrides organism.log_level."
 )
@@ -137,7 +137,7 @@ def run(
     try:
         options = DaemonOptions.for_organism(loaded, socket_path=socket_path, tcp=tcp, drain_timeout=drain_timeout)
     except ValueError as exc:
-        _fail(f"--tcp {exc}", EXIT_USAGE)
+        _fail(f"--tcp: {exc}", EXIT_USAGE)
     try:
         sys.exit(run_on_uvloop(_run_daemon(loaded, Path(organism), options)))
     except DaemonStartError as exc:

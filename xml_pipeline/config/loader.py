@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from xml_pipeline.daemon.tls import TlsSetupError, exposure_problem, server_context
 from xml_pipeline.daemon.tokens import TokenBook, TokenFileError
 from xml_pipeline.imports import import_object
 from xml_pipeline.memory.shared_backend import BACKEND_TYPES
@@ -84,22 +85,23 @@ def _organism_name(value: Any) -> str | None:
 
 
 def parse_tcp_address(value: str) -> tuple[str, int]:
-    """``host:port`` with a loopback host; raises ValueError with a plain sentence."""
+    """``host:port`` with an IP address or ``localhost``; raises ValueError with a plain sentence.
+
+    Whether the daemon may serve there is another question: see ``xml_pipeline.daemon.tls``.
+    """
     host, separator, port = value.rpartition(":")
     host = host.strip("[]")
     if not separator or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("must look like 127.0.0.1:8470")
     if host != "localhost":
         try:
-            loopback = ipaddress.ip_address(host).is_loopback
+            ipaddress.ip_address(host)
         except ValueError:
-            raise ValueError("must name a loopback host such as 127.0.0.1, ::1 or localhost") from None
-        if not loopback:
-            raise ValueError("must be a loopback address: the HTTP interface has no authentication")
+            raise ValueError("must name an IP address (127.0.0.1, ::1, 0.0.0.0...) or localhost") from None
     return host, int(port)
 
 
-def _loopback_address(value: Any) -> str | None:
+def _tcp_address(value: Any) -> str | None:
     try:
         parse_tcp_address(value)
     except ValueError as exc:
@@ -127,7 +129,7 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
     "organism": {
         "name": _Key(str, required=True, check=_organism_name),
         "socket": _Key(str),
-        "tcp": _Key(str, check=_loopback_address),
+        "tcp": _Key(str, check=_tcp_address),
         "log_level": _Key(str, check=_one_of(LOG_LEVELS)),
         "log_format": _Key(str, check=_one_of(LOG_FORMATS)),
         "drain_timeout_seconds": _Key(_NUMBER, check=_positive),
@@ -158,6 +160,11 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
     "auth": {
         "tokens_file": _Key(str, required=True),
         "require_on_socket": _Key(bool),
+    },
+    "tls": {
+        "cert": _Key(str, required=True),
+        "key": _Key(str, required=True),
+        "client_ca": _Key(str),
     },
     "process_pool": {
         "workers": _Key(int, check=_at_least(1)),
@@ -387,6 +394,20 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
                 TokenBook.load(Path(auth["tokens_file"]))
             except TokenFileError as exc:
                 reader.problem(entries["auth"][1], f"auth: {exc}")
+        tls = sections["tls"]
+        for key in ("cert", "key", "client_ca"):
+            if key in tls:
+                tls[key] = str(_relative_to(base_dir, tls[key]))
+        if "cert" in tls and "key" in tls:
+            try:
+                server_context(tls)
+            except TlsSetupError as exc:
+                reader.problem(entries["tls"][1], f"tls: {exc}")
+        tcp = sections["organism"].get("tcp")
+        if tcp is not None:
+            exposed = exposure_problem(parse_tcp_address(tcp)[0], has_tls=bool(tls), has_auth=bool(auth))
+            if exposed is not None:
+                reader.problem(entries["organism"][1], f"organism.tcp {tcp}: {exposed}")
         specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
         limits: PumpLimits | None = None
         try:
@@ -404,6 +425,7 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             "process_pool": sections["process_pool"],
             "http": sections["http"],
             "auth": auth,
+            "tls": tls,
         }
         return organism
     finally:

@@ -35,6 +35,7 @@ from xml_pipeline.daemon.metrics import PrometheusMetrics
 from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.submissions import SubmissionTable
+from xml_pipeline.daemon.tls import TlsSetupError, exposure_problem, server_context
 from xml_pipeline.daemon.tokens import TokenFileError
 from xml_pipeline.logs import set_level
 from xml_pipeline.memory.shared_backend import SharedBackend
@@ -62,6 +63,7 @@ RESTART_ONLY_SETTINGS = (
     "process_pool",
     "http",
     "auth",
+    "tls",
 )
 
 
@@ -97,10 +99,17 @@ class DaemonOptions:
         else:
             path = default_socket_path(organism.name)
         address = tcp or settings.get("tcp")
+        endpoint = parse_tcp_address(address) if address else None
+        if endpoint is not None:
+            exposed = exposure_problem(
+                endpoint[0], has_tls=bool(settings.get("tls")), has_auth=bool(settings.get("auth"))
+            )
+            if exposed is not None:
+                raise ValueError(exposed)
         http = settings.get("http", {})
         return cls(
             socket_path=path,
-            tcp=parse_tcp_address(address) if address else None,
+            tcp=endpoint,
             drain_timeout=float(drain_timeout or settings.get("drain_timeout_seconds", 20.0)),
             reply_retention=float(settings.get("reply_retention_seconds", 300.0)),
             door=DoorLimits(
@@ -279,7 +288,7 @@ class Daemon:
         for server in self._servers:
             server.close()
         await runner.cleanup()
-        self.door.close_all()
+        await self.door.close_all()
         self.options.socket_path.unlink(missing_ok=True)
         self.backend.close()
         self.notifier.close()
@@ -306,13 +315,21 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
         assert runner.server is not None
-        protocol = self.door.wrap(runner.server)
+        tls_settings = self.pump.organism.settings.get("tls")
+        try:
+            tls = server_context(tls_settings) if tls_settings else None
+        except TlsSetupError as exc:
+            await runner.cleanup()
+            raise DaemonStartError(str(exc)) from None
         loop = asyncio.get_running_loop()
         try:
             unix = _bind_unix_socket(self.options.socket_path)
-            self._servers.append(await loop.create_server(protocol, sock=unix, backlog=LISTEN_BACKLOG))
+            self._servers.append(
+                await loop.create_server(self.door.wrap(runner.server), sock=unix, backlog=LISTEN_BACKLOG)
+            )
             if self.options.tcp is not None:
                 host, port = self.options.tcp
+                protocol = self.door.wrap(runner.server, tls=tls)
                 try:
                     server = await loop.create_server(protocol, host, port, backlog=LISTEN_BACKLOG, reuse_address=True)
                 except OSError as exc:
