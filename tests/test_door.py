@@ -178,3 +178,29 @@ def test_a_body_that_never_arrives_gets_408_with_a_system_error() -> None:
             assert b'"code": "body-timeout"' in answer
             assert daemon.client.send(GREETING, wait="end", timeout=10).status == 200
             assert daemon.stop() == 0
+
+
+def test_200_slow_clients_do_not_stop_a_normal_one_from_being_served() -> None:
+    """200 clients dribbling their bodies hold requests in progress; a client that talks is still answered."""
+    raise_own_open_files(4096)
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", pump="http:\n  body_timeout_seconds: 60\n")
+        with running_daemon(organism) as daemon:
+            slow: list[socket.socket] = []
+            try:
+                for _ in range(200):
+                    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    client.connect(str(daemon.socket_path))
+                    client.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4096\r\n\r\n<mes")
+                    slow.append(client)
+                for client in slow:
+                    client.sendall(b"s")
+                for _ in range(3):
+                    answer = daemon.client.send(GREETING, wait="end", timeout=10)
+                    assert answer.status == 200, answer.body
+                assert daemon.client.status()["accepting"]
+                assert not any(closed_by_peer(client) for client in slow)  # still dribbling, still held
+            finally:
+                for client in slow:
+                    client.close()
+            assert daemon.stop() == 0

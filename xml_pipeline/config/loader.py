@@ -156,6 +156,8 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "max_connections": _Key(int, check=_at_least(1)),
         "header_timeout_seconds": _Key(_NUMBER, check=_positive),
         "body_timeout_seconds": _Key(_NUMBER, check=_positive),
+        "rate_per_second": _Key(_NUMBER, check=_positive),
+        "rate_burst": _Key(int, check=_at_least(1)),
     },
     "auth": {
         "tokens_file": _Key(str, required=True),

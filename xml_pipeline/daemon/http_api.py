@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ from aiohttp.typedefs import Handler
 from xml_pipeline.daemon.auth import DoorAuth, Unauthorized
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
+from xml_pipeline.daemon.rate_limit import RateLimiter
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.client_access import ClientAccess
@@ -128,7 +130,22 @@ def _access(request: web.Request) -> ClientAccess:
     return access
 
 
-def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard, auth: DoorAuth) -> web.Application:
+def _client_key(request: web.Request, access: ClientAccess) -> str:
+    """Whose bucket a request takes from: its token's identity, else its address, else the socket."""
+    if access.identity is not None:
+        return f"client:{access.identity}"
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return f"address:{peer[0]}" if isinstance(peer, tuple) else "socket"
+
+
+def build_app(
+    daemon: DaemonView,
+    *,
+    max_body_bytes: int,
+    door: ConnectionGuard,
+    auth: DoorAuth,
+    rate_limiter: RateLimiter | None = None,
+) -> web.Application:
     @web.middleware
     async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Tell the door which connections are busy, so it never times out or evicts one mid-request."""
@@ -150,6 +167,14 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard,
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="xml-pipeline"'},
             )
+        if rate_limiter is not None:
+            wait = rate_limiter.take(_client_key(request, access))
+            if wait:
+                return _json(
+                    {"error": "too many requests from this client; slow down", "code": "rate-limited"},
+                    status=429,
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
         request[ACCESS] = access
         return await handler(request)
 

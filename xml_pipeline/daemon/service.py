@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -34,6 +35,7 @@ from xml_pipeline.daemon.http_api import build_app
 from xml_pipeline.daemon.metrics import PrometheusMetrics
 from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
+from xml_pipeline.daemon.rate_limit import RateLimiter
 from xml_pipeline.daemon.submissions import SubmissionTable
 from xml_pipeline.daemon.tls import TlsSetupError, exposure_problem, server_context
 from xml_pipeline.daemon.tokens import TokenFileError
@@ -133,6 +135,9 @@ class Daemon:
             capacity=organism.limits.max_conversations, retention_seconds=options.reply_retention
         )
         self.door = ConnectionGuard(options.door)
+        http = organism.settings.get("http", {})
+        rate = http.get("rate_per_second")
+        self.rate_limiter = RateLimiter(float(rate), int(http.get("rate_burst") or math.ceil(rate))) if rate else None
         try:
             self.auth = DoorAuth.from_settings(organism.settings.get("auth", {}))
         except TokenFileError as exc:
@@ -240,6 +245,8 @@ class Daemon:
             self.notifier.watchdog()
 
     def _door_tick(self) -> None:
+        if self.rate_limiter is not None:
+            self.rate_limiter.sweep()
         closed = self.door.sweep()
         if closed:
             timeout = self.options.door.header_timeout_seconds
@@ -311,6 +318,7 @@ class Daemon:
             max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK,
             door=self.door,
             auth=self.auth,
+            rate_limiter=self.rate_limiter,
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
