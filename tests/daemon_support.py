@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -173,3 +174,30 @@ def write_organism(path: Path, extra_listeners: str = "", *, pump: str = "") -> 
         f"organism:\n  name: hello\n{pump}listeners:{EXAMPLE_LISTENERS}{extra_listeners}\nprocess_pool:{EXAMPLE_POOL}"
     )
     return path
+
+
+def raise_own_open_files(needed: int) -> None:
+    """Let this test process hold ``needed`` descriptors, as many as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+
+
+def closed_by_peer(client: socket.socket) -> bool:
+    client.setblocking(False)
+    try:
+        return client.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

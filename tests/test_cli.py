@@ -34,7 +34,10 @@ def test_version_and_help() -> None:
 
 def test_check_accepts_the_example_organism() -> None:
     result = cli("check", "organism.yaml")
-    assert (result.returncode, result.stdout.strip()) == (0, "organism.yaml: organism 'hello' is valid (4 listeners)")
+    assert (result.returncode, result.stdout.strip()) == (
+        0,
+        "organism.yaml: organism 'hello' is valid (4 listeners, 2 open to clients)",
+    )
 
 
 def test_check_lists_every_problem_and_exits_2() -> None:

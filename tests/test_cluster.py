@@ -26,17 +26,20 @@ listeners:
     payload_class: tests.support.Ping
     handler: tests.cluster_handlers.counted_echo
     peers: []
+    ingress: true
     max_concurrency: 200
   - name: slow
     payload_class: tests.support.Ping
     handler: tests.cluster_handlers.slow_counted_echo
     peers: []
+    ingress: true
     timeout_seconds: 2
     max_concurrency: 1000
   - name: poisoned
     payload_class: tests.support.Ping
     handler: tests.cluster_handlers.poisoned_echo
     peers: []
+    ingress: true
     timeout_seconds: 2
 """
 

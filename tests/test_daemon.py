@@ -23,6 +23,7 @@ ECHO_LISTENER = """
   - name: echo
     payload_class: tests.support.Ping
     handler: tests.support.echo
+    ingress: true
     peers: []
 """
 
@@ -152,10 +153,12 @@ SLOW_LISTENERS = """
   - name: slow
     payload_class: tests.support.Ping
     handler: tests.support.slow_echo
+    ingress: true
     max_concurrency: 1000
   - name: hanger
     payload_class: tests.support.Ping
     handler: tests.support.hangs
+    ingress: true
     timeout_seconds: 120
     max_concurrency: 1000
 """

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import types
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT
-from tests.daemon_support import cli, running_daemon
+from tests.daemon_support import cli, free_loopback_port, running_daemon, write_organism
+from tests.tls_support import make_pki
 from workers.hello import GreetingReply
 from xml_pipeline import ErrorCode, SystemErrorPayload
 from xml_pipeline.config import loader
@@ -75,7 +78,9 @@ async def test_readme_envelope_example_is_answered(example_organism: Organism) -
 
 
 def test_readme_send_example_gets_the_reply_it_shows() -> None:
-    (line,) = [line for block in blocks("sh") for line in block.splitlines() if " send " in line]
+    (line,) = [
+        line for block in blocks("sh") for line in block.splitlines() if line.startswith(".venv/bin/xml-pipeline send ")
+    ]
     command = shlex.split(line)
     assert command[0] == ".venv/bin/xml-pipeline"
     shown = next(block for block in blocks("xml") if "GreetingReply" in block)
@@ -87,7 +92,7 @@ def test_readme_send_example_gets_the_reply_it_shows() -> None:
 
 
 def test_readme_curl_example_gets_the_greeting(tmp_path: Path) -> None:
-    (script,) = [block for block in blocks("sh") if "curl " in block]
+    (script,) = [block for block in blocks("sh") if "curl --unix-socket" in block]
     with running_daemon(ROOT / "organism.yaml") as daemon:
         script = script.replace("/tmp/xml-pipeline-$(id -u)/hello.sock", str(daemon.socket_path))
         result = subprocess.run(
@@ -132,3 +137,37 @@ def test_readme_two_commands_exist_and_ci_calls_the_test_one() -> None:
     assert re.search(r"^run: ", makefile, flags=re.MULTILINE)
     assert re.search(r"^test: ", makefile, flags=re.MULTILINE)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_token_example_runs_against_a_tls_daemon(tmp_path: Path) -> None:
+    """The README's token, send and curl lines, on 127.0.0.2 instead of 10.0.0.5 (nothing leaves the machine)."""
+    (example,) = [block for block in blocks("sh") if "token add billing" in block]
+    commands = example.replace("\\\n", "").splitlines()
+    pki = make_pki(tmp_path, "127.0.0.2")
+    address = f"127.0.0.2:{free_loopback_port()}"
+    organism = write_organism(
+        tmp_path / "organism.yaml",
+        pump=f"auth:\n  tokens_file: tokens.json\ntls:\n  cert: {pki.server_cert}\n  key: {pki.server_key}\n",
+    )
+    assert cli("token", "add", "ops", "--listeners", "greeter", "-o", str(organism)).returncode == 0
+    (tmp_path / "message.xml").write_text(
+        '<message xmlns="https://xml-pipeline.org/ns/envelope/v1"><meta><from>billing</from><to>greeter</to>'
+        '<thread>3f2a9c1e-0b7d-4e7a-9a51-6d2b8f1c0e42</thread></meta><Greeting xmlns=""><name>Ada</name></Greeting>'
+        "</message>"
+    )
+    environment = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    with running_daemon(organism, "--tcp", address) as daemon:
+        for command in commands:
+            if command.startswith("systemctl reload"):
+                daemon.signal(signal.SIGHUP)
+                daemon.notify.expect("RELOADING=1")
+                daemon.notify.expect("READY=1")
+                continue
+            shell = command.replace("10.0.0.5:8470", address).replace("ca.pem", str(pki.ca))
+            done = subprocess.run(
+                ["bash", "-c", shell], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, (command, done.stderr)
+            if "send" in command or "curl" in command:
+                assert "HELLO, ADA!" in done.stdout, (command, done.stdout)
+        assert daemon.stop() == 0

@@ -6,13 +6,19 @@ import contextlib
 import logging
 import resource
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_support import running_daemon, short_directory, write_organism
+from tests.daemon_support import (
+    closed_by_peer,
+    raise_own_open_files,
+    running_daemon,
+    short_directory,
+    wait_until,
+    write_organism,
+)
 from tests.support import envelope
 from xml_pipeline.daemon.door import ConnectionGuard, DoorLimits, default_max_connections
 
@@ -116,12 +122,6 @@ def test_the_default_cap_leaves_descriptors_free() -> None:
 # ---------------------------------------------------------------- the real daemon
 
 
-def _raise_own_open_files(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
-
-
 @contextlib.contextmanager
 def half_open_requests(path: Path, count: int) -> Iterator[list[socket.socket]]:
     """Connections that send a request line and one header, then nothing: a slow-loris flood."""
@@ -138,28 +138,9 @@ def half_open_requests(path: Path, count: int) -> Iterator[list[socket.socket]]:
             client.close()
 
 
-def _closed_by_peer(client: socket.socket) -> bool:
-    client.setblocking(False)
-    try:
-        return client.recv(4096) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def _wait_until(condition: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_flood_of_half_open_connections_does_not_lock_out_normal_clients() -> None:
     """1,100 half-open connections against 256 descriptors: normal requests are still served."""
-    _raise_own_open_files(4096)
+    raise_own_open_files(4096)
     with short_directory() as directory:
         organism = write_organism(directory / "organism.yaml", pump="http:\n  header_timeout_seconds: 2\n")
         with running_daemon(organism, open_files=256) as daemon:
@@ -171,7 +152,7 @@ def test_a_flood_of_half_open_connections_does_not_lock_out_normal_clients() -> 
                     assert answer.status == 200, answer.body
                     assert "HELLO, ADA!" in answer.json()["replies"][0]
                 assert "connection limit reached" in daemon.log()
-                assert _wait_until(lambda: all(_closed_by_peer(c) for c in flood), timeout=15), (
+                assert wait_until(lambda: all(closed_by_peer(c) for c in flood), timeout=15), (
                     "half-open connections outlived the header timeout"
                 )
             assert daemon.stop() == 0
@@ -196,4 +177,30 @@ def test_a_body_that_never_arrives_gets_408_with_a_system_error() -> None:
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
             assert b'"code": "body-timeout"' in answer
             assert daemon.client.send(GREETING, wait="end", timeout=10).status == 200
+            assert daemon.stop() == 0
+
+
+def test_200_slow_clients_do_not_stop_a_normal_one_from_being_served() -> None:
+    """200 clients dribbling their bodies hold requests in progress; a client that talks is still answered."""
+    raise_own_open_files(4096)
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", pump="http:\n  body_timeout_seconds: 60\n")
+        with running_daemon(organism) as daemon:
+            slow: list[socket.socket] = []
+            try:
+                for _ in range(200):
+                    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    client.connect(str(daemon.socket_path))
+                    client.sendall(b"POST /messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4096\r\n\r\n<mes")
+                    slow.append(client)
+                for client in slow:
+                    client.sendall(b"s")
+                for _ in range(3):
+                    answer = daemon.client.send(GREETING, wait="end", timeout=10)
+                    assert answer.status == 200, answer.body
+                assert daemon.client.status()["accepting"]
+                assert not any(closed_by_peer(client) for client in slow)  # still dribbling, still held
+            finally:
+                for client in slow:
+                    client.close()
             assert daemon.stop() == 0

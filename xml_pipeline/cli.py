@@ -21,9 +21,10 @@ import click
 from redis.exceptions import RedisError
 
 from xml_pipeline import __version__
+from xml_pipeline.cli_tokens import token
 from xml_pipeline.cluster.dead_letters import DeadLetters
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address, read_organism_section
-from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable
+from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable, DoorRefused
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.service import Daemon, DaemonOptions, DaemonStartError
 from xml_pipeline.logs import configure_logging
@@ -31,6 +32,7 @@ from xml_pipeline.memory.factory import open_backend
 from xml_pipeline.memory.shared_backend import BackendConfig, BackendUnavailable
 from xml_pipeline.message.envelope import LISTENER_NAME, THREAD_ID, serialize_envelope
 from xml_pipeline.message.safe_xml import XmlRejected, parse_untrusted
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Submission
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.thread_registry import new_thread_id
@@ -82,7 +84,13 @@ def check(organism: str) -> None:
     Exits 0 when it is valid, 2 with every problem listed when it is not.
     """
     loaded = _load_or_exit(organism)
-    click.echo(f"{organism}: organism '{loaded.name}' is valid ({len(loaded.listeners)} listeners)")
+    open_to_clients = sum(1 for listener in loaded.listeners.values() if listener.ingress)
+    click.echo(
+        f"{organism}: organism '{loaded.name}' is valid ({len(loaded.listeners)} listeners,"
+        f" {open_to_clients} open to clients)"
+    )
+    if not open_to_clients:
+        click.echo(f"{organism}: note: no listener says 'ingress: true', so clients cannot call any", err=True)
 
 
 @main.command()
@@ -90,7 +98,7 @@ def check(organism: str) -> None:
 @click.option(
     "--socket", "socket_path", help="Unix socket to listen on (default: organism.socket, else the runtime directory)."
 )
-@click.option("--tcp", help="Also listen on this loopback HOST:PORT (default: organism.tcp).")
+@click.option("--tcp", help="Also listen on HOST:PORT (default: organism.tcp); beyond loopback only with tls and auth.")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Overrides organism.log_level."
 )
@@ -138,7 +146,7 @@ def run(
     try:
         options = DaemonOptions.for_organism(loaded, socket_path=socket_path, tcp=tcp, drain_timeout=drain_timeout)
     except ValueError as exc:
-        _fail(f"--tcp {exc}", EXIT_USAGE)
+        _fail(f"--tcp: {exc}", EXIT_USAGE)
     try:
         served = frozenset(name.strip() for name in serve.split(",") if name.strip()) if serve else None
         sys.exit(run_on_uvloop(_run_daemon(loaded, Path(organism), options, served)))
@@ -159,14 +167,20 @@ async def _run_daemon(organism: Organism, path: Path, options: DaemonOptions, se
     return await daemon.run()
 
 
-def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> DaemonClient:
+def _client_for(
+    organism: str, socket_path: str | None, tcp: str | None, token: str | None = None, tls_ca: str | None = None
+) -> DaemonClient:
+    if tls_ca and not tcp:
+        _fail("--tls-ca goes with --tcp: the Unix socket does not speak TLS", EXIT_USAGE)
     if socket_path:
-        return DaemonClient(socket_path=Path(socket_path))
+        return DaemonClient(socket_path=Path(socket_path), token=token)
     if tcp:
         try:
-            return DaemonClient(tcp=parse_tcp_address(tcp))
+            return DaemonClient(tcp=parse_tcp_address(tcp), token=token, tls_ca=Path(tls_ca) if tls_ca else None)
         except ValueError as exc:
             _fail(f"--tcp {exc}", EXIT_USAGE)
+        except OSError as exc:
+            _fail(f"--tls-ca {tls_ca}: {exc.strerror or exc}", EXIT_USAGE)
     try:
         section = read_organism_section(organism)
     except ConfigError as exc:
@@ -174,8 +188,8 @@ def _client_for(organism: str, socket_path: str | None, tcp: str | None) -> Daem
     configured = section.get("socket")
     if isinstance(configured, str):
         path = Path(configured)
-        return DaemonClient(socket_path=path if path.is_absolute() else Path(section["base_dir"]) / path)
-    return DaemonClient(socket_path=default_socket_path(section["name"]))
+        return DaemonClient(socket_path=path if path.is_absolute() else Path(section["base_dir"]) / path, token=token)
+    return DaemonClient(socket_path=default_socket_path(section["name"]), token=token)
 
 
 daemon_address_options = [
@@ -187,7 +201,18 @@ daemon_address_options = [
         help="The daemon's organism.yaml, to find its socket.",
     ),
     click.option("--socket", "socket_path", help="The daemon's Unix socket."),
-    click.option("--tcp", help="The daemon's loopback HOST:PORT."),
+    click.option("--tcp", help="The daemon's HOST:PORT."),
+    click.option(
+        "--token",
+        envvar="XML_PIPELINE_TOKEN",
+        help="Bearer token for a daemon with auth (default: $XML_PIPELINE_TOKEN).",
+    ),
+    click.option(
+        "--tls-ca",
+        envvar="XML_PIPELINE_TLS_CA",
+        type=click.Path(dir_okay=False),
+        help="With --tcp: speak TLS, trusting the daemon's certificate if this CA signed it.",
+    ),
 ]
 
 
@@ -221,6 +246,8 @@ def send(
     organism: str,
     socket_path: str | None,
     tcp: str | None,
+    token: str | None,
+    tls_ca: str | None,
 ) -> None:
     """Send a message to the running daemon and print the replies.
 
@@ -233,11 +260,13 @@ def send(
     stderr. Exits 1 if a reply is a SystemError, 3 on timeout, 4 if no daemon answers.
     """
     envelope = _envelope_to_send(target, payload, envelope_file, sender, thread)
-    client = _client_for(organism, socket_path, tcp)
+    client = _client_for(organism, socket_path, tcp, token, tls_ca)
     try:
         answer = client.send(envelope, wait="first" if first else "end", timeout=timeout)
     except DaemonUnreachable as exc:
         _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
     try:
         body = answer.json()
     except ValueError:
@@ -292,13 +321,17 @@ def _envelope_to_send(
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 @_with_daemon_address
-def status(as_json: bool, organism: str, socket_path: str | None, tcp: str | None) -> None:
+def status(
+    as_json: bool, organism: str, socket_path: str | None, tcp: str | None, token: str | None, tls_ca: str | None
+) -> None:
     """Show what the running daemon is doing: listeners, queue, in-flight work, threads, uptime."""
-    client = _client_for(organism, socket_path, tcp)
+    client = _client_for(organism, socket_path, tcp, token, tls_ca)
     try:
         data = client.status()
     except DaemonUnreachable as exc:
         _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -313,10 +346,14 @@ def status(as_json: bool, organism: str, socket_path: str | None, tcp: str | Non
     click.echo("listeners:")
     for listener in data["listeners"]:
         peers = "anyone" if listener["peers"] is None else (", ".join(listener["peers"]) or "no one (responds only)")
+        door = "open to clients" if listener["ingress"] else "internal"
         click.echo(
-            f"  {listener['name']:<20} accepts {', '.join(listener['accepts'])}; may call {peers};"
+            f"  {listener['name']:<20} {door}; accepts {', '.join(listener['accepts'])}; may call {peers};"
             f" timeout {listener['timeout_seconds']:g}s, concurrency {listener['max_concurrency']}"
         )
+
+
+main.add_command(token)
 
 
 def _duration(seconds: float) -> str:
@@ -457,7 +494,7 @@ async def _read_stdin(pump: Pump, sender: str, outcomes: _StdinOutcomes) -> None
     async with asyncio.TaskGroup() as group:
         while (line := await lines.get()) is not None:
             if line.strip():
-                submission = await pump.inject(_envelope_from_line(line, sender))
+                submission = await pump.inject(_envelope_from_line(line, sender), access=ClientAccess.anonymous())
                 group.create_task(_print_replies(submission, outcomes))
 
 

@@ -30,7 +30,8 @@ class Listener:
     """One node of the organism: its contract, its handler, its limits.
 
     ``peers=None`` means the listener may forward to anyone; an empty set means
-    it may only respond to its caller.
+    it may only respond to its caller. ``ingress=True`` lets clients call it
+    (see ``xml_pipeline.message_bus.client_access``); built-in listeners never are.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class Listener:
         description: str = "",
         peers: Iterable[str] | None = None,
         agent: bool = False,
+        ingress: bool = False,
         cpu_bound: bool = False,
         timeout_seconds: float = 30.0,
         max_concurrency: int = 16,
@@ -62,6 +64,7 @@ class Listener:
         self.description = description
         self.peers = frozenset(peers) if peers is not None else None
         self.agent = agent
+        self.ingress = ingress
         self.cpu_bound = cpu_bound
         self.timeout_seconds = timeout_seconds
         self.max_concurrency = max_concurrency

@@ -49,6 +49,7 @@ from xml_pipeline.message.payload_codec import PayloadDecodeError, codec_for
 from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import admit
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
@@ -60,6 +61,8 @@ from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.cluster")
+
+IN_PROCESS = ClientAccess.in_process()
 
 BLOCK_SECONDS = 0.5
 """How long one read waits for new hops or replies before looking around again."""
@@ -260,12 +263,12 @@ class DurableEngine:
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ the door
-    async def accept(self, raw: bytes) -> Accepted | Refused:
+    async def accept(self, raw: bytes, *, access: ClientAccess = IN_PROCESS) -> Accepted | Refused:
         """Store a client's message durably: Accepted means it is in Redis and will be handled."""
         if not self._accepting:
             return self._refused(Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages"))
         try:
-            admitted = admit(raw, self._listeners, self._xml_limits)
+            admitted = admit(raw, self._listeners, self._xml_limits, access)
         except Exception as exc:
             log.exception("internal error while admitting a message")
             admitted = Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")

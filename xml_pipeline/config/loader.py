@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from xml_pipeline.daemon.tls import TlsSetupError, exposure_problem, server_context
+from xml_pipeline.daemon.tokens import TokenBook, TokenFileError
 from xml_pipeline.imports import import_object
 from xml_pipeline.memory.shared_backend import BACKEND_TYPES
 from xml_pipeline.message.envelope import LISTENER_NAME
@@ -83,22 +85,23 @@ def _organism_name(value: Any) -> str | None:
 
 
 def parse_tcp_address(value: str) -> tuple[str, int]:
-    """``host:port`` with a loopback host; raises ValueError with a plain sentence."""
+    """``host:port`` with an IP address or ``localhost``; raises ValueError with a plain sentence.
+
+    Whether the daemon may serve there is another question: see ``xml_pipeline.daemon.tls``.
+    """
     host, separator, port = value.rpartition(":")
     host = host.strip("[]")
     if not separator or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("must look like 127.0.0.1:8470")
     if host != "localhost":
         try:
-            loopback = ipaddress.ip_address(host).is_loopback
+            ipaddress.ip_address(host)
         except ValueError:
-            raise ValueError("must name a loopback host such as 127.0.0.1, ::1 or localhost") from None
-        if not loopback:
-            raise ValueError("must be a loopback address: the HTTP interface has no authentication")
+            raise ValueError("must name an IP address (127.0.0.1, ::1, 0.0.0.0...) or localhost") from None
     return host, int(port)
 
 
-def _loopback_address(value: Any) -> str | None:
+def _tcp_address(value: Any) -> str | None:
     try:
         parse_tcp_address(value)
     except ValueError as exc:
@@ -136,7 +139,7 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
     "organism": {
         "name": _Key(str, required=True, check=_organism_name),
         "socket": _Key(str),
-        "tcp": _Key(str, check=_loopback_address),
+        "tcp": _Key(str, check=_tcp_address),
         "log_level": _Key(str, check=_one_of(LOG_LEVELS)),
         "log_format": _Key(str, check=_one_of(LOG_FORMATS)),
         "drain_timeout_seconds": _Key(_NUMBER, check=_positive),
@@ -167,6 +170,17 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "max_connections": _Key(int, check=_at_least(1)),
         "header_timeout_seconds": _Key(_NUMBER, check=_positive),
         "body_timeout_seconds": _Key(_NUMBER, check=_positive),
+        "rate_per_second": _Key(_NUMBER, check=_positive),
+        "rate_burst": _Key(int, check=_at_least(1)),
+    },
+    "auth": {
+        "tokens_file": _Key(str, required=True),
+        "require_on_socket": _Key(bool),
+    },
+    "tls": {
+        "cert": _Key(str, required=True),
+        "key": _Key(str, required=True),
+        "client_ca": _Key(str),
     },
     "process_pool": {
         "workers": _Key(int, check=_at_least(1)),
@@ -180,6 +194,7 @@ _LISTENER_KEYS: dict[str, _Key] = {
     "description": _Key(str),
     "peers": _Key(list),
     "agent": _Key(bool),
+    "ingress": _Key(bool),
     "cpu_bound": _Key(bool),
     "timeout_seconds": _Key(_NUMBER, check=_positive),
     "max_concurrency": _Key(int, check=_at_least(1)),
@@ -307,6 +322,7 @@ def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
             description=values.get("description", ""),
             peers=values.get("peers"),
             agent=values.get("agent", False),
+            ingress=values.get("ingress", False),
             cpu_bound=values.get("cpu_bound", False),
             timeout_seconds=float(values.get("timeout_seconds", 30.0)),
             max_concurrency=values.get("max_concurrency", 16),
@@ -391,6 +407,27 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             reader.problem(
                 entries["backend"][1], f"{', '.join(sorted(durable_only))} only apply to delivery at-least-once"
             )
+        auth = sections["auth"]
+        if "tokens_file" in auth:
+            auth["tokens_file"] = str(_relative_to(base_dir, auth["tokens_file"]))
+            try:
+                TokenBook.load(Path(auth["tokens_file"]))
+            except TokenFileError as exc:
+                reader.problem(entries["auth"][1], f"auth: {exc}")
+        tls = sections["tls"]
+        for key in ("cert", "key", "client_ca"):
+            if key in tls:
+                tls[key] = str(_relative_to(base_dir, tls[key]))
+        if "cert" in tls and "key" in tls:
+            try:
+                server_context(tls)
+            except TlsSetupError as exc:
+                reader.problem(entries["tls"][1], f"tls: {exc}")
+        tcp = sections["organism"].get("tcp")
+        if tcp is not None:
+            exposed = exposure_problem(parse_tcp_address(tcp)[0], has_tls=bool(tls), has_auth=bool(auth))
+            if exposed is not None:
+                reader.problem(entries["organism"][1], f"organism.tcp {tcp}: {exposed}")
         specs = _read_listeners(reader, entries["listeners"][1]) if "listeners" in entries else []
         limits: PumpLimits | None = None
         try:
@@ -407,10 +444,37 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             "backend": sections["backend"],
             "process_pool": sections["process_pool"],
             "http": sections["http"],
+            "auth": auth,
+            "tls": tls,
         }
         return organism
     finally:
         loader.dispose()
+
+
+def _relative_to(base_dir: Path | None, configured: str) -> Path:
+    path = Path(configured)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+def read_token_setup(path: str | Path) -> tuple[Path, dict[str, bool]]:
+    """The tokens file organism.yaml names, and its listeners (name -> open to clients), importing nothing.
+
+    ``xml-pipeline token`` uses it: editing tokens must work while a handler does not import.
+    """
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [Problem(None, f"not valid YAML: {exc}")]) from None
+    auth = document.get("auth") if isinstance(document, dict) else None
+    if not isinstance(auth, dict) or not isinstance(auth.get("tokens_file"), str):
+        raise ConfigError(str(path), [Problem(None, "there is no auth section naming a tokens_file")])
+    listeners = document.get("listeners")
+    entries = [entry for entry in listeners if isinstance(entry, dict)] if isinstance(listeners, list) else []
+    names = {str(entry.get("name")): entry.get("ingress") is True for entry in entries}
+    return _relative_to(Path(path).resolve().parent, auth["tokens_file"]), names
 
 
 def load_organism(path: str | Path) -> Organism:

@@ -1,7 +1,9 @@
 """A small synchronous client for the daemon's HTTP interface, used by the CLI.
 
 The standard library's http.client is enough here: one request at a time, no
-event loop, and a Unix socket is one ``connect`` away.
+event loop, and a Unix socket is one ``connect`` away. Over TCP it speaks TLS
+when given the CA that signed the daemon's certificate (``tls_ca``), and
+sends a bearer token when given one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,15 @@ from urllib.parse import urlencode
 
 class DaemonUnreachable(Exception):
     """No daemon answers at the address; the message says where we looked."""
+
+
+class DoorRefused(Exception):
+    """The daemon refused the request itself: no or a wrong token (401), too many requests (429)."""
+
+    def __init__(self, status: int, reason: str, retry_after: str | None) -> None:
+        later = f"; retry after {retry_after}s" if retry_after else ""
+        super().__init__(f"the daemon refused the request (HTTP {status}): {reason}{later}")
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +55,22 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class DaemonClient:
-    def __init__(self, *, socket_path: Path | None = None, tcp: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        socket_path: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+    ) -> None:
         if (socket_path is None) == (tcp is None):
             raise ValueError("give exactly one of socket_path and tcp")
+        if tls_ca is not None and tcp is None:
+            raise ValueError("TLS is for TCP; the Unix socket is guarded by its file permissions")
         self.socket_path = socket_path
         self.tcp = tcp
+        self.token = token
+        self._tls = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca is not None else None
 
     @property
     def address(self) -> str:
@@ -57,14 +80,21 @@ class DaemonClient:
         connection: http.client.HTTPConnection
         if self.socket_path is not None:
             connection = _UnixConnection(self.socket_path, timeout)
+        elif self._tls is not None:
+            assert self.tcp is not None
+            connection = http.client.HTTPSConnection(self.tcp[0], self.tcp[1], timeout=timeout, context=self._tls)
         else:
             assert self.tcp is not None
             connection = http.client.HTTPConnection(self.tcp[0], self.tcp[1], timeout=timeout)
         headers = {"Content-Type": "application/xml"} if body is not None else {}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
             connection.request(method, path, body=body, headers=headers)
             answer = connection.getresponse()
-            return Response(answer.status, answer.read())
+            response = Response(answer.status, answer.read())
+        except ssl.SSLError as exc:
+            raise DaemonUnreachable(f"no TLS connection with {self.address}: {exc.reason or exc}") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(f"no daemon is listening on {self.address} ({exc.strerror})") from None
         except TimeoutError:
@@ -73,6 +103,13 @@ class DaemonClient:
             raise DaemonUnreachable(f"cannot talk to the daemon on {self.address}: {exc}") from None
         finally:
             connection.close()
+        if response.status in (401, 429):
+            try:
+                reason = str(response.json().get("error"))
+            except ValueError:
+                reason = response.body[:200].decode(errors="replace")
+            raise DoorRefused(response.status, reason, answer.getheader("Retry-After"))
+        return response
 
     def send(self, envelope: bytes, *, wait: str, timeout: float) -> Response:
         query = urlencode({"wait": wait, "timeout": f"{timeout:g}"})

@@ -17,6 +17,12 @@ nothing says why. The guard wraps the protocol of every connection:
   after ``header_timeout_seconds``.
 - Bodies are read under ``body_timeout_seconds`` by the HTTP handler.
 
+TLS connections are guarded from their first byte, not from the end of their
+handshake: the guard admits the TCP connection, then runs the handshake over
+it (``loop.start_tls``) under ``header_timeout_seconds``. A client that opens
+a connection and never finishes its handshake counts against the cap, is the
+first to make room, and is closed at the deadline like any other idler.
+
 The guard only counts and closes; it never reads or delays bytes, so a
 connection that talks costs two dictionary operations.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +87,9 @@ class ConnectionGuard:
         self.limits = limits
         self._clock = clock
         self._open: dict[asyncio.BaseTransport, _Connection] = {}
+        self._tls_over: dict[asyncio.BaseTransport, asyncio.BaseTransport] = {}
+        """A TLS session's transport -> the TCP transport it runs over (which is what ``_open`` keys)."""
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.evicted = 0
         self.refused = 0
         self.timed_out = 0
@@ -89,19 +99,26 @@ class ConnectionGuard:
     def open_connections(self) -> int:
         return len(self._open)
 
-    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory for ``loop.create_server`` that puts every connection under this guard."""
-        return lambda: _GuardedProtocol(factory(), self)
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol], *, tls: ssl.SSLContext | None = None
+    ) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server`` that puts every connection under this guard.
+
+        With ``tls``, each connection speaks TLS: pass the context here, not to ``create_server``,
+        so that the guard sees the connection while its handshake is still under way.
+        """
+        return lambda: _GuardedProtocol(factory(), self, tls)
 
     # ------------------------------------------------------------------ connection events
-    def admit(self, transport: asyncio.Transport) -> bool:
+    def admit(self, transport: asyncio.Transport, *, plain_http: bool = True) -> bool:
         """Make room for a new connection if need be; False when it must be turned away."""
         if len(self._open) >= self.limits.max_connections:
             victim = self._longest_idle()
             if victim is None:
                 self.refused += 1
                 self._warn_full()
-                transport.write(_BUSY_RESPONSE)
+                if plain_http:  # a TLS client could not read a plain answer: it only sees the close
+                    transport.write(_BUSY_RESPONSE)
                 transport.close()
                 return False
             self.evicted += 1
@@ -113,13 +130,61 @@ class ConnectionGuard:
     def forget(self, transport: asyncio.BaseTransport) -> None:
         self._open.pop(transport, None)
 
+    def start_tls(self, transport: asyncio.Transport, protocol: _GuardedProtocol, context: ssl.SSLContext) -> None:
+        """Run the server side of a TLS handshake over an admitted connection; ``protocol`` gets the session.
+
+        The handshake task is the guard's: bounded by the header timeout, cancelled by :meth:`close_all`.
+        """
+        transport.pause_reading()  # asyncio's transports honour it here; uvloop's start reading after this call
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, protocol, context))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(
+        self, transport: asyncio.Transport, protocol: _GuardedProtocol, context: ssl.SSLContext
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        early = protocol.hand_over_to_tls()
+        if early:
+            # start_tls installs its TLS layer before it yields, and schedules the layer's start and the
+            # resumption of reading; this callback, scheduled first, runs between the two (call_soon is
+            # first in, first out), so the bytes that came too early reach the layer first, in order.
+            loop.call_soon(_replay, transport, protocol, early)
+        try:
+            session = await loop.start_tls(
+                transport,
+                protocol,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.limits.header_timeout_seconds,
+            )
+        except Exception as exc:  # a scanner, a client that hung up, a certificate refused: close, never crash
+            log.debug("TLS handshake failed: %s: %s", type(exc).__name__, exc)
+            self.forget(transport)
+            transport.abort()
+            return
+        if session is None or transport not in self._open:  # made room for another, or timed out, just now
+            self.forget(transport)
+            transport.abort()
+            return
+        self._tls_over[session] = transport
+        protocol.tls_session_ready(session)
+
+    def tls_session_lost(self, session: asyncio.BaseTransport) -> None:
+        self._tls_over.pop(session, None)
+
+    def _connection_of(self, transport: asyncio.BaseTransport | None) -> _Connection | None:
+        if transport is None:
+            return None
+        return self._open.get(self._tls_over.get(transport, transport))
+
     def request_started(self, transport: asyncio.BaseTransport | None) -> None:
-        connection = self._open.get(transport) if transport is not None else None
+        connection = self._connection_of(transport)
         if connection is not None:
             connection.busy += 1
 
     def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
-        connection = self._open.get(transport) if transport is not None else None
+        connection = self._connection_of(transport)
         if connection is not None:
             connection.busy -= 1
             connection.idle_since = self._clock()
@@ -134,9 +199,14 @@ class ConnectionGuard:
         self.timed_out += len(stale)
         return len(stale)
 
-    def close_all(self) -> None:
+    async def close_all(self, timeout: float = 5.0) -> None:
+        """Close every connection and end every handshake in progress."""
+        for task in self._handshakes:
+            task.cancel()
         for connection in list(self._open.values()):
             self._drop(connection)
+        if self._handshakes:
+            await asyncio.wait(self._handshakes, timeout=timeout)
 
     def _longest_idle(self) -> _Connection | None:
         idle = (c for c in self._open.values() if not c.busy)
@@ -161,23 +231,72 @@ class ConnectionGuard:
         self._last_warning = now
 
 
-class _GuardedProtocol(asyncio.Protocol):
-    """Passes every event to the real protocol, after the guard has had its say."""
+def _replay(transport: asyncio.BaseTransport, protocol: _GuardedProtocol, data: bytes) -> None:
+    """Give the TLS layer the bytes that reached ``protocol`` before the layer was installed."""
+    layer = transport.get_protocol()
+    if layer is protocol or transport.is_closing():
+        return  # start_tls failed before it installed the layer; its error closes the connection
+    buffered = cast(asyncio.BufferedProtocol, layer)  # both asyncio's and uvloop's TLS layers are buffered
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(buffered.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        buffered.buffer_updated(size)
+        view = view[size:]
 
-    def __init__(self, inner: asyncio.BaseProtocol, guard: ConnectionGuard) -> None:
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Passes every event to the real protocol, after the guard has had its say.
+
+    With TLS, the TCP connection is admitted and its handshake started; the real protocol
+    meets the TLS session when the handshake is done (:meth:`tls_session_ready`). Two kinds of
+    bytes can come early and wait here, in order: the client's hello, when it arrives before
+    the handshake task installs the TLS layer (reading pauses until it does, and the layer gets
+    them first), and a request the layer decrypts before the session is handed over.
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol, guard: ConnectionGuard, tls: ssl.SSLContext | None) -> None:
         self._inner = inner
         self._guard = guard
+        self._tls = tls
         self._admitted = False
         self._transport: asyncio.BaseTransport | None = None
+        self._session: asyncio.BaseTransport | None = None
+        self._early: list[bytes] = []
+        self._before_tls: list[bytes] | None = [] if tls is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self._admitted = self._guard.admit(cast(asyncio.Transport, transport))  # uvloop's are not subclasses
-        if self._admitted:
+        tcp = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._admitted = self._guard.admit(tcp, plain_http=self._tls is None)
+        if not self._admitted:
+            return
+        if self._tls is None:
             self._inner.connection_made(transport)
+        else:
+            self._guard.start_tls(tcp, self, self._tls)
+
+    def tls_session_ready(self, session: asyncio.BaseTransport) -> None:
+        self._session = session
+        self._inner.connection_made(session)
+        early, self._early = self._early, []
+        for data in early:
+            self._inner.data_received(data)  # type: ignore[attr-defined]
+
+    def hand_over_to_tls(self) -> bytes:
+        """From now on the TLS layer reads; what came before it is returned for it."""
+        early, self._before_tls = b"".join(self._before_tls or ()), None
+        return early
 
     def data_received(self, data: bytes) -> None:
-        if self._admitted:
+        if self._before_tls is not None:
+            self._before_tls.append(data)
+            if self._transport is not None:
+                self._transport.pause_reading()  # type: ignore[attr-defined]
+        elif self._tls is not None and self._session is None:
+            self._early.append(data)
+        elif self._admitted:
             self._inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
@@ -189,7 +308,10 @@ class _GuardedProtocol(asyncio.Protocol):
         if self._admitted:
             assert self._transport is not None
             self._guard.forget(self._transport)
-            self._inner.connection_lost(exc)
+            if self._session is not None:
+                self._guard.tls_session_lost(self._session)
+            if self._tls is None or self._session is not None:
+                self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self._admitted:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,17 +24,22 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from xml_pipeline.cluster.engine import Collected, DurableEngine, Refused
+from xml_pipeline.daemon.auth import DoorAuth, Unauthorized
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
+from xml_pipeline.daemon.rate_limit import RateLimiter
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.memory.store_watch import StoreState
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.pump import Pump
 
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_WAIT_SECONDS = 10.0
 WAIT_MODES = ("none", "first", "end")
+ACCESS = "xml_pipeline.access"
+"""Where the request keeps what its client may do (set by the door's identify_client middleware)."""
 
 STATUS_FOR_CODE = {
     ErrorCode.MALFORMED_XML: 400,
@@ -45,6 +51,8 @@ STATUS_FOR_CODE = {
     ErrorCode.BODY_TIMEOUT: 408,
     ErrorCode.UNKNOWN_TARGET: 404,
     ErrorCode.PEER_NOT_ALLOWED: 403,
+    ErrorCode.SENDER_FORBIDDEN: 403,
+    ErrorCode.TARGET_FORBIDDEN: 403,
     ErrorCode.PAYLOAD_INVALID: 422,
     ErrorCode.HISTORY_FULL: 409,
     ErrorCode.OVERLOAD: 503,
@@ -131,10 +139,10 @@ def _refused(thread: str, error: SystemErrorPayload, envelope: bytes) -> web.Res
 
 
 async def _post_durable(
-    engine: DurableEngine, body: bytes | tuple[ErrorCode, str], mode: str, timeout: float
+    engine: DurableEngine, body: bytes | tuple[ErrorCode, str], access: ClientAccess, mode: str, timeout: float
 ) -> web.Response:
     """POST /messages on the durable engine: 202 means the message is stored in Redis."""
-    outcome = engine.refuse(*body) if isinstance(body, tuple) else await engine.accept(body)
+    outcome = engine.refuse(*body) if isinstance(body, tuple) else await engine.accept(body, access=access)
     if isinstance(outcome, Refused):
         error = SystemErrorPayload(outcome.code, outcome.detail, outcome.code.retry_allowed, "")
         return _refused(outcome.thread, error, outcome.envelope)
@@ -153,7 +161,33 @@ def _durable_body(thread: str, collected: Collected) -> dict[str, Any]:
     }
 
 
-def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard) -> web.Application:
+def _over_socket(request: web.Request) -> bool:
+    """Whether the request came through the Unix socket (its address is a path, a TCP one a tuple)."""
+    transport = request.transport
+    return transport is None or not isinstance(transport.get_extra_info("sockname"), tuple)
+
+
+def _access(request: web.Request) -> ClientAccess:
+    access: ClientAccess = request[ACCESS]
+    return access
+
+
+def _client_key(request: web.Request, access: ClientAccess) -> str:
+    """Whose bucket a request takes from: its token's identity, else its address, else the socket."""
+    if access.identity is not None:
+        return f"client:{access.identity}"
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return f"address:{peer[0]}" if isinstance(peer, tuple) else "socket"
+
+
+def build_app(
+    daemon: DaemonView,
+    *,
+    max_body_bytes: int,
+    door: ConnectionGuard,
+    auth: DoorAuth,
+    rate_limiter: RateLimiter | None = None,
+) -> web.Application:
     @web.middleware
     async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Tell the door which connections are busy, so it never times out or evicts one mid-request."""
@@ -163,7 +197,30 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         finally:
             door.request_finished(request.transport)
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[count_requests])
+    @web.middleware
+    async def identify_client(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Who is asking, from the bearer token (or the socket's permissions): 401 before anything is read."""
+        if request.path == "/healthz":
+            return await handler(request)  # for load balancers and probes, which hold no token
+        access = auth.access_for(request.headers.get("Authorization"), over_socket=_over_socket(request))
+        if isinstance(access, Unauthorized):
+            return _json(
+                {"error": access.reason, "code": "unauthorized"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="xml-pipeline"'},
+            )
+        if rate_limiter is not None:
+            wait = rate_limiter.take(_client_key(request, access))
+            if wait:
+                return _json(
+                    {"error": "too many requests from this client; slow down", "code": "rate-limited"},
+                    status=429,
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
+        request[ACCESS] = access
+        return await handler(request)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[count_requests, identify_client])
     body_timeout = door.limits.body_timeout_seconds
 
     async def read_body(request: web.Request) -> bytes | tuple[ErrorCode, str]:
@@ -185,16 +242,17 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
         if isinstance(wait, web.Response):
             return wait
         body = await read_body(request)
+        access = _access(request)
         engine = daemon.pump
         if isinstance(engine, DurableEngine):
-            return await _post_durable(engine, body, *wait)
-        submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body)
+            return await _post_durable(engine, body, access, *wait)
+        submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body, access=access)
         if submission.closed and submission.pending() and submission.pending()[0].is_error:
             refusal = submission.take_pending()[0]
             assert isinstance(refusal.payload, SystemErrorPayload)
             return _refused(submission.thread_id, refusal.payload, refusal.envelope)
         try:
-            daemon.submissions.add(submission)
+            daemon.submissions.add(submission, owner=access.identity)
         except SubmissionTableFull as exc:
             return _problem(503, f"too many replies are waiting to be collected: {exc}")
         mode, timeout = wait
@@ -215,7 +273,7 @@ def build_app(daemon: DaemonView, *, max_body_bytes: int, door: ConnectionGuard)
             if collected is None:
                 return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
             return _json(_durable_body(thread, collected))
-        submission = daemon.submissions.get(thread)
+        submission = daemon.submissions.get(thread, owner=_access(request).identity)
         if submission is None:
             return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
         replies = await _collect(submission, *wait)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -30,12 +31,16 @@ from redis.exceptions import RedisError
 from xml_pipeline import __version__
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
+from xml_pipeline.daemon.auth import DoorAuth
 from xml_pipeline.daemon.door import ConnectionGuard, DoorLimits, default_max_connections
 from xml_pipeline.daemon.http_api import build_app
 from xml_pipeline.daemon.metrics import PrometheusMetrics
 from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
+from xml_pipeline.daemon.rate_limit import RateLimiter
 from xml_pipeline.daemon.submissions import SubmissionTable
+from xml_pipeline.daemon.tls import TlsSetupError, exposure_problem, server_context
+from xml_pipeline.daemon.tokens import TokenFileError
 from xml_pipeline.logs import set_level
 from xml_pipeline.memory.manager_backend import ManagerBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -63,6 +68,8 @@ RESTART_ONLY_SETTINGS = (
     "backend",
     "process_pool",
     "http",
+    "auth",
+    "tls",
 )
 
 
@@ -98,10 +105,17 @@ class DaemonOptions:
         else:
             path = default_socket_path(organism.name)
         address = tcp or settings.get("tcp")
+        endpoint = parse_tcp_address(address) if address else None
+        if endpoint is not None:
+            exposed = exposure_problem(
+                endpoint[0], has_tls=bool(settings.get("tls")), has_auth=bool(settings.get("auth"))
+            )
+            if exposed is not None:
+                raise ValueError(exposed)
         http = settings.get("http", {})
         return cls(
             socket_path=path,
-            tcp=parse_tcp_address(address) if address else None,
+            tcp=endpoint,
             drain_timeout=float(drain_timeout or settings.get("drain_timeout_seconds", 20.0)),
             reply_retention=float(settings.get("reply_retention_seconds", 300.0)),
             door=DoorLimits(
@@ -133,6 +147,13 @@ class Daemon:
             capacity=organism.limits.max_conversations, retention_seconds=options.reply_retention
         )
         self.door = ConnectionGuard(options.door)
+        http = organism.settings.get("http", {})
+        rate = http.get("rate_per_second")
+        self.rate_limiter = RateLimiter(float(rate), int(http.get("rate_burst") or math.ceil(rate))) if rate else None
+        try:
+            self.auth = DoorAuth.from_settings(organism.settings.get("auth", {}))
+        except TokenFileError as exc:
+            raise DaemonStartError(str(exc)) from None
         self._servers: list[asyncio.Server] = []
         self._accepting = False
         self._commands: asyncio.Queue[str] = asyncio.Queue(maxsize=4)
@@ -171,6 +192,7 @@ class Daemon:
                     "accepts": sorted(codec.xml_name for codec in listener.codecs_by_tag.values()),
                     "peers": None if listener.peers is None else sorted(listener.peers),
                     "agent": listener.agent,
+                    "ingress": listener.ingress,
                     "timeout_seconds": listener.timeout_seconds,
                     "max_concurrency": listener.max_concurrency,
                 }
@@ -245,6 +267,8 @@ class Daemon:
             self.notifier.watchdog()
 
     def _door_tick(self) -> None:
+        if self.rate_limiter is not None:
+            self.rate_limiter.sweep()
         closed = self.door.sweep()
         if closed:
             timeout = self.options.door.header_timeout_seconds
@@ -261,6 +285,7 @@ class Daemon:
     async def _reload(self) -> None:
         self.notifier.reloading()
         log.info("reloading %s", self.organism_path)
+        self.auth.reload()  # even when the organism edit is refused below: a revocation must never wait
         try:
             organism = await asyncio.to_thread(load_organism, self.organism_path)
         except ConfigError as exc:
@@ -293,7 +318,7 @@ class Daemon:
         for server in self._servers:
             server.close()
         await runner.cleanup()
-        self.door.close_all()
+        await self.door.close_all()
         self.options.socket_path.unlink(missing_ok=True)
         self.backend.close()
         self.notifier.close()
@@ -315,17 +340,27 @@ class Daemon:
             self,
             max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK,
             door=self.door,
+            auth=self.auth,
+            rate_limiter=self.rate_limiter,
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
         assert runner.server is not None
-        protocol = self.door.wrap(runner.server)
+        tls_settings = self.pump.organism.settings.get("tls")
+        try:
+            tls = server_context(tls_settings) if tls_settings else None
+        except TlsSetupError as exc:
+            await runner.cleanup()
+            raise DaemonStartError(str(exc)) from None
         loop = asyncio.get_running_loop()
         try:
             unix = _bind_unix_socket(self.options.socket_path)
-            self._servers.append(await loop.create_server(protocol, sock=unix, backlog=LISTEN_BACKLOG))
+            self._servers.append(
+                await loop.create_server(self.door.wrap(runner.server), sock=unix, backlog=LISTEN_BACKLOG)
+            )
             if self.options.tcp is not None:
                 host, port = self.options.tcp
+                protocol = self.door.wrap(runner.server, tls=tls)
                 try:
                     server = await loop.create_server(protocol, host, port, backlog=LISTEN_BACKLOG, reuse_address=True)
                 except OSError as exc:

@@ -22,6 +22,8 @@ class ErrorCode(enum.Enum):
     ENVELOPE_INVALID = "envelope-invalid"
     UNKNOWN_TARGET = "unknown-target"
     PEER_NOT_ALLOWED = "peer-not-allowed"
+    SENDER_FORBIDDEN = "sender-forbidden"
+    TARGET_FORBIDDEN = "target-forbidden"
     PAYLOAD_INVALID = "payload-invalid"
     HANDLER_ERROR = "handler-error"
     HANDLER_TIMEOUT = "handler-timeout"

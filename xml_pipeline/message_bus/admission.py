@@ -1,4 +1,4 @@
-"""Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, target, peers, payload.
+"""Pipeline steps 1-6 for a client's bytes: limits, parse, envelope, sender, target, payload.
 
 Pure: it reads the listener table and the limits, touches no state, and
 answers either the admitted message or the refusal to send back. The
@@ -18,6 +18,7 @@ from xml_pipeline.message.envelope import Envelope, best_effort_origin, read_env
 from xml_pipeline.message.payload_codec import PayloadDecodeError
 from xml_pipeline.message.safe_xml import XmlLimits, XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.outcome import Refusal
 from xml_pipeline.organism import Listener
 
@@ -32,8 +33,12 @@ class Admitted:
     envelope: Envelope
 
 
-def admit(raw: bytes, listeners: Mapping[str, Listener], limits: XmlLimits) -> Admitted | Refusal:
-    """Check ``raw`` as a client's message for ``listeners``; never raises for bad input."""
+def admit(raw: bytes, listeners: Mapping[str, Listener], limits: XmlLimits, access: ClientAccess) -> Admitted | Refusal:
+    """Check ``raw`` as a message from the client ``access`` describes; never raises for bad input.
+
+    A client is never a listener: a ``from`` naming one (or ``system``) is
+    refused, and only listeners open to this client may be its target.
+    """
     try:
         parsed = parse_checked(raw, limits)
     except XmlRejected as rejected:
@@ -47,12 +52,15 @@ def admit(raw: bytes, listeners: Mapping[str, Listener], limits: XmlLimits) -> A
     sender, thread, to = envelope.sender, envelope.thread, envelope.to
     if to is None:
         return Refusal(ErrorCode.ENVELOPE_INVALID, "<meta> has no <to>: say which listener it is for", sender, thread)
+    forged = access.sender_refusal(sender, listeners)
+    if forged is not None:
+        return Refusal(ErrorCode.SENDER_FORBIDDEN, forged, sender, thread, to)
     listener = listeners.get(to)
     if listener is None:
         return Refusal(ErrorCode.UNKNOWN_TARGET, f"no listener is named {to!r}", sender, thread, to)
-    sending_listener = listeners.get(sender)
-    if sending_listener is not None and not sending_listener.may_call(to):
-        return Refusal(ErrorCode.PEER_NOT_ALLOWED, f"{sender!r} may not send to {to!r}", sender, thread, to)
+    closed = access.target_refusal(listener)
+    if closed is not None:
+        return Refusal(ErrorCode.TARGET_FORBIDDEN, closed, sender, thread, to)
     codec = listener.codecs_by_tag.get(envelope.payload.tag)
     if codec is None:
         name = etree.QName(envelope.payload).localname

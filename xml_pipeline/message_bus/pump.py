@@ -52,6 +52,7 @@ from xml_pipeline.message.payload_codec import (
 )
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import admit
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
@@ -65,6 +66,7 @@ from xml_pipeline.process_pool.worker import Task
 log = logging.getLogger("xml_pipeline.pump")
 
 SYSTEM_SENDER = "system"
+IN_PROCESS = ClientAccess.in_process()
 
 ConversationEndHook = Callable[[str, tuple[BufferSlot, ...]], None]
 
@@ -369,19 +371,29 @@ class Pump:
 
     # ------------------------------------------------------------------ ingress
     async def inject_payload(
-        self, payload: Any, to: str, *, sender: str = "console", thread: str | None = None
+        self,
+        payload: Any,
+        to: str,
+        *,
+        sender: str = "console",
+        thread: str | None = None,
+        access: ClientAccess = IN_PROCESS,
     ) -> Submission:
         """Wrap ``payload`` in an envelope and :meth:`inject` it, exactly as a client would."""
         element = codec_for(type(payload)).to_element(payload)
-        return await self.inject(serialize_envelope(sender, to, thread or new_thread_id(), element))
+        return await self.inject(serialize_envelope(sender, to, thread or new_thread_id(), element), access=access)
 
-    async def inject(self, raw: bytes) -> Submission:
-        """Accept one envelope from outside. Never raises for bad input: a refused
-        message comes back as a Submission whose first reply is the SystemError."""
+    async def inject(self, raw: bytes, *, access: ClientAccess = IN_PROCESS) -> Submission:
+        """Accept one envelope from a client. Never raises for bad input: a refused
+        message comes back as a Submission whose first reply is the SystemError.
+
+        ``access`` says what this client may send; the default, for code in this
+        process (tests, embedding programs), may call any listener. Doors to the
+        outside pass the client's own (``ClientAccess.anonymous()`` at least)."""
         if not self._accepting:
             return self._refuse(Refusal(ErrorCode.SHUTTING_DOWN, "the daemon is not accepting messages"))
         try:
-            admitted = admit(raw, self._listeners, self._xml_limits)
+            admitted = admit(raw, self._listeners, self._xml_limits, access)
         except Exception as exc:  # a bug, or lxml refusing in a way we did not foresee: never a crash
             log.exception("internal error while admitting a message")
             admitted = Refusal(ErrorCode.INTERNAL, f"the message could not be checked: {type(exc).__name__}")
