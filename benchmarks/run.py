@@ -2,6 +2,7 @@
 
 python -m benchmarks.run            # the full run (a few minutes)
 python -m benchmarks.run --quick    # seconds: smaller counts, same code paths
+python -m benchmarks.run --shared DIR   # the shared floor from DIR/bench/lxml_floor.py
 """
 
 from __future__ import annotations
@@ -10,83 +11,90 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import uvloop
 
 from benchmarks import measure
-from benchmarks.measure import Result
-
-SHARED_FLOOR = measure.ROOT.parent / "shared" / "bench" / "lxml_floor.py"
+from benchmarks.measure import Floor, Result
+from benchmarks.shared_floor import DEFAULT_SHARED, SCRIPT, SharedFloor, locate
 
 FULL = {
     "hops": 20_000,
     "latency_seconds": 5.0,
     "redis": 10_000,
     "pool": 200,
+    "calls": 1000,
     "buffer": 10_000,
     "memory": 1_000_000,
     "bad": 2_000,
-    "repeats": 3,
+    "repeats": 5,
 }
 QUICK = {
     "hops": 1_000,
     "latency_seconds": 0.5,
     "redis": 500,
     "pool": 16,
+    "calls": 200,
     "buffer": 500,
     "memory": 12_000,
     "bad": 100,
-    "repeats": 1,
+    "repeats": 2,
 }
 
 
-async def run_all(sizes: dict[str, float]) -> list[Result]:
+@dataclass
+class Report:
+    own_floor: Floor
+    shared_floor: Floor | None
+    shared_floor_note: str
+    results: list[Result]
+
+
+async def run_all(sizes: dict[str, float], shared: SharedFloor | str) -> Report:
     repeats = int(sizes["repeats"])
-    results = [await measure.hop_throughput(int(sizes["hops"]), repeats)]
-    hop_rate = results[0].details["pump_hops_per_s"]
-    floor_rate = results[0].details["floor_hops_per_s"]
-    results.append(await measure.latency(hop_rate, floor_rate, sizes["latency_seconds"], repeats))
-    results.append(await measure.redis_throughput(int(sizes["redis"]), hop_rate, repeats))
-    results.append(await measure.pool_scaling(int(sizes["pool"]), repeats))
-    results.append(await measure.buffer_throughput(int(sizes["buffer"]), hop_rate, repeats))
-    results.append(await measure.memory_growth(int(sizes["memory"])))
-    results.append(await measure.bad_input_cost(int(sizes["bad"]), hop_rate))
-    return results
-
-
-def shared_floor() -> str | None:
-    """The reference floor script's own figure, when ../shared is beside the project."""
-    if not SHARED_FLOOR.is_file():
-        return None
-    result = subprocess.run(
-        [sys.executable, str(SHARED_FLOOR), "20000"], capture_output=True, text=True, timeout=300, check=False
+    hops = int(sizes["hops"])
+    first, own, reference = await measure.hop_throughput(hops, repeats, shared)
+    results = [first]
+    results.append(
+        await measure.latency(own.pump_hops_per_s.median, own.hops_per_s.median, sizes["latency_seconds"], repeats)
     )
-    return result.stdout.strip() or result.stderr.strip()
+    results.append(await measure.redis_throughput(int(sizes["redis"]), repeats))
+    results.append(await measure.pool_scaling(int(sizes["pool"]), int(sizes["calls"]), repeats))
+    results.append(await measure.buffer_throughput(int(sizes["buffer"]), hops, repeats))
+    results.append(await measure.memory_growth(int(sizes["memory"])))
+    results.append(await measure.bad_input_cost(int(sizes["bad"]), repeats))
+    note = shared if isinstance(shared, str) else f"measured by running {shared.script} in a process of its own"
+    return Report(own, reference, note, results)
 
 
-def render(results: list[Result], reference: str | None, quick: bool) -> str:
+def render(report: Report, quick: bool) -> str:
+    own = report.own_floor
     lines = [
         f"xml-pipeline benchmarks ({'quick' if quick else 'full'} run, {time.strftime('%Y-%m-%d %H:%M:%S')})",
         f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
+        "figures: median [min to max] over the repeats; every ratio over pairs measured back to back",
+        "",
+        "floors, hops/s on one core, and the pump's ratio to each on an envelope of the floor's shape",
+        f"  own     {own.source}, {own.envelope_bytes} B envelope: {own.hops_per_s.text(',.0f')}; "
+        f"pump {own.ratio.text('.2f')}",
     ]
-    if reference:
-        lines.append(f"reference floor (../shared/bench/lxml_floor.py): {reference}")
-    for result in results:
-        ratio = f"{result.ratio:.2f}" if result.ratio is not None else "-"
-        lines += [
-            "",
-            result.name,
-            f"  figure   {result.figure}",
-            f"  baseline {result.baseline}",
-            f"  ratio    {ratio}   target: {result.target}   {'MET' if result.met else 'NOT MET'}",
-        ]
-    met = sum(result.met for result in results)
-    lines += ["", f"{met} of {len(results)} targets met"]
+    if (shared := report.shared_floor) is not None:
+        lines.append(
+            f"  shared  {shared.source}, {shared.envelope_bytes} B envelope: {shared.hops_per_s.text(',.0f')}; "
+            f"pump ({shared.pump_envelope_bytes} B) {shared.ratio.text('.2f')}"
+        )
+    else:
+        lines.append(f"  shared  {report.shared_floor_note}")
+    for result in report.results:
+        lines += ["", result.name, f"  figure   {result.figure}", f"  baseline {result.baseline}"]
+        lines += [f"  ratio    {paired.text()}" for paired in result.ratios.values()]
+        lines.append(f"  target   {result.target}   {'MET' if result.met else 'NOT MET'}")
+    met = sum(result.met for result in report.results)
+    lines += ["", f"{met} of {len(report.results)} targets met"]
     return "\n".join(lines)
 
 
@@ -94,17 +102,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in seconds")
     parser.add_argument("--out", default="bench-results", help="folder for results.json and results.txt")
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=DEFAULT_SHARED,
+        help=f"the shared folder holding {SCRIPT} (default: {DEFAULT_SHARED})",
+    )
     arguments = parser.parse_args()
     sizes = QUICK if arguments.quick else FULL
     logging.getLogger("xml_pipeline").setLevel(logging.CRITICAL)  # rejections are the point of bench 7, not news
-    reference = None if arguments.quick else shared_floor()
-    results = uvloop.run(run_all(sizes))
-    report = render(results, reference, arguments.quick)
-    print(report)
+    report = uvloop.run(run_all(sizes, locate(arguments.shared)))
+    text = render(report, arguments.quick)
+    print(text)
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.txt").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps([asdict(result) for result in results], indent=2, default=str))
+    (out / "results.txt").write_text(text + "\n")
+    document = {
+        "run": {
+            "kind": "quick" if arguments.quick else "full",
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": platform.machine(),
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "sizes": sizes,
+        },
+        **asdict(report),
+    }
+    (out / "results.json").write_text(json.dumps(document, indent=2, default=str))
     return 0
 
 

@@ -38,6 +38,20 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class Greeting:
+    """The payload of the shared floor's 233 B envelope (../shared/bench/lxml_floor.py),
+    so the pump can be held to that floor on a message of the same shape."""
+
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+
+
+@dataclass(frozen=True)
 class Work:
     """CPU work for the process-pool benchmark: ``rounds`` of pure-Python arithmetic."""
 
@@ -67,6 +81,10 @@ def sample_order(index: int = 0) -> Order:
 async def receipt(payload: Order, metadata: HandlerMetadata) -> HandlerResponse:
     total = sum(line.quantity * line.price for line in payload.lines)
     return HandlerResponse.respond(Receipt(payload.order_id, round(total, 2), len(payload.lines)))
+
+
+async def greet(payload: Greeting, metadata: HandlerMetadata) -> HandlerResponse:
+    return HandlerResponse.respond(Reply(f"hello {payload.name} x{payload.count}"))
 
 
 def burn(rounds: int) -> int:
