@@ -24,8 +24,8 @@ check: $(STAMP)
 	$(BIN)/xml-pipeline check organism.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check xml_pipeline workers tests
-	$(BIN)/ruff format --check xml_pipeline workers tests
+	$(BIN)/ruff check xml_pipeline workers tests benchmarks
+	$(BIN)/ruff format --check xml_pipeline workers tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
