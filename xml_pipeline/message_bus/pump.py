@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -62,6 +62,9 @@ from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, cha
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
+
+if TYPE_CHECKING:
+    from xml_pipeline.primitives.collector import Collector
 
 log = logging.getLogger("xml_pipeline.pump")
 
@@ -337,6 +340,12 @@ class Pump:
         finally:
             self._finish_one(conversation)  # with nothing queued, the conversation ends here
         return failure
+
+    def caller(self, kind: str, run_id: str, *, concurrency: int) -> Collector:
+        """A caller for one run of a primitive: an ephemeral listener that the answers come back to."""
+        from xml_pipeline.primitives.collector import Collector  # the primitives are built on the pump
+
+        return Collector(self, kind, run_id, concurrency=concurrency)
 
     def unregister_listener(self, name: str) -> bool:
         """Remove a listener; messages already dispatched to it still finish."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from xml_pipeline.message_bus.buffer_registry import BufferRegistry, set_buffer_registry
-from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.sequence_registry import SequenceRegistry, set_sequence_registry
 from xml_pipeline.primitives.buffer import buffer_handler
+from xml_pipeline.primitives.host import PrimitiveHost
 from xml_pipeline.primitives.payloads import (
     MAX_DEADLINE_SECONDS,
     BufferComplete,
@@ -34,7 +34,7 @@ __all__ = [
 COORDINATOR_CONCURRENCY = 1000
 
 
-def install_primitives(pump: Pump) -> None:
+def install_primitives(pump: PrimitiveHost) -> None:
     """Register system.sequence and system.buffer on ``pump``, with registries on its backend."""
     backend = pump.buffer.backend
     sequences, buffers = SequenceRegistry(backend), BufferRegistry(backend)

@@ -9,9 +9,8 @@ from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.message_bus.buffer_registry import BufferItemResult, BufferRegistry, BufferState, new_run_id
-from xml_pipeline.message_bus.pump import Pump
-from xml_pipeline.primitives.collector import Collector
 from xml_pipeline.primitives.decoding import decode_for, encode
+from xml_pipeline.primitives.host import Caller, PrimitiveHost
 from xml_pipeline.primitives.payloads import (
     MAX_DEADLINE_SECONDS,
     BufferComplete,
@@ -25,7 +24,7 @@ from xml_pipeline.primitives.sequence import FAILURES, describe_failure
 MAX_IN_FLIGHT_CEILING = 10_000
 
 
-def buffer_handler(pump: Pump, registry: BufferRegistry) -> Any:
+def buffer_handler(pump: PrimitiveHost, registry: BufferRegistry) -> Any:
     async def run_buffer(start: Any, metadata: HandlerMetadata) -> HandlerResponse:
         if not isinstance(start, BufferStart):  # return_to's answer on its way back: pass it up
             return HandlerResponse.respond(start)
@@ -57,7 +56,7 @@ def buffer_handler(pump: Pump, registry: BufferRegistry) -> Any:
     return run_buffer
 
 
-def _check(pump: Pump, start: BufferStart) -> str | None:
+def _check(pump: PrimitiveHost, start: BufferStart) -> str | None:
     if not start.items:
         return "a buffer needs at least one item"
     if start.target not in pump.listeners:
@@ -72,14 +71,14 @@ def _check(pump: Pump, start: BufferStart) -> str | None:
 
 
 async def _fan_out_and_in(
-    pump: Pump, registry: BufferRegistry, state: BufferState, start: BufferStart, label: str
+    pump: PrimitiveHost, registry: BufferRegistry, state: BufferState, start: BufferStart, label: str
 ) -> BufferComplete:
     target = pump.listeners[start.target]
     limits = pump.limits.xml_limits()
     indices: Iterator[int] = iter(range(state.total_items))
     timed_out = False
 
-    async def one(collector: Collector, index: int) -> None:
+    async def one(collector: Caller, index: int) -> None:
         try:
             payload = decode_for(target, start.items[index], limits)
         except ValueError as exc:
@@ -93,13 +92,13 @@ async def _fan_out_and_in(
         else:
             registry.store_result(state.buffer_id, index, encode(answer))
 
-    async def worker(collector: Collector) -> None:
+    async def worker(collector: Caller) -> None:
         for index in indices:  # shared iterator: each index is taken by exactly one worker
             await one(collector, index)
 
     workers = min(start.max_in_flight, state.total_items)
     try:
-        with Collector(pump, "buffer", state.buffer_id, concurrency=workers) as collector:
+        with pump.caller("buffer", state.buffer_id, concurrency=workers) as collector:
             try:
                 async with asyncio.timeout(start.timeout_seconds), asyncio.TaskGroup() as group:
                     for _ in itertools.repeat(None, workers):

@@ -8,10 +8,10 @@ from typing import Any
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.message.system_payloads import Huh, SystemErrorPayload
 from xml_pipeline.message_bus.buffer_registry import new_run_id
-from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.sequence_registry import SequenceRegistry
-from xml_pipeline.primitives.collector import Collector, NoAnswer
+from xml_pipeline.primitives.collector import NoAnswer
 from xml_pipeline.primitives.decoding import decode_for, encode
+from xml_pipeline.primitives.host import PrimitiveHost
 from xml_pipeline.primitives.payloads import (
     MAX_DEADLINE_SECONDS,
     BufferError,
@@ -33,7 +33,7 @@ def describe_failure(answer: Any) -> str:
     return f"{type(answer).__name__}: {answer.error}"
 
 
-def sequence_handler(pump: Pump, registry: SequenceRegistry) -> Any:
+def sequence_handler(pump: PrimitiveHost, registry: SequenceRegistry) -> Any:
     async def run_sequence(start: Any, metadata: HandlerMetadata) -> HandlerResponse:
         if not isinstance(start, SequenceStart):  # return_to's answer on its way back: pass it up
             return HandlerResponse.respond(start)
@@ -46,7 +46,7 @@ def sequence_handler(pump: Pump, registry: SequenceRegistry) -> Any:
 
 
 async def _run(
-    pump: Pump, registry: SequenceRegistry, start: SequenceStart, metadata: HandlerMetadata
+    pump: PrimitiveHost, registry: SequenceRegistry, start: SequenceStart, metadata: HandlerMetadata
 ) -> SequenceComplete | SequenceError:
     label = start.sequence_id
     if not start.steps:
@@ -68,7 +68,7 @@ async def _run(
     label = label or state.sequence_id
     index, step = 0, start.steps[0]
     try:
-        with Collector(pump, "sequence", state.sequence_id, concurrency=1) as collector:
+        with pump.caller("sequence", state.sequence_id, concurrency=1) as collector:
             async with asyncio.timeout(start.timeout_seconds):
                 for index, step in enumerate(start.steps):
                     payload = await collector.call(step, payload)
