@@ -7,6 +7,7 @@ import os
 
 from tests.support import Ping, Pong
 from xml_pipeline import HandlerMetadata, HandlerResponse
+from xml_pipeline.primitives import BufferComplete, BufferStart
 
 RUNS_FILE = "XP_TEST_RUNS_FILE"
 """Environment variable naming the file every handler run appends one line to."""
@@ -40,3 +41,19 @@ async def poisoned_echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResp
     if payload.text == "poison":
         os._exit(17)
     return HandlerResponse.respond(Pong(payload.text))
+
+
+async def fan_out(payload: Ping | BufferComplete, metadata: HandlerMetadata) -> HandlerResponse:
+    """Ping(text=target, count=N) fans N pings out to ``target`` through system.buffer; answers how it went."""
+    if isinstance(payload, Ping):
+        items = [f"<Ping><text>item{i}</text></Ping>" for i in range(payload.count)]
+        start = BufferStart(target=payload.text, items=items, max_in_flight=200, timeout_seconds=120)
+        return HandlerResponse(start, to="system.buffer")
+    texts = [item.result for item in payload.results if item.success]
+    failures = [item.error for item in payload.results if not item.success]
+    summary = f"{payload.successful}/{payload.total} ok; in order: {_in_order(texts)}; failures: {failures[:3]}"
+    return HandlerResponse.respond(Pong(summary))
+
+
+def _in_order(results: list[str]) -> bool:
+    return all(f"<text>item{i}</text>" in result for i, result in enumerate(results))

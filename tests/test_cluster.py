@@ -35,6 +35,12 @@ listeners:
     ingress: true
     timeout_seconds: 2
     max_concurrency: 1000
+  - name: fanout
+    payload_class: [tests.support.Ping, xml_pipeline.primitives.BufferComplete]
+    handler: tests.cluster_handlers.fan_out
+    peers: [system.buffer]
+    ingress: true
+    timeout_seconds: 300
   - name: poisoned
     payload_class: tests.support.Ping
     handler: tests.cluster_handlers.poisoned_echo
@@ -71,21 +77,22 @@ def redis_for_cluster() -> Iterator[RedisServer]:
         server.close()
 
 
-def envelope(target: str, text: str) -> bytes:
+def envelope(target: str, text: str, count: int = 1) -> bytes:
     return (
         '<message xmlns="https://xml-pipeline.org/ns/envelope/v1"><meta><from>console</from>'
-        f'<to>{target}</to><thread>{uuid.uuid4()}</thread></meta><Ping xmlns=""><text>{text}</text></Ping></message>'
+        f"<to>{target}</to><thread>{uuid.uuid4()}</thread></meta>"
+        f'<Ping xmlns=""><text>{text}</text><count>{count}</count></Ping></message>'
     ).encode()
 
 
-async def post_all(sockets: list[Path], target: str, texts: list[str]) -> list[str]:
+async def post_all(sockets: list[Path], target: str, texts: list[str], count: int = 1) -> list[str]:
     """Send each text round-robin over the daemons' sockets; the threads they accepted (202)."""
     sessions = [aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path), limit=50)) for path in sockets]
     try:
 
         async def post(index: int, text: str) -> str:
             session = sessions[index % len(sessions)]
-            async with session.post("http://daemon/messages", data=envelope(target, text)) as answer:
+            async with session.post("http://daemon/messages", data=envelope(target, text, count)) as answer:
                 assert answer.status == 202, await answer.text()
                 return str((await answer.json())["thread"])
 
@@ -288,3 +295,51 @@ async def _post_while_down(socket_path: Path) -> int:
         body = await answer.json()
         assert body["error"]["code"] == "backend-unavailable", body
         return answer.status
+
+
+async def test_a_1000_item_buffer_survives_a_daemon_killed_midway(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    """The coordinator's daemon serves system.buffer; the items run on it and on a second daemon, which is killed."""
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory:
+        organism = cluster_organism(directory, redis_for_cluster.url)
+        env = {RUNS_FILE: str(runs)}
+        with (
+            running_daemon(organism, "--listeners", "fanout,system.buffer,slow", env=env) as coordinator,
+            running_daemon(organism, "--listeners", "slow", env=env) as helper,
+        ):
+            [thread] = await post_all([coordinator.socket_path], "fanout", ["slow"], count=1000)
+            await asyncio.to_thread(_wait_for_runs_by, runs, str(helper.process.pid))
+            helper.process.kill()
+            await asyncio.to_thread(helper.process.wait, 10)
+            [replies] = await collect_all([coordinator.socket_path], [thread], timeout=120)
+            [summary] = texts_of([replies])
+            assert summary == "1000/1000 ok; in order: True; failures: []"
+            assert set(runs_of(runs)) == {f"item{i}" for i in range(1000)}
+            assert await asyncio.to_thread(coordinator.stop) == 0
+
+
+async def test_a_buffer_whose_coordinating_daemon_dies_runs_again_on_another(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    """Decided: the run is a hop like any other, so a live daemon claims it and runs it again from the start."""
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory:
+        organism = cluster_organism(directory, redis_for_cluster.url)
+        env = {RUNS_FILE: str(runs)}
+        with (
+            running_daemon(organism, "--listeners", "fanout,system.buffer", env=env) as first,
+            running_daemon(organism, "--listeners", "slow", env=env) as workers,
+        ):
+            [thread] = await post_all([first.socket_path], "fanout", ["slow"], count=300)
+            await asyncio.to_thread(_wait_for_runs_by, runs, str(workers.process.pid))
+            first.process.kill()
+            await asyncio.to_thread(first.process.wait, 10)
+            with running_daemon(organism, "--listeners", "fanout,system.buffer", env=env) as second:
+                [replies] = await collect_all([second.socket_path], [thread], timeout=120)
+                assert await asyncio.to_thread(second.stop) == 0
+            assert await asyncio.to_thread(workers.stop) == 0
+    [summary] = texts_of([replies])
+    assert summary == "300/300 ok; in order: True; failures: []"
+    assert set(runs_of(runs)) == {f"item{i}" for i in range(300)}

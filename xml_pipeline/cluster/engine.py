@@ -29,17 +29,19 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lxml import etree
 from redis.exceptions import RedisError
 
+from xml_pipeline.cluster.calls import DurableCaller
 from xml_pipeline.cluster.hop import Hop
+from xml_pipeline.cluster.replies import ReplyWatcher
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
-from xml_pipeline.cluster.store import BacklogFull, ClusterStore, Effects
-from xml_pipeline.handler import HandlerMetadata
+from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects
+from xml_pipeline.handler import Handler, HandlerMetadata
 from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -105,7 +107,7 @@ class Refused:
 
 @dataclass(slots=True)
 class Collected:
-    replies: list[bytes] = field(default_factory=list)
+    replies: list[ClientReply] = field(default_factory=list)
     ended: bool = False
 
 
@@ -142,7 +144,9 @@ class DurableEngine:
         self.store_watch = StoreWatch(backend)
         self._xml_limits = organism.limits.xml_limits()
         self._listeners: dict[str, Listener] = dict(organism.listeners)
-        self._router = Router(lambda: self._listeners, OutputPreparer(self._xml_limits), self.buffer, self._note_error)
+        self._replies = ReplyWatcher(self.store)
+        self._outputs = OutputPreparer(self._xml_limits)
+        self._router = Router(lambda: self._listeners, self._outputs, self.buffer, self._note_error)
         self._held: dict[str, dict[bytes, _Held]] = {name: {} for name in self._listeners}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._freed = asyncio.Event()
@@ -185,8 +189,82 @@ class DurableEngine:
             accepting=self._accepting,
         )
 
+    # ------------------------------------------------------------------ hosting the primitives
+    def register_generic_listener(
+        self,
+        name: str,
+        handler: Handler,
+        payload_classes: Iterable[type],
+        *,
+        peers: Iterable[str] | None = None,
+        timeout_seconds: float = 30.0,
+        max_concurrency: int = 16,
+        description: str = "",
+        accepts_any: bool = False,
+        coordinator: bool = False,
+    ) -> Listener:
+        if name in self._listeners:
+            raise ValueError(f"a listener named {name!r} exists already")
+        listener = Listener(
+            name,
+            payload_classes,
+            handler,
+            peers=peers,
+            timeout_seconds=timeout_seconds,
+            max_concurrency=max_concurrency,
+            description=description,
+            system=name.startswith("system."),
+            accepts_any=accepts_any,
+            coordinator=coordinator,
+        )
+        self._listeners[name] = listener
+        self._held.setdefault(name, {})
+        return listener
+
+    def caller(self, kind: str, run_id: str, *, concurrency: int) -> DurableCaller:
+        return DurableCaller(self, kind, run_id)
+
+    def run_background(self, work: Coroutine[Any, Any, object], name: str) -> None:
+        """Run ``work`` with the engine's handlers: it ends with the daemon, and its errors are logged."""
+        if self._handlers is None:
+            work.close()
+            raise RuntimeError("the durable engine is not running")
+
+        async def guarded() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                log.warning("background work %s was stopped with the daemon", name)
+                raise
+            except Exception:
+                log.exception("background work %s failed", name)
+
+        self._handlers.create_task(guarded(), name=name)
+
+    async def open_internal(self, initiator: str, target_name: str, payload: Any) -> str | Failure:
+        """Open a conversation from ``initiator`` (a primitive's run) to ``target_name``; its id, or why not."""
+        target = self._listeners.get(target_name)
+        if target is None:
+            return Failure(ErrorCode.UNKNOWN_TARGET, f"no listener is named {target_name!r}")
+        prepared = self._outputs.for_listener(target, payload, initiator)
+        if isinstance(prepared, Failure):
+            return prepared
+        fresh, payload_xml = prepared
+        hop, effects = self._router.opening(initiator, target, fresh, payload_xml)
+        try:
+            await self.store.commit(
+                hop.conversation,
+                effects,
+                opening=(initiator, target.name, -1),
+                retention=self.settings.reply_retention_seconds,
+            )
+        except (RedisError, OSError) as exc:
+            return Failure(ErrorCode.BACKEND_UNAVAILABLE, f"redis is unreachable: {exc}")
+        return hop.conversation
+
     def reload(self, organism: Organism) -> None:
-        self._listeners = dict(organism.listeners)
+        builtin = {name: listener for name, listener in self._listeners.items() if name.startswith("system.")}
+        self._listeners = {**organism.listeners, **builtin}
         for name in self._listeners:
             self._held.setdefault(name, {})
         self.organism = organism
@@ -195,6 +273,10 @@ class DurableEngine:
     async def start(self) -> None:
         set_registry(self.registry)
         set_context_buffer(self.buffer)
+        if "system.sequence" not in self._listeners:
+            from xml_pipeline.primitives import install_primitives  # the primitives are built on an engine
+
+            install_primitives(self)
         await self.store.ensure_groups(list(self._listeners))
         if any(listener.cpu_bound for listener in self._listeners.values()):
             await self._process_pool().warm_up()
@@ -220,6 +302,7 @@ class DurableEngine:
                 self._every(self.settings.heartbeat_seconds, self._heartbeat), name="xml-pipeline-heartbeat"
             )
             group.create_task(self.store_watch.run(), name="xml-pipeline-store-watch")
+            group.create_task(self._replies.run(), name="xml-pipeline-replies")
 
     async def stop(self, drain_timeout: float = 10.0) -> ShutdownReport:
         """Stop taking hops, let those held finish for ``drain_timeout``, then leave the rest pending.
@@ -332,19 +415,19 @@ class DurableEngine:
         seen: list[bytes] = []
         after = b"0"
         deadline = time.monotonic() + timeout
-        block: int | None = None
+        entries = await self.store.replies(conversation, after, None)
         while True:
-            for entry_id, envelope in await self.store.replies(conversation, after, block):
+            for entry_id, reply in entries:
                 after = entry_id
                 seen.append(entry_id)
-                if envelope is None:
+                if reply is None:
                     collected.ended = True
                 else:
-                    collected.replies.append(envelope)
+                    collected.replies.append(reply)
             remaining = deadline - time.monotonic()
             if collected.ended or mode == "none" or (mode == "first" and collected.replies) or remaining <= 0:
                 break
-            block = max(1, int(min(remaining, BLOCK_SECONDS) * 1000))
+            entries = await self._replies.wait(conversation, after, remaining)
         if not seen and not await self.store.conversation_known(conversation):
             return None
         await self.store.forget_replies(conversation, seen, ended=collected.ended)
@@ -481,8 +564,7 @@ class DurableEngine:
             room = self._capacity().get(name, 0)
             if room <= 0:
                 continue
-            listener = self._listeners[name]
-            min_idle_ms = int((listener.timeout_seconds + self.settings.claim_grace_seconds) * 1000)
+            min_idle_ms = int(self._claim_after(self._listeners[name]) * 1000)
             for entry in await self.store.pending(name, min_idle_ms, room):
                 if entry.entry_id in held:
                     continue
@@ -502,6 +584,18 @@ class DurableEngine:
                     hop.thread,
                 )
                 self._start(self._handlers, name, entry.entry_id, hop, attempt=entry.deliveries + 1)
+
+    def _claim_after(self, listener: Listener) -> float:
+        """How long a hop must go unrenewed before it is taken from its daemon.
+
+        A handler runs at most ``timeout_seconds``, even one that blocks its
+        daemon's event loop and so stops its leases; past that plus the grace,
+        the daemon is gone. Coordinators (the primitives' runs) are our own
+        code and never block, so their leases alone tell: the grace suffices.
+        """
+        if listener.coordinator:
+            return self.settings.claim_grace_seconds
+        return listener.timeout_seconds + self.settings.claim_grace_seconds
 
     async def _dead_letter(self, listener: str, entry_id: bytes, hop: Hop, deliveries: int) -> None:
         failure = Failure(

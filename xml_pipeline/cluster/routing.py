@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import Effects
+from xml_pipeline.cluster.store import ClientReply, Effects
 from xml_pipeline.handler import HandlerResponse
 from xml_pipeline.memory.context_buffer import ContextBuffer
 from xml_pipeline.message.envelope import envelope_bytes
@@ -155,7 +155,8 @@ class Router:
         fresh, payload_xml = prepared
         reply = Hop(hop.conversation, (client,), hop.threads[:1], sender, payload_type_name(type(fresh)), payload_xml)
         self._record(effects, reply, sender, client)
-        effects.replies.append(envelope_bytes(sender, client, hop.conversation, payload_xml))
+        envelope = envelope_bytes(sender, client, hop.conversation, payload_xml)
+        effects.replies.append(ClientReply(envelope, reply.payload_type, payload_xml))
         return None
 
     def _send(self, effects: Effects, hop: Hop) -> None:

@@ -47,7 +47,7 @@ MAX_CONNECTIONS = 64
 _COMMIT = """
 -- ARGV: prefix, group, input stream ('' at the door), input id, conversation, ttl (0: none),
 --       reply retention, backlog cap (-1: none), capped stream, initiator ('' unless opening), then ops:
---   x stream n field value ... | y envelope | a slot | r chain uuid | q n field value ...
+--   x stream n field value ... | y envelope type payload | a slot | r chain uuid | q n field value ...
 local prefix, group, stream, id, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl, retention, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local capped, initiator = ARGV[9], ARGV[10]
@@ -88,9 +88,9 @@ while i <= n do
     if code == 'x' then delta = delta + 1 end
     i = offset + 2 * count + 1
   elseif code == 'y' then
-    redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1])
+    redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1], 'type', ARGV[i + 2], 'payload', ARGV[i + 3])
     expire(replies_key)
-    i = i + 2
+    i = i + 4
   elseif code == 'a' then
     redis.call('RPUSH', history_key, ARGV[i + 1])
     expire(history_key)
@@ -126,6 +126,15 @@ return {1, 1}
 """
 
 
+@dataclass(frozen=True, slots=True)
+class ClientReply:
+    """A reply for the conversation's initiator: the envelope a client reads, and the payload a caller decodes."""
+
+    envelope: bytes
+    payload_type: str
+    payload_xml: bytes
+
+
 class BacklogFull(Exception):
     """The target's stream already holds as many hops as the organism allows."""
 
@@ -135,7 +144,7 @@ class Effects:
     """Everything one step produces, written by one commit."""
 
     hops: list[Hop] = field(default_factory=list)
-    replies: list[bytes] = field(default_factory=list)
+    replies: list[ClientReply] = field(default_factory=list)
     history: list[bytes] = field(default_factory=list)
     registrations: list[tuple[str, str]] = field(default_factory=list)
     dead_letters: list[list[bytes | str]] = field(default_factory=list)
@@ -150,7 +159,7 @@ class Effects:
             fields = hop.fields()
             args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
         for reply in self.replies:
-            args += ["y", reply]
+            args += ["y", reply.envelope, reply.payload_type, reply.payload_xml]
         for letter in self.dead_letters:
             args += ["q", len(letter) // 2, *letter]
         return args
@@ -287,14 +296,25 @@ class ClusterStore:
         if entry_ids:
             await self.client.xclaim(self.keys.stream(listener), GROUP, consumer, 0, list(entry_ids), justid=True)
 
-    async def replies(self, conversation: str, after: bytes, block_ms: int | None) -> list[tuple[bytes, bytes | None]]:
-        """Reply entries after ``after``: (id, envelope), with None for the end marker."""
+    async def replies(
+        self, conversation: str, after: bytes, block_ms: int | None
+    ) -> list[tuple[bytes, ClientReply | None]]:
+        """Reply entries after ``after``: (id, reply), with None for the end marker."""
         answer: Any = await self.client.xread({self.keys.replies(conversation): after}, block=block_ms)
-        entries: list[tuple[bytes, bytes | None]] = []
-        for _, rows in answer or []:
-            for entry_id, fields in rows:
-                entries.append((entry_id, fields.get(b"reply")))
-        return entries
+        return [(entry_id, _client_reply(fields)) for _, rows in answer or [] for entry_id, fields in rows]
+
+    async def replies_of(
+        self, wanted: dict[str, bytes], block_ms: int
+    ) -> dict[str, list[tuple[bytes, ClientReply | None]]]:
+        """One blocking read of many reply streams: each conversation's entries after its id."""
+        streams = {self.keys.replies(conversation): after for conversation, after in wanted.items()}
+        answer: Any = await self.client.xread(streams, block=block_ms)  # type: ignore[arg-type]
+        found: dict[str, list[tuple[bytes, ClientReply | None]]] = {}
+        prefix = self.keys.replies("")
+        for stream, rows in answer or []:
+            conversation = stream.decode().removeprefix(prefix)
+            found[conversation] = [(entry_id, _client_reply(fields)) for entry_id, fields in rows]
+        return found
 
     async def conversation_known(self, conversation: str) -> bool:
         keys = self.keys
@@ -335,3 +355,11 @@ class ClusterStore:
     async def close(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+def _client_reply(fields: dict[bytes, bytes]) -> ClientReply | None:
+    """A reply entry's reply, or None for the end marker."""
+    envelope = fields.get(b"reply")
+    if envelope is None:
+        return None
+    return ClientReply(envelope, fields[b"type"].decode(), fields[b"payload"])

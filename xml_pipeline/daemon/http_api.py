@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from xml_pipeline.cluster.engine import Collected, DurableEngine, Refused
 from xml_pipeline.daemon.auth import DoorAuth, Unauthorized
@@ -148,14 +149,20 @@ async def _post_durable(
         return _refused(outcome.thread, error, outcome.envelope)
     if mode == "none":
         return _json({"thread": outcome.thread, "accepted": True}, status=202)
-    collected = await engine.collect(outcome.thread, mode, timeout)
+    try:
+        collected = await engine.collect(outcome.thread, mode, timeout)
+    except (RedisError, OSError) as exc:
+        return _json(
+            {"thread": outcome.thread, "accepted": True, "error": f"stored, but its replies cannot be read now: {exc}"},
+            status=202,
+        )
     return _json({"accepted": True, **_durable_body(outcome.thread, collected or Collected())})
 
 
 def _durable_body(thread: str, collected: Collected) -> dict[str, Any]:
     return {
         "thread": thread,
-        "replies": [envelope.decode() for envelope in collected.replies],
+        "replies": [reply.envelope.decode() for reply in collected.replies],
         "ended": collected.ended,
         "complete": collected.ended,
     }
@@ -269,7 +276,10 @@ def build_app(
             return wait
         engine = daemon.pump
         if isinstance(engine, DurableEngine):
-            collected = await engine.collect(thread, *wait)
+            try:
+                collected = await engine.collect(thread, *wait)
+            except (RedisError, OSError) as exc:
+                return _problem(503, f"the replies cannot be read now (redis: {exc}); ask again")
             if collected is None:
                 return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
             return _json(_durable_body(thread, collected))

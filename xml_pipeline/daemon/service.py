@@ -374,6 +374,9 @@ class Daemon:
         return runner
 
 
+BUILTIN_LISTENERS = frozenset({"system.sequence", "system.buffer"})
+
+
 def _engine_for(organism: Organism, backend: SharedBackend, serve: frozenset[str] | None) -> Pump | DurableEngine:
     """The in-process pump, or with ``delivery: at-least-once`` the durable engine on Redis Streams."""
     settings = organism.settings.get("backend", {})
@@ -383,7 +386,7 @@ def _engine_for(organism: Organism, backend: SharedBackend, serve: frozenset[str
         return Pump(organism, backend=backend)
     if not isinstance(backend, RedisBackend):
         raise DaemonStartError("delivery at-least-once needs the redis backend")
-    unknown = sorted((serve or frozenset()) - set(organism.listeners))
+    unknown = sorted((serve or frozenset()) - set(organism.listeners) - BUILTIN_LISTENERS)
     if unknown:
         raise DaemonStartError(f"--listeners names no listener of this organism: {', '.join(unknown)}")
     return DurableEngine(organism, backend, DurableSettings.from_settings(settings, organism.settings, serve))
