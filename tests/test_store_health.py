@@ -75,8 +75,10 @@ def test_a_stalled_redis_fails_calls_fast_and_a_ping_closes_the_circuit(own_redi
     try:
         backend.registry_set("a.b", "u1")
         os.kill(own_redis.process.pid, signal.SIGSTOP)
+        started = time.monotonic()
         with pytest.raises(BackendUnavailable, match="unreachable"):
             backend.registry_get_uuid("a.b")  # waits out one socket timeout, then opens the circuit
+        assert time.monotonic() - started < 1.0, "a timed-out call was retried (4 tries would take over 1.2 s)"
         started = time.monotonic()
         for _ in range(50):
             with pytest.raises(BackendUnavailable, match="failing fast"):

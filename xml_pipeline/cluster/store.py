@@ -208,7 +208,7 @@ class ClusterStore:
             timeout=socket_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)),
             retry_on_error=[RedisConnectionError],
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)

@@ -196,7 +196,7 @@ class RedisBackend:
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, supported_errors=(RedisConnectionError,)),
             retry_on_error=[RedisConnectionError],
             health_check_interval=30,
         )
