@@ -122,3 +122,27 @@ def test_a_batch_survives_the_server_forgetting_its_scripts(redis_server: RedisS
     outcomes = backend.apply([RegisterThread("c/a", "u1"), AppendSlot("t", b"<b/>", 10, 10), ForgetThread("u1")])
     assert outcomes == [None, 1, True]
     assert backend.buffer_get_thread("t") == [b"<a/>", b"<b/>"]  # each op ran exactly once
+
+
+def test_a_prefix_with_glob_characters_touches_only_its_own_keys(redis_server: RedisServer) -> None:
+    """A prefix is matched literally: 'a*' must not list or clear another organism's 'app1:' keys."""
+    victim = RedisBackend(redis_server.url, prefix="app1:")
+    globbing = RedisBackend(redis_server.url, prefix="a*")
+    try:
+        victim.buffer_append("t-victim", b"slot")
+        victim.registry_set("victim.chain", "u-victim")
+        victim.record_put("buffer", "r-victim", "field", b"value")
+        assert globbing.buffer_list_threads() == []
+        assert globbing.registry_list_all() == {}
+        globbing.buffer_clear()
+        globbing.registry_clear()
+        globbing.record_clear("buffer")
+        assert victim.buffer_get_thread("t-victim") == [b"slot"]
+        assert victim.registry_get_chain("u-victim") is not None
+        assert victim.record_get("buffer", "r-victim") == {"field": b"value"}
+    finally:
+        victim.buffer_clear()
+        victim.registry_clear()
+        victim.record_clear("buffer")
+        victim.close()
+        globbing.close()

@@ -39,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from xml_pipeline.cluster.hop import Hop
+from xml_pipeline.memory.redis_backend import glob_under
 
 GROUP = "xml-pipeline"
 MAX_CONNECTIONS = 64
@@ -336,7 +337,8 @@ class ClusterStore:
 
     async def daemons(self) -> list[dict[str, Any]]:
         found = []
-        async for key in self.client.scan_iter(match=self.keys.daemon("*"), count=100):
+        pattern = glob_under(self.keys.prefix, self.keys.daemon("*"))
+        async for key in self.client.scan_iter(match=pattern, count=100):
             value = await self.client.get(key)
             if value is not None:
                 found.append(json.loads(value))

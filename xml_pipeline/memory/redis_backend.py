@@ -249,9 +249,10 @@ class RedisBackend:
         return BackendUnavailable(reason)
 
     def _scan(self, pattern: str) -> Iterator[bytes]:
+        """Keys matching ``pattern``, which starts with the prefix; the prefix is matched literally."""
         self.circuit.check()
         try:
-            yield from self._client.scan_iter(match=pattern, count=SCAN_BATCH)
+            yield from self._client.scan_iter(match=glob_under(self.prefix, pattern), count=SCAN_BATCH)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._unreachable(exc) from None
 
@@ -438,6 +439,16 @@ class RedisBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def glob_under(prefix: str, pattern: str) -> str:
+    """``pattern`` (which starts with ``prefix``) as a SCAN pattern that takes the prefix literally.
+
+    A prefix with glob characters (``a*``) would otherwise match other
+    organisms' keys, and a clear() would delete them.
+    """
+    literal = "".join("\\" + char if char in "*?[]\\" else char for char in prefix)
+    return literal + pattern.removeprefix(prefix)
 
 
 def _cap(limit: int | None) -> int:
