@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,10 @@ from tests.daemon_support import running_daemon
 from tests.support import Ping, Pong, bloated, echo, envelope, forwarder
 from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse, SystemErrorPayload
 from xml_pipeline.message.envelope import read_envelope
+from xml_pipeline.message.payload_codec import codec_for
 from xml_pipeline.message.safe_xml import parse_untrusted
+from xml_pipeline.message_bus.outcome import Failure
+from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 from xml_pipeline.testing import ask, running
@@ -48,6 +51,20 @@ class Forest:
     tree: Tree
 
 
+@dataclass(frozen=True)
+class Node:
+    name: str
+    children: list[Node] = field(default_factory=list)
+
+
+async def nests(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """Answers a Node nested ``count`` levels deep: past Python's recursion limit for big counts."""
+    node = Node("leaf")
+    for _ in range(payload.count):
+        node = Node("x", [node])
+    return HandlerResponse.respond(node)
+
+
 async def towering(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
     """Answers <Forest><tree><trunk><branch><leaf><text>: with <message>, 7 levels, one more than allowed."""
     return HandlerResponse.respond(Forest(Tree(Trunk(Branch(Leaf(payload.text))))))
@@ -68,6 +85,7 @@ async def pump() -> AsyncIterator[Pump]:
         [
             Listener("bloater", [Ping], bloated, peers=[]),
             Listener("tower", [Ping], towering, peers=[]),
+            Listener("nester", [Ping], nests, peers=[]),
             Listener("relay", [Ping, Pong], forwarder("bloater"), peers=["bloater"]),
             Listener("catcher", [Ping, Pong, SystemErrorPayload], catches_errors, peers=["bloater"]),
             Listener("echo", [Ping], echo, peers=[]),
@@ -109,6 +127,23 @@ async def test_a_caller_that_accepts_errors_gets_the_refusal(pump: Pump) -> None
 async def test_output_deeper_than_the_limit_is_refused(pump: Pump) -> None:
     reply = await ask(pump, Ping("deep"), to="tower")
     assert reply.error_code is ErrorCode.TOO_DEEP, reply.payload
+
+
+@pytest.mark.parametrize("depth", [20, 5000])
+async def test_output_nested_past_the_limit_or_past_recursion_is_too_deep(pump: Pump, depth: int) -> None:
+    reply = await ask(pump, Ping("deep", count=depth), to="nester")
+    assert reply.error_code is ErrorCode.TOO_DEEP, reply.payload
+
+
+def test_a_huge_output_is_refused_before_it_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its text alone passes the bound, so no tree or bytes of it are ever made."""
+    written: list[object] = []
+    codec = codec_for(Pong)
+    monkeypatch.setattr(codec, "to_element", lambda payload: written.append(payload))
+    prepared = OutputPreparer(LIMITS.xml_limits()).for_client(Pong("x" * 100_000), "bloater", "console")
+    assert isinstance(prepared, Failure)
+    assert prepared.code is ErrorCode.TOO_LARGE
+    assert written == []
 
 
 async def test_oversized_output_of_a_cpu_bound_handler_is_refused(pump: Pump) -> None:

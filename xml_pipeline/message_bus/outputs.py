@@ -13,6 +13,7 @@ from typing import Any
 
 from lxml import etree
 
+from xml_pipeline.message.bounds import refuse_if_beyond
 from xml_pipeline.message.envelope import envelope_bytes
 from xml_pipeline.message.payload_codec import PayloadCodec, PayloadDecodeError, PayloadTypeError, codec_for
 from xml_pipeline.message.safe_xml import XmlLimits, XmlRejected, check_outgoing
@@ -63,7 +64,12 @@ class OutputPreparer:
         self, codec: PayloadCodec[Any], payload: Any, sender: str, to: str, *, validate: bool
     ) -> Prepared | Failure:
         try:
+            refuse_if_beyond(payload, self._limits_of_primitives if is_reserved(sender) else self.limits)
             element = codec.to_element(payload)
+        except XmlRejected as refused:
+            return Failure(refused.code, f"{sender}'s output to {to}: {refused.detail}")
+        except RecursionError:
+            return Failure(ErrorCode.TOO_DEEP, f"{sender}'s output to {to} is nested too deep to be written")
         except PayloadTypeError as exc:
             return Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {exc}")
         payload_xml = etree.tostring(element)
