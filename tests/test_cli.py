@@ -97,7 +97,7 @@ def test_send_during_a_drain_says_the_daemon_is_stopping() -> None:
             daemon.notify.expect("STOPPING=1")
             sent = cli("send", "--socket", str(daemon.socket_path), "greeter", "<Greeting><name>Ada</name></Greeting>")
             assert sent.returncode == 1, sent.stderr
-            assert "refused (HTTP 503): the daemon is stopping" in sent.stderr
+            assert "refused (shutting-down): the daemon is stopping" in sent.stderr
             assert "Traceback" not in sent.stderr
             daemon.process.kill()
 

@@ -287,3 +287,26 @@ def test_json_logs_are_one_object_per_line() -> None:
     failure = next(record for record in records if record["level"] == "warning")
     assert "listener=greeter" in failure["msg"]
     assert "thread=" in failure["msg"]
+
+
+def test_uncollected_replies_are_bounded_in_bytes_and_new_messages_wait_for_collection() -> None:
+    """Replies nobody collects cannot grow the daemon's memory past pump.max_reply_bytes."""
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", pump="pump:\n  max_reply_bytes: 2000\n")
+        with running_daemon(organism) as daemon:
+            client = daemon.client
+            threads = []
+            while True:
+                answer = client.request("POST", "/messages", body=_envelope("greeter", GREETING))
+                if answer.status != 202:
+                    break
+                threads.append(answer.json()["thread"])
+                assert len(threads) < 50, "the reply budget never filled"
+            assert answer.status == 503
+            assert answer.json()["error"]["code"] == "overload"
+            assert "bytes of replies are waiting to be collected" in answer.json()["error"]["message"]
+            for thread in threads:
+                collected = client.request("GET", f"/threads/{thread}/replies?wait=end&timeout=10").json()
+                assert "HELLO, ADA" in collected["replies"][0]
+            assert client.request("POST", "/messages", body=_envelope("greeter", GREETING)).status == 202
+            assert daemon.stop() == 0

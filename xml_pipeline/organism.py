@@ -128,6 +128,8 @@ class PumpLimits:
     mailbox_size: int = 100
     max_slots_per_thread: int = 10_000
     max_conversations: int = 100_000
+    max_reply_bytes: int = 64 * 1024 * 1024
+    """Bytes of replies waiting for HTTP clients to collect them, at most; past it new messages get overload."""
 
     def __post_init__(self) -> None:
         for name in ("queue_size", "max_in_flight", "mailbox_size", "max_slots_per_thread", "max_conversations"):

@@ -155,6 +155,7 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
         "mailbox_size": _Key(int, check=_at_least(1)),
         "max_slots_per_thread": _Key(int, check=_at_least(1)),
         "max_conversations": _Key(int, check=_at_least(1)),
+        "max_reply_bytes": _Key(int, check=_at_least(1)),
     },
     "backend": {
         "type": _Key(str, check=_one_of(BACKEND_TYPES)),

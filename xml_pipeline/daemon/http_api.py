@@ -243,14 +243,19 @@ def build_app(
             return ErrorCode.BODY_TIMEOUT, f"the body did not arrive within {body_timeout:g}s"
 
     async def post_message(request: web.Request) -> web.Response:
-        if not daemon.accepting:
-            return _problem(503, "the daemon is stopping and accepts no new messages")
         wait = _wait_parameters(request, "none")
         if isinstance(wait, web.Response):
             return wait
-        body = await read_body(request)
-        access = _access(request)
+        body: bytes | tuple[ErrorCode, str]
         engine = daemon.pump
+        full = None if isinstance(engine, DurableEngine) else daemon.submissions.full()
+        if not daemon.accepting:  # refused as a SystemError, like every refusal at the door, and logged once
+            body = (ErrorCode.SHUTTING_DOWN, "the daemon is stopping and accepts no new messages")
+        elif full is not None:
+            body = (ErrorCode.OVERLOAD, f"{full}; collect them or try again later")
+        else:
+            body = await read_body(request)
+        access = _access(request)
         if isinstance(engine, DurableEngine):
             return await _post_durable(engine, body, access, *wait)
         submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body, access=access)

@@ -144,7 +144,9 @@ class Daemon:
         self.metrics = PrometheusMetrics(self.pump.stats)
         self.pump.metrics = self.metrics
         self.submissions = SubmissionTable(
-            capacity=organism.limits.max_conversations, retention_seconds=options.reply_retention
+            capacity=organism.limits.max_conversations,
+            retention_seconds=options.reply_retention,
+            max_bytes=organism.limits.max_reply_bytes,
         )
         self.door = ConnectionGuard(options.door)
         http = organism.settings.get("http", {})

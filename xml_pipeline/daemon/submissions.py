@@ -3,8 +3,9 @@
 An HTTP client posts a message and comes back for the replies, maybe after the
 conversation has ended. The table keeps each submission until the client has
 collected everything after the end, or until ``retention_seconds`` after the
-end. It is bounded: when full, new submissions are refused (503) rather than
-evicting replies nobody has read.
+end. It is bounded, in submissions and in the bytes of replies not collected
+yet: when either is full, new messages are refused (503, ``overload``) rather
+than evicting replies nobody has read.
 
 Each submission belongs to the client that posted it: with tokens, only that
 client can collect its replies; a request with another identity (or none) is
@@ -24,9 +25,12 @@ class SubmissionTableFull(Exception):
 
 
 class SubmissionTable:
-    def __init__(self, *, capacity: int, retention_seconds: float) -> None:
+    def __init__(self, *, capacity: int, retention_seconds: float, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.capacity = capacity
         self.retention_seconds = retention_seconds
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        """Bytes of replies in the table's submissions that nobody has collected yet."""
         self._by_thread: dict[str, Submission] = {}
         self._owners: dict[str, str | None] = {}
         self._collected = asyncio.Event()
@@ -41,6 +45,27 @@ class SubmissionTable:
                 raise SubmissionTableFull(f"{self.capacity} submissions are waiting to be collected")
         self._by_thread[submission.thread_id] = submission
         self._owners[submission.thread_id] = owner
+        self.held_bytes += submission.pending_bytes
+        submission.keep_account(self._count)
+
+    def _count(self, delta: int) -> None:
+        self.held_bytes += delta
+
+    def full(self) -> str | None:
+        """Why no new message may be taken now, if it may not: too many submissions, or too many bytes held."""
+        if self.held_bytes > self.max_bytes:
+            return f"{self.held_bytes} bytes of replies are waiting to be collected (the limit is {self.max_bytes})"
+        if len(self._by_thread) >= self.capacity:
+            self.sweep()
+            if len(self._by_thread) >= self.capacity:
+                return f"{self.capacity} submissions are waiting to be collected"
+        return None
+
+    def _drop(self, thread: str) -> None:
+        submission = self._by_thread.pop(thread)
+        self._owners.pop(thread, None)
+        submission.keep_account(None)
+        self.held_bytes -= submission.pending_bytes
 
     def get(self, thread_id: str, owner: str | None = None) -> Submission | None:
         """The submission on ``thread_id`` if ``owner`` posted it."""
@@ -50,9 +75,8 @@ class SubmissionTable:
 
     def forget_if_finished(self, submission: Submission) -> None:
         """Called after a client collected replies; wakes :meth:`wait_for_collection`."""
-        if submission.finished:
-            self._by_thread.pop(submission.thread_id, None)
-            self._owners.pop(submission.thread_id, None)
+        if submission.finished and submission.thread_id in self._by_thread:
+            self._drop(submission.thread_id)
         self._collected.set()
 
     async def wait_for_collection(self) -> None:
@@ -70,7 +94,7 @@ class SubmissionTable:
             or (submission.closed_at is not None and now - submission.closed_at > self.retention_seconds)
         ]
         for thread in expired:
-            del self._by_thread[thread], self._owners[thread]
+            self._drop(thread)
         return len(expired)
 
     def uncollected(self) -> int:

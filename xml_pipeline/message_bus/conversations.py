@@ -62,6 +62,18 @@ class Submission:
         self._closed = False
         self.closed_at: float | None = None
         self.dropped = 0
+        self.pending_bytes = 0
+        """Bytes of the replies that arrived and were not collected yet."""
+        self._ledger: Callable[[int], None] | None = None
+
+    def keep_account(self, ledger: Callable[[int], None] | None) -> None:
+        """Tell ``ledger`` of every change in :attr:`pending_bytes` (a table that bounds them all); None stops."""
+        self._ledger = ledger
+
+    def _count(self, delta: int) -> None:
+        self.pending_bytes += delta
+        if self._ledger is not None:
+            self._ledger(delta)
 
     def deliver(self, reply: Reply) -> bool:
         if len(self._replies) >= self._capacity:
@@ -74,6 +86,7 @@ class Submission:
             )
             return False
         self._replies.append(reply)
+        self._count(len(reply.envelope))
         self._arrived.set()
         return True
 
@@ -96,6 +109,7 @@ class Submission:
         """Collect every reply that has arrived, without waiting."""
         replies = list(self._replies)
         self._replies.clear()
+        self._count(-self.pending_bytes)
         return replies
 
     @property
@@ -111,7 +125,9 @@ class Submission:
                     raise NoMoreReplies(self.thread_id)
                 self._arrived.clear()
                 await self._arrived.wait()
-        return self._replies.popleft()
+        reply = self._replies.popleft()
+        self._count(-len(reply.envelope))
+        return reply
 
     async def collect(self, timeout: float) -> list[Reply]:
         """Every reply until the conversation ends; TimeoutError if it does not end in time."""
