@@ -204,3 +204,36 @@ def test_200_slow_clients_do_not_stop_a_normal_one_from_being_served() -> None:
                 for client in slow:
                     client.close()
             assert daemon.stop() == 0
+
+
+def test_a_connection_whose_body_is_still_arriving_makes_room_like_an_idle_one() -> None:
+    clock = Clock()
+    guard = guard_of(2, clock)
+    dribbling, working, newcomer = FakeTransport(), FakeTransport(), FakeTransport()
+    for transport in (dribbling, working):
+        guard.admit(transport)  # type: ignore[arg-type]
+        guard.request_started(transport)  # type: ignore[arg-type]
+    guard.reading_body(dribbling, True)  # type: ignore[arg-type]
+    assert guard.admit(newcomer)  # type: ignore[arg-type]
+    assert (dribbling.aborted, working.aborted) == (True, False)
+
+
+def test_clients_dribbling_their_bodies_do_not_lock_out_normal_clients() -> None:
+    """Every connection holds a request whose body trickles in; whole requests are still served."""
+    with short_directory() as directory:
+        organism = write_organism(directory / "organism.yaml", pump="http:\n  max_connections: 20\n")
+        with running_daemon(organism) as daemon:
+            dribblers = []
+            try:
+                for _ in range(20):
+                    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    client.connect(str(daemon.socket_path))
+                    client.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n<message")
+                    dribblers.append(client)
+                assert wait_until(lambda: daemon.client.status()["connections"]["reading_body"] >= 19, timeout=10)
+                served = [daemon.client.send(GREETING, wait="end", timeout=10).status for _ in range(20)]
+            finally:
+                for client in dribblers:
+                    client.close()
+            assert served == [200] * 20
+            assert daemon.stop() == 0

@@ -14,7 +14,9 @@ nothing says why. The guard wraps the protocol of every connection:
   most once per ``WARN_EVERY_SECONDS``, with counts).
 - A connection with no request in progress (before its first request,
   between keep-alive requests, or while its headers trickle in) is closed
-  after ``header_timeout_seconds``.
+  after ``header_timeout_seconds``. One whose request's body is still arriving
+  is bounded by ``body_timeout_seconds`` instead, and counts as idle when room
+  must be made: a client that dribbles its body cannot lock the door either.
 - Bodies are read under ``body_timeout_seconds`` by the HTTP handler.
 
 TLS connections are guarded from their first byte, not from the end of their
@@ -73,13 +75,19 @@ class DoorLimits:
 
 
 class _Connection:
-    __slots__ = ("busy", "idle_since", "transport")
+    __slots__ = ("busy", "idle_since", "reading_body", "transport")
 
     def __init__(self, transport: asyncio.Transport, now: float) -> None:
         self.transport = transport
         self.idle_since = now
         self.busy = 0
         """Requests in progress on it (more than one only with HTTP pipelining)."""
+        self.reading_body = False
+        """Its request's body is still arriving: bounded by the body timeout, and evictable meanwhile."""
+
+    @property
+    def evictable(self) -> bool:
+        return not self.busy or self.reading_body
 
 
 class ConnectionGuard:
@@ -98,6 +106,19 @@ class ConnectionGuard:
     @property
     def open_connections(self) -> int:
         return len(self._open)
+
+    def counts(self) -> dict[str, int]:
+        """What ``status`` shows of the door."""
+        connections = self._open.values()
+        return {
+            "open": len(self._open),
+            "busy": sum(1 for c in connections if c.busy and not c.reading_body),
+            "reading_body": sum(1 for c in connections if c.reading_body),
+            "max_connections": self.limits.max_connections,
+            "evicted": self.evicted,
+            "refused": self.refused,
+            "timed_out": self.timed_out,
+        }
 
     def wrap(
         self, factory: Callable[[], asyncio.BaseProtocol], *, tls: ssl.SSLContext | None = None
@@ -183,6 +204,17 @@ class ConnectionGuard:
         if connection is not None:
             connection.busy += 1
 
+    def reading_body(self, transport: asyncio.BaseTransport | None, reading: bool) -> None:
+        """A request's body starts or stops arriving: until it is in, the connection may make room for others.
+
+        A client that dribbles its body must not hold a connection that a
+        client with a whole request could use: at the cap it is closed like an
+        idle one (longest waiting first). The body timeout bounds it otherwise.
+        """
+        connection = self._open.get(transport) if transport is not None else None
+        if connection is not None:
+            connection.reading_body = reading
+
     def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
         connection = self._connection_of(transport)
         if connection is not None:
@@ -209,7 +241,7 @@ class ConnectionGuard:
             await asyncio.wait(self._handshakes, timeout=timeout)
 
     def _longest_idle(self) -> _Connection | None:
-        idle = (c for c in self._open.values() if not c.busy)
+        idle = (c for c in self._open.values() if c.evictable)
         return min(idle, key=lambda c: c.idle_since, default=None)
 
     def _drop(self, connection: _Connection) -> None:

@@ -234,6 +234,7 @@ def build_app(
         """The request's body, or why not: too large (said before reading when the length is known), too slow."""
         if request.content_length is not None and request.content_length > max_body_bytes:
             return ErrorCode.TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {max_body_bytes}"
+        door.reading_body(request.transport, True)
         try:
             async with asyncio.timeout(body_timeout):
                 return await request.read()
@@ -241,6 +242,8 @@ def build_app(
             return ErrorCode.TOO_LARGE, f"the body is over the limit of {max_body_bytes} bytes"
         except TimeoutError:
             return ErrorCode.BODY_TIMEOUT, f"the body did not arrive within {body_timeout:g}s"
+        finally:
+            door.reading_body(request.transport, False)
 
     async def post_message(request: web.Request) -> web.Response:
         wait = _wait_parameters(request, "none")

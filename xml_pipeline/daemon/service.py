@@ -187,6 +187,8 @@ class Daemon:
             "conversations": stats.conversations,
             "threads": stats.threads,
             "uncollected_replies": self.submissions.uncollected(),
+            "uncollected_reply_bytes": self.submissions.held_bytes,
+            "connections": self.door.counts(),
             "listeners": [
                 {
                     "name": listener.name,
