@@ -11,6 +11,7 @@ from tests.support import Bag, Ping, Pong, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse, Huh
 from xml_pipeline.memory.context_buffer import get_context_buffer
 from xml_pipeline.memory.memory_backend import InMemoryBackend
+from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.thread_registry import get_registry
@@ -199,6 +200,33 @@ async def test_client_may_continue_its_live_conversation() -> None:
         assert (await stranger.next_reply(5)).payload == Pong("mine")
         gate.opened.set()
         assert (await first.next_reply(5)).payload == Pong("slow")
+
+
+async def test_only_the_client_that_started_a_conversation_may_continue_it() -> None:
+    """A continuation shares the conversation's replies, so another identity on the same thread starts its own.
+
+    It holds because an authenticated client's <from> is its identity, and only the conversation's own
+    sender continues it; without tokens, the thread (128 random bits the client was told) is the capability.
+    """
+    gate = Gate()
+    alice = ClientAccess.authenticated("alice", frozenset({"gate", "open-echo"}))
+    bob = ClientAccess.authenticated("bob", frozenset({"gate", "open-echo"}))
+    listeners = [
+        Listener("gate", [Ping], gate.handler, ingress=True),
+        Listener("open-echo", [Ping], echo, ingress=True),
+    ]
+    async with running(Organism.of("owners", listeners)) as pump:
+        first = await pump.inject(envelope(ping_xml("slow"), sender="alice", to="gate"), access=alice)
+        thread = first.thread_id
+        hijack = await pump.inject(envelope(ping_xml("bob"), sender="bob", to="open-echo", thread=thread), access=bob)
+        assert hijack is not first
+        assert (await hijack.next_reply(5)).payload == Pong("bob")
+        mine = await pump.inject(
+            envelope(ping_xml("more"), sender="alice", to="open-echo", thread=thread), access=alice
+        )
+        assert mine is first
+        gate.opened.set()
+        assert sorted(reply.payload.text for reply in await first.collect(5)) == ["more", "slow"]
 
 
 async def test_stop_drains_in_flight_work() -> None:
