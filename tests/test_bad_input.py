@@ -182,3 +182,23 @@ async def test_a_doctype_naming_a_missing_file_is_refused_not_served(pump: Pump,
         submission = await pump.inject(doctype_naming(str(tmp_path / "absent.dtd"), encoding=encoding))
         reply = await submission.next_reply(5)
         assert reply.error_code in {ErrorCode.FORBIDDEN_DTD, ErrorCode.UNSUPPORTED_ENCODING}, reply.payload
+
+
+REPAIR_REFUSES = {
+    "undeclared entity": (envelope('<Ping xmlns=""><text>&xxe;</text></Ping>'), ErrorCode.MALFORMED_XML),
+    "doctype after the root": (
+        envelope(ping_xml()) + b'<!DOCTYPE message SYSTEM "file:///etc/passwd">',
+        ErrorCode.FORBIDDEN_DTD,
+    ),
+    "control character reference": (envelope('<Ping xmlns=""><text>&#x1;</text></Ping>'), ErrorCode.MALFORMED_XML),
+}
+
+
+@pytest.mark.parametrize(("raw", "code"), list(REPAIR_REFUSES.values()), ids=list(REPAIR_REFUSES))
+async def test_repair_never_guesses_at_entities_characters_or_declarations(raw: bytes, code: ErrorCode) -> None:
+    """pump.repair mends well-formedness slips, not these: each is refused as it would be without repair."""
+    async with running(misbehaving_organism(PumpLimits(repair=True))) as repairing:
+        reply = await (await repairing.inject(raw)).next_reply(5)
+        assert reply.error_code is code, reply.payload
+        mended = await (await repairing.inject(envelope('<Ping xmlns=""><text>x</text></Ping>')[:-10])).next_reply(5)
+        assert mended.payload == Pong("x")  # a truncated end tag is still repaired

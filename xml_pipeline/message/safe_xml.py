@@ -175,34 +175,72 @@ class Parsed:
 
 
 def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
-    """Parse ``raw`` under ``limits``; raises :class:`XmlRejected`."""
+    """Parse ``raw`` under ``limits``; raises :class:`XmlRejected`.
+
+    With ``limits.repair`` a document that is not well-formed is parsed again
+    by the recovering parser, and the repairs are reported; but never one
+    whose trouble is an entity, a character reference, an encoding or a
+    markup declaration: repairing those would mean guessing at text (or
+    dropping a DOCTYPE silently), so they are refused as without repair.
+    """
     if len(raw) > limits.max_bytes:
         raise XmlRejected(ErrorCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {limits.max_bytes}")
     _refuse_foreign_encoding(raw)
-    parser = _REPAIRING if limits.repair else _STRICT
+    repairs: tuple[str, ...] = ()
     try:
-        root = etree.fromstring(raw, parser)
+        root = etree.fromstring(raw, _STRICT)
     except _ExternalFetchRefused as exc:
         raise XmlRejected(ErrorCode.FORBIDDEN_DTD, f"the document asks to load {exc}; nothing is loaded") from None
     except etree.XMLSyntaxError as exc:
-        if "depth" in str(exc).lower():
-            raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}") from None
-        if getattr(exc, "code", None) == etree.ErrorTypes.ERR_UNSUPPORTED_ENCODING:  # the stubs lack .code
-            raise XmlRejected(ErrorCode.UNSUPPORTED_ENCODING, f"{exc}; send UTF-8 or UTF-16") from None
-        if _carries_dtd(raw):  # e.g. libxml2 stopped at an entity amplification limit inside the DTD
-            raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted") from None
-        raise XmlRejected(ErrorCode.MALFORMED_XML, f"not well-formed XML: {exc}") from None
+        if not limits.repair or not _repairable(exc, raw):
+            raise _refusal_for(exc, raw, limits) from None
+        root, repairs = _repaired(raw)
     except ValueError as exc:  # e.g. a str with an encoding declaration
         raise XmlRejected(ErrorCode.MALFORMED_XML, f"not parseable: {exc}") from None
-    if root is None:
-        raise XmlRejected(ErrorCode.MALFORMED_XML, "not well-formed XML: nothing could be recovered")
     _refuse_foreign_declaration_and_dtd(root)
     if _could_be_deeper(raw, limits.max_depth) and _deeper_than(limits.max_depth)(root):
         raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}")
-    repairs: tuple[str, ...] = ()
-    if limits.repair and parser.error_log:
-        repairs = tuple(f"line {e.line}: {e.message}" for e in parser.error_log)
     return Parsed(root, repairs)
+
+
+_UNREPAIRABLE = frozenset(
+    getattr(etree.ErrorTypes, name)
+    for name in dir(etree.ErrorTypes)
+    if name.startswith(("ERR_ENTITY", "ERR_PEREF", "ERR_CHARREF", "ERR_INVALID_", "ERR_UNDECLARED_ENTITY"))
+    or name in {"ERR_RESOURCE_LIMIT", "ERR_UNPARSED_ENTITY", "ERR_DOCTYPE_NOT_FINISHED", "ERR_NO_DTD"}
+    or "ENCODING" in name
+)
+_DECLARATIONS = (b"<!DOCTYPE", b"<!ENTITY", b"<!ELEMENT", b"<!ATTLIST")
+
+
+def _repairable(exc: etree.XMLSyntaxError, raw: bytes) -> bool:
+    code = getattr(exc, "code", None)  # the stubs lack .code
+    if code in _UNREPAIRABLE or "depth" in str(exc).lower():
+        return False
+    return not any(declaration in raw for declaration in _DECLARATIONS)
+
+
+def _repaired(raw: bytes) -> tuple[etree._Element, tuple[str, ...]]:
+    try:
+        root = etree.fromstring(raw, _REPAIRING)
+    except _ExternalFetchRefused as exc:
+        raise XmlRejected(ErrorCode.FORBIDDEN_DTD, f"the document asks to load {exc}; nothing is loaded") from None
+    except etree.XMLSyntaxError as exc:
+        raise XmlRejected(ErrorCode.MALFORMED_XML, f"not well-formed XML, beyond repair: {exc}") from None
+    if root is None:
+        raise XmlRejected(ErrorCode.MALFORMED_XML, "not well-formed XML: nothing could be recovered")
+    return root, tuple(f"line {e.line}: {e.message}" for e in _REPAIRING.error_log)
+
+
+def _refusal_for(exc: etree.XMLSyntaxError, raw: bytes, limits: XmlLimits) -> XmlRejected:
+    """What a document the strict parser refused is told, by what broke it."""
+    if "depth" in str(exc).lower():
+        return XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}")
+    if getattr(exc, "code", None) == etree.ErrorTypes.ERR_UNSUPPORTED_ENCODING:  # the stubs lack .code
+        return XmlRejected(ErrorCode.UNSUPPORTED_ENCODING, f"{exc}; send UTF-8 or UTF-16")
+    if _carries_dtd(raw) or (limits.repair and any(declaration in raw for declaration in _DECLARATIONS)):
+        return XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
+    return XmlRejected(ErrorCode.MALFORMED_XML, f"not well-formed XML: {exc}")
 
 
 ENVELOPE_ALLOWANCE = 4096
