@@ -150,3 +150,13 @@ async def test_the_pumps_conversations_along_one_path_never_share_a_thread(backe
         replies = [await first.next_reply(5), await second.next_reply(5)]
     assert [reply.payload for reply in replies] == [Pong("first"), Pong("second")]
     assert len({seen["first"], seen["second"], dotted, first.thread_id, second.thread_id}) == 5
+
+
+def test_a_chain_written_straight_to_the_backend_reads_back_through_the_registry(backend: SharedBackend) -> None:
+    """Reference code calls backend.registry_set("a.b", uuid) itself; the registry must see that chain."""
+    registry = ThreadRegistry(backend=backend)
+    backend.registry_set("legacy.router.greeter", "u-legacy")
+    assert registry.lookup("u-legacy") == "legacy.router.greeter"
+    caller, thread = registry.prune_for_response("u-legacy")
+    assert caller == "router"
+    assert thread == registry.get_or_create("legacy.router")

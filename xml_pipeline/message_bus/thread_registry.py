@@ -97,6 +97,13 @@ def chain_key(conversation: str, chain: Sequence[str]) -> str:
 
 
 def _parse_key(key: str) -> ThreadRecord:
+    """A stored key as conversation and segments; a dotted key without ``/`` is the reference's own.
+
+    Code written against the reference calls ``backend.registry_set("a.b", uuid)``
+    directly; such a chain belongs to the shared namespace, split at its dots.
+    """
+    if _SEP not in key:
+        return ThreadRecord(SHARED_NAMESPACE, tuple(key.split(".")))
     conversation, *chain = key.split(_SEP)
     return ThreadRecord(conversation, tuple(chain))
 
