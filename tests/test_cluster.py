@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.cluster_handlers import RUNS_FILE
-from tests.daemon_support import DaemonProcess, cli, running_daemon, short_directory
+from tests.daemon_support import DaemonProcess, cli, running_daemon, short_directory, write_organism
 from tests.redis_server import RedisServer
 from xml_pipeline.message.envelope import read_envelope
 from xml_pipeline.message.safe_xml import parse_untrusted
@@ -194,6 +194,8 @@ async def test_kill_9_of_one_daemon_with_500_in_flight_loses_nothing(
         assert len(redelivered) == duplicates  # every second run says it is one (delivery_attempt 2)
         assert duplicates > 0, "the killed daemon was handling hops; they must have run again"
         print(f"duplicate handler runs after kill -9: {duplicates} of {len(texts)}")
+        counted = sum(_metric(daemon, 'xml_pipeline_redelivered_total{listener="slow"}') for daemon in group[1:])
+        assert counted >= duplicates  # every run again was a claimed hop, and /metrics counts each claim
         assert conversation_keys(redis_for_cluster) == []
         for daemon in group[1:]:
             assert await asyncio.to_thread(daemon.stop) == 0
@@ -248,6 +250,8 @@ async def test_a_handler_that_kills_its_daemon_ends_in_the_dead_letter_stream(
             assert texts_of([poison_replies]) == ["error:dead-letter"]
             assert texts_of(ordinary_replies) == [f"p{i}" for i in range(30)]
             assert runs_of(runs)["poison"] == 2
+            lettered = sum(_metric(d, 'xml_pipeline_dead_lettered_total{listener="poisoned"}') for d in survivors)
+            assert lettered == 1
             listed = await asyncio.to_thread(cli, "dlq", "list", "-o", str(organism))
             assert listed.returncode == 0, listed.stderr
             assert "poisoned" in listed.stdout
@@ -343,3 +347,57 @@ async def test_a_buffer_whose_coordinating_daemon_dies_runs_again_on_another(
     [summary] = texts_of([replies])
     assert summary == "300/300 ok; in order: True; failures: []"
     assert set(runs_of(runs)) == {f"item{i}" for i in range(300)}
+
+
+def _metric(daemon: DaemonProcess, series: str) -> float:
+    for line in daemon.client.metrics().splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_status_shows_every_live_daemon_and_each_listeners_backlog(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory, daemons(cluster_organism(directory, redis_for_cluster.url), 2, runs) as group:
+        threads = await post_all([group[0].socket_path], "slow", [f"q{i}" for i in range(20)])
+        cluster = group[1].client.status()["cluster"]
+        assert {d["pid"] for d in cluster["daemons"]} == {d.process.pid for d in group}
+        assert set(cluster["listeners"]) >= {"echo", "slow", "poisoned", "system.buffer", "system.sequence"}
+        assert cluster["dead_letters"] == 0
+        shown = await asyncio.to_thread(cli, "status", "--socket", str(group[1].socket_path))
+        assert shown.returncode == 0, shown.stderr
+        assert "cluster: 2 live daemon(s)" in shown.stdout
+        assert "(this one)" in shown.stdout
+        await collect_all([group[0].socket_path], threads)
+        for daemon in group:
+            assert await asyncio.to_thread(daemon.stop) == 0
+
+
+async def test_the_example_organism_behaves_the_same_in_durable_mode(redis_for_cluster: RedisServer) -> None:
+    """send, errors and SIGTERM as on one daemon, with every hop going through Redis Streams."""
+    with short_directory() as directory:
+        organism = directory / "organism.yaml"
+        write_organism(organism)
+        organism.write_text(
+            organism.read_text()
+            + f"\nbackend:\n  type: redis\n  redis_url: {redis_for_cluster.url}\n  delivery: at-least-once\n"
+        )
+        with running_daemon(organism) as daemon:
+            socket_path = str(daemon.socket_path)
+            sent = await asyncio.to_thread(
+                cli, "send", "--socket", socket_path, "greeter", "<Greeting><name>Ada</name></Greeting>"
+            )
+            assert sent.returncode == 0, sent.stderr
+            assert "HELLO, ADA!" in sent.stdout
+            refused = await asyncio.to_thread(cli, "send", "--socket", socket_path, "greeter", "<Nope/>")
+            assert refused.returncode == 1
+            assert "payload-invalid" in refused.stderr
+            crunched = await asyncio.to_thread(
+                cli, "send", "--socket", socket_path, "cruncher", "<Crunch><text>abc</text><rounds>3</rounds></Crunch>"
+            )
+            assert crunched.returncode == 0, crunched.stderr
+            daemon.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+        assert conversation_keys(redis_for_cluster) == []

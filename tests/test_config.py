@@ -75,6 +75,17 @@ def test_document_level_mistakes(text: str, line: int | None, fragment: str) -> 
     assert any(p.line == line and fragment in p.message for p in caught.value.problems), caught.value.problems
 
 
+@pytest.mark.parametrize("kind", ["memory", "manager"])
+def test_at_least_once_delivery_is_refused_on_a_single_daemon_backend(kind: str) -> None:
+    text = (
+        f"organism: {{name: x}}\nbackend:\n  type: {kind}\n  delivery: at-least-once\n"
+        "listeners:\n  - {name: a, payload_class: workers.hello.Greeting, handler: workers.hello.greet}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_organism_text(text)
+    assert any("delivery at-least-once needs backend.type redis" in p.message for p in caught.value.problems)
+
+
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the file"):
         load_organism(tmp_path / "missing.yaml")

@@ -351,6 +351,26 @@ def status(
             f"  {listener['name']:<20} {door}; accepts {', '.join(listener['accepts'])}; may call {peers};"
             f" timeout {listener['timeout_seconds']:g}s, concurrency {listener['max_concurrency']}"
         )
+    cluster = data.get("cluster")
+    if cluster is not None:
+        _echo_cluster(cluster)
+
+
+def _echo_cluster(cluster: dict[str, Any]) -> None:
+    """The durable mode's part of ``status``: every live daemon, each listener's backlog, dead letters."""
+    click.echo(
+        f"cluster: {len(cluster['daemons'])} live daemon(s); dead letters {cluster['dead_letters']};"
+        f" redeliveries by this daemon {cluster['redeliveries']}"
+    )
+    for daemon in cluster["daemons"]:
+        mark = " (this one)" if daemon.get("daemon") == cluster["daemon"] else ""
+        click.echo(
+            f"  {daemon.get('daemon')}{mark}: pid {daemon.get('pid')} on {daemon.get('host')},"
+            f" serving {', '.join(daemon.get('serving', []))}; in flight {daemon.get('in_flight')},"
+            f" redeliveries {daemon.get('redeliveries')}, dead letters {daemon.get('dead_letters')}"
+        )
+    for name, backlog in cluster["listeners"].items():
+        click.echo(f"  {name:<20} stored {backlog['stored']}, being handled {backlog['in_flight']}")
 
 
 main.add_command(token)
