@@ -11,6 +11,8 @@ from xml_pipeline.primitives import BufferComplete, BufferStart
 
 RUNS_FILE = "XP_TEST_RUNS_FILE"
 """Environment variable naming the file every handler run appends one line to."""
+CURE_FILE = "XP_TEST_CURE_FILE"
+"""Environment variable naming a file whose existence stops the poison from killing its daemon."""
 
 
 def _note_run(payload: Ping, metadata: HandlerMetadata) -> None:
@@ -22,6 +24,11 @@ def _note_run(payload: Ping, metadata: HandlerMetadata) -> None:
             os.write(descriptor, line)  # one short O_APPEND write: whole lines even from many processes
         finally:
             os.close(descriptor)
+
+
+def _cured() -> bool:
+    cure = os.environ.get(CURE_FILE)
+    return bool(cure) and os.path.exists(cure)
 
 
 async def counted_echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
@@ -38,7 +45,7 @@ async def slow_counted_echo(payload: Ping, metadata: HandlerMetadata) -> Handler
 async def poisoned_echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
     """Kills its own daemon on the payload 'poison', as a segfaulting C extension would."""
     _note_run(payload, metadata)
-    if payload.text == "poison":
+    if payload.text == "poison" and not _cured():
         os._exit(17)
     return HandlerResponse.respond(Pong(payload.text))
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import redis
 
-from tests.cluster_handlers import RUNS_FILE
+from tests.cluster_handlers import CURE_FILE, RUNS_FILE
 from tests.daemon_support import DaemonProcess, cli, running_daemon, short_directory, write_organism
 from tests.redis_server import RedisServer
 from xml_pipeline.message.envelope import read_envelope
@@ -63,8 +63,9 @@ def cluster_organism(directory: Path, redis_url: str, *, max_deliveries: int = 3
 
 @contextlib.contextmanager
 def daemons(organism: Path, count: int, runs: Path) -> Iterator[list[DaemonProcess]]:
+    env = {RUNS_FILE: str(runs), CURE_FILE: str(runs.with_suffix(".cured"))}
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(running_daemon(organism, env={RUNS_FILE: str(runs)})) for _ in range(count)]
+        yield [stack.enter_context(running_daemon(organism, env=env)) for _ in range(count)]
 
 
 @pytest.fixture
@@ -256,6 +257,14 @@ async def test_a_handler_that_kills_its_daemon_ends_in_the_dead_letter_stream(
             assert listed.returncode == 0, listed.stderr
             assert "poisoned" in listed.stdout
             assert "deliveries 2" in listed.stdout
+            runs.with_suffix(".cured").touch()  # the operator fixed the handler; the letter may go again
+            letter_id = listed.stdout.split()[0]
+            replayed = await asyncio.to_thread(cli, "dlq", "replay", letter_id, "-o", str(organism))
+            assert replayed.returncode == 0, replayed.stderr
+            [after_replay] = await collect_all(live, [poison_thread])
+            assert texts_of([after_replay]) == ["poison"]  # answered on the same thread
+            emptied = await asyncio.to_thread(cli, "dlq", "list", "-o", str(organism))
+            assert emptied.stdout.strip() == ""
             for daemon in survivors:
                 assert await asyncio.to_thread(daemon.stop) == 0
 
