@@ -18,7 +18,7 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks import measure
+from benchmarks import durable, measure
 from benchmarks.measure import Floor, Result
 from benchmarks.shared_floor import DEFAULT_SHARED, SCRIPT, SharedFloor, locate
 
@@ -31,6 +31,7 @@ FULL = {
     "buffer": 10_000,
     "memory": 1_000_000,
     "bad": 2_000,
+    "durable": 4_000,
     "repeats": 5,
 }
 QUICK = {
@@ -42,6 +43,7 @@ QUICK = {
     "buffer": 500,
     "memory": 12_000,
     "bad": 100,
+    "durable": 200,
     "repeats": 2,
 }
 
@@ -67,6 +69,7 @@ async def run_all(sizes: dict[str, float], shared: SharedFloor | str) -> Report:
     results.append(await measure.buffer_throughput(int(sizes["buffer"]), hops, repeats))
     results.append(await measure.memory_growth(int(sizes["memory"])))
     results.append(await measure.bad_input_cost(int(sizes["bad"]), repeats))
+    results.append(await durable.durable_throughput(int(sizes["durable"]), repeats, daemon_count=2))
     note = shared if isinstance(shared, str) else f"measured by running {shared.script} in a process of its own"
     return Report(own, reference, note, results)
 

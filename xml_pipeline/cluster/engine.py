@@ -329,6 +329,7 @@ class DurableEngine:
             await self._pool.close(kill=not drained)
             self._pool = None
         await self.store_watch.close()
+        await self._replies.close()
         with contextlib.suppress(RedisError):
             await self.store.forget_daemon(self.daemon_id)
         await self.store.close()

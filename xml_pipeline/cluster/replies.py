@@ -3,9 +3,10 @@
 Clients wait for their conversation's replies (``wait=end``), and a buffer's
 run waits for each of its items' answers: thousands of waits at once. A
 blocking read each would take a connection each. Instead one task reads every
-awaited reply stream in a single blocking ``XREAD`` (re-issued every
-``BLOCK_SECONDS``, so a new waiter is included within that time) and hands
-each entry to whoever waits for that conversation.
+awaited reply stream in a single blocking ``XREAD`` on a connection of its own
+and hands each entry to whoever waits for that conversation. A new waiter
+interrupts the read in progress (``CLIENT UNBLOCK``), so the next read includes
+its stream at once rather than after the block runs out.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from xml_pipeline.cluster.store import ClientReply, ClusterStore
 
 log = logging.getLogger("xml_pipeline.cluster")
 
-BLOCK_SECONDS = 0.1
+BLOCK_SECONDS = 1.0
 MAX_STREAMS_PER_READ = 1000
 
 Entry = tuple[bytes, ClientReply | None]
@@ -39,12 +40,17 @@ class ReplyWatcher:
         self._store = store
         self._waiters: dict[str, list[_Waiter]] = {}
         self._someone_waits = asyncio.Event()
+        self._reader = store.dedicated_client()
+        self._reader_id: int | None = None
+        self._reading = False
+        self._nudged = False
 
     async def wait(self, conversation: str, after: bytes, timeout: float) -> list[Entry]:
         """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``."""
         waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future())
         self._waiters.setdefault(conversation, []).append(waiter)
         self._someone_waits.set()
+        await self._nudge()
         try:
             async with asyncio.timeout(timeout):
                 return await waiter.arrived
@@ -56,6 +62,19 @@ class ReplyWatcher:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(conversation, None)
+
+    async def _nudge(self) -> None:
+        """Interrupt the read in progress (once per read), so that it starts again with the new stream."""
+        if not self._reading or self._nudged or self._reader_id is None:
+            return
+        self._nudged = True
+        try:
+            await self._store.client.client_unblock(self._reader_id)
+        except (RedisError, OSError) as exc:  # the read then ends by itself within BLOCK_SECONDS
+            log.debug("could not interrupt the reply read: %s", exc)
+
+    async def close(self) -> None:
+        await self._reader.aclose()
 
     async def run(self) -> None:
         """Read for every waiter until cancelled (the engine runs this in its task group)."""
@@ -71,11 +90,17 @@ class ReplyWatcher:
                 for conversation, waiters in list(self._waiters.items())[:MAX_STREAMS_PER_READ]
             }
             try:
-                found = await self._store.replies_of(wanted, int(BLOCK_SECONDS * 1000))
+                if self._reader_id is None:
+                    self._reader_id = int(await self._reader.client_id())
+                self._reading, self._nudged = True, False
+                found = await self._store.replies_of(wanted, int(BLOCK_SECONDS * 1000), self._reader)
             except (RedisError, OSError) as exc:
                 log.warning("reading replies failed, trying again: %s", exc)
-                await asyncio.sleep(BLOCK_SECONDS)
+                self._reader_id = None  # a new connection has a new id
+                await asyncio.sleep(BLOCK_SECONDS / 10)
                 continue
+            finally:
+                self._reading = False
             for conversation, entries in found.items():
                 for waiter in self._waiters.get(conversation, []):
                     mine = [entry for entry in entries if _after(entry[0], waiter.after)]

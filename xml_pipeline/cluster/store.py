@@ -304,12 +304,16 @@ class ClusterStore:
         answer: Any = await self.client.xread({self.keys.replies(conversation): after}, block=block_ms)
         return [(entry_id, _client_reply(fields)) for _, rows in answer or [] for entry_id, fields in rows]
 
+    def dedicated_client(self) -> aioredis.Redis:
+        """A client that keeps one connection of the pool, so its CLIENT ID can be unblocked."""
+        return aioredis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
+
     async def replies_of(
-        self, wanted: dict[str, bytes], block_ms: int
+        self, wanted: dict[str, bytes], block_ms: int, client: aioredis.Redis
     ) -> dict[str, list[tuple[bytes, ClientReply | None]]]:
-        """One blocking read of many reply streams: each conversation's entries after its id."""
+        """One blocking read of many reply streams on ``client``: each conversation's entries after its id."""
         streams = {self.keys.replies(conversation): after for conversation, after in wanted.items()}
-        answer: Any = await self.client.xread(streams, block=block_ms)  # type: ignore[arg-type]
+        answer: Any = await client.xread(streams, block=block_ms)  # type: ignore[arg-type]
         found: dict[str, list[tuple[bytes, ClientReply | None]]] = {}
         prefix = self.keys.replies("")
         for stream, rows in answer or []:
