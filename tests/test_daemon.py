@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import ROOT
 from tests.daemon_support import cli, free_loopback_port, running_daemon, short_directory, write_organism
 from xml_pipeline.daemon.client import DaemonClient
+from xml_pipeline.daemon.service import _bind_unix_socket
 from xml_pipeline.message.envelope import read_envelope
 from xml_pipeline.message.safe_xml import parse_untrusted
 
@@ -275,6 +278,43 @@ def test_socket_is_group_accessible_only() -> None:
         assert daemon.socket_path.is_socket()
         assert daemon.socket_path.stat().st_mode & 0o777 == 0o660
         assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(("owner", "mode"), [(os.getuid(), 0o777), (os.getuid(), 0o770), (1, 0o700)])
+def test_run_refuses_a_socket_directory_someone_else_controls(owner: int, mode: int) -> None:
+    with short_directory() as directory:
+        shared = directory / "shared"
+        shared.mkdir()
+        shared.chmod(mode)
+        os.chown(shared, owner, -1)
+        refused = cli("run", str(EXAMPLE), "--socket", str(shared / "d.sock"))
+        assert refused.returncode == 1
+        assert f"the socket directory {shared}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert list(shared.iterdir()) == []
+
+
+def test_run_refuses_a_default_socket_directory_made_in_advance_by_another_user() -> None:
+    with short_directory() as directory:
+        planted = directory / "xml-pipeline"  # where $XDG_RUNTIME_DIR sends the default socket
+        planted.mkdir()
+        planted.chmod(0o777)
+        environment = {key: value for key, value in os.environ.items() if key != "RUNTIME_DIRECTORY"}
+        refused = cli("run", str(EXAMPLE), env={**environment, "XDG_RUNTIME_DIR": str(directory)})
+        assert refused.returncode == 1
+        assert "is writable by others (mode 0777)" in refused.stderr
+        assert list(planted.iterdir()) == []
+
+
+def test_a_socket_directory_the_daemon_makes_is_0750_whatever_the_umask() -> None:
+    with short_directory() as directory:
+        previous = os.umask(0o077)
+        try:
+            bound = _bind_unix_socket(directory / "made" / "d.sock")
+        finally:
+            os.umask(previous)
+        bound.close()
+        assert (directory / "made").stat().st_mode & 0o777 == 0o750
 
 
 def test_json_logs_are_one_object_per_line() -> None:
