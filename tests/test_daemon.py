@@ -317,6 +317,16 @@ def test_a_socket_directory_the_daemon_makes_is_0750_whatever_the_umask() -> Non
         assert (directory / "made").stat().st_mode & 0o777 == 0o750
 
 
+def test_run_never_deletes_a_file_that_is_not_a_socket() -> None:
+    with short_directory() as directory:
+        precious = directory / "notes.txt"
+        precious.write_text("keep me")
+        refused = cli("run", str(EXAMPLE), "--socket", str(precious))
+        assert refused.returncode == 1
+        assert f"{precious} exists and is not a socket; refusing to replace it" in refused.stderr
+        assert precious.read_text() == "keep me"
+
+
 def test_json_logs_are_one_object_per_line() -> None:
     with running_daemon(EXAMPLE, "--log-json") as daemon:
         cli("send", "--socket", str(daemon.socket_path), "greeter", "<Nope/>")

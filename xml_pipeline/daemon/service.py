@@ -394,9 +394,22 @@ def _engine_for(organism: Organism, backend: SharedBackend, serve: frozenset[str
 
 
 def _bind_unix_socket(path: Path) -> socket.socket:
-    """Bind ``path`` with mode 0660 in a directory of our own, replacing a stale socket but never a live daemon's."""
+    """Bind ``path`` with mode 0660, replacing a stale socket but never a live daemon's, nor any other file.
+
+    The directory must be ours alone (see ``_claim_socket_directory``), and only
+    a socket nobody answers on is removed: ``organism.socket`` naming a regular
+    file by mistake must not cost that file.
+    """
     _claim_socket_directory(path.parent)
-    if path.exists():
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise DaemonStartError(f"cannot inspect {path}: {exc.strerror or exc}") from None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise DaemonStartError(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
