@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,15 @@ import aiohttp
 import pytest
 
 from tests.conftest import ROOT
-from tests.daemon_support import cli, free_loopback_port, running_daemon, short_directory, write_organism
+from tests.daemon_support import (
+    DaemonProcess,
+    cli,
+    free_loopback_port,
+    running_daemon,
+    short_directory,
+    wait_until,
+    write_organism,
+)
 from xml_pipeline.daemon.client import DaemonClient
 from xml_pipeline.daemon.service import _bind_unix_socket
 from xml_pipeline.message.envelope import read_envelope
@@ -337,3 +346,26 @@ def test_json_logs_are_one_object_per_line() -> None:
     failure = next(record for record in records if record["level"] == "warning")
     assert "listener=greeter" in failure["msg"]
     assert "thread=" in failure["msg"]
+
+
+HANGING_UP_MID_BODY = (
+    b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n<message",
+    b"POST /messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n<message\r\n",
+)
+
+
+def _hang_up_mid_body(daemon: DaemonProcess, clients: int) -> None:
+    """``clients`` connections that send the headers and half a body, then close; return once the daemon saw each."""
+    for number in range(clients):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(daemon.socket_path))
+            client.sendall(HANGING_UP_MID_BODY[number % 2])
+    assert wait_until(lambda: daemon.log().count("Connection lost") >= clients, timeout=30), daemon.log()
+
+
+def test_json_logs_stay_json_when_clients_hang_up_mid_body() -> None:
+    with running_daemon(EXAMPLE, "--log-json") as daemon:
+        _hang_up_mid_body(daemon, 10)
+        assert daemon.stop() == 0
+        records = [json.loads(line) for line in daemon.log().splitlines()]
+    assert sum("Connection lost" in record["msg"] for record in records) == 10
