@@ -369,3 +369,14 @@ def test_json_logs_stay_json_when_clients_hang_up_mid_body() -> None:
         assert daemon.stop() == 0
         records = [json.loads(line) for line in daemon.log().splitlines()]
     assert sum("Connection lost" in record["msg"] for record in records) == 10
+
+
+def test_a_client_hanging_up_mid_body_is_one_info_line_without_traceback() -> None:
+    with running_daemon(EXAMPLE) as daemon:
+        _hang_up_mid_body(daemon, 20)
+        assert daemon.client.request("GET", "/healthz").status == 200
+        assert daemon.stop() == 0
+        log = daemon.log()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    assert log.count("INFO xml_pipeline.daemon a client went away before its body arrived (Connection lost)") == 20
