@@ -155,14 +155,15 @@ def free_loopback_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the command line; ``env``, if given, replaces this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "xml_pipeline", *args],
         input=stdin,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)},
         timeout=60,
         check=False,
     )

@@ -76,6 +76,13 @@ async def test_inputs_that_only_look_hostile_are_served(pump: Pump, raw: bytes) 
     assert isinstance(reply.payload, Pong), reply.payload
 
 
+def test_utf16_declared_without_its_byte_order_mark_says_so() -> None:
+    raw, _ = HOSTILE_ENVELOPES["ascii bytes declaring utf-16 without a byte order mark"]
+    with pytest.raises(XmlRejected, match="UTF-16 needs its byte order mark") as caught:
+        parse_untrusted(raw)
+    assert caught.value.code is ErrorCode.UNSUPPORTED_ENCODING
+
+
 async def test_text_that_looks_like_a_doctype_reaches_the_handler_as_text(pump: Pump) -> None:
     raw = envelope('<Ping xmlns=""><text><![CDATA[<!DOCTYPE html>]]></text></Ping>')
     reply = await (await pump.inject(raw)).next_reply(5)

@@ -236,16 +236,22 @@ async def test_every_daemon_killed_then_one_started_handles_every_accepted_messa
 async def test_a_handler_that_kills_its_daemon_ends_in_the_dead_letter_stream(
     redis_for_cluster: RedisServer, tmp_path: Path
 ) -> None:
-    """max_deliveries 2: the poison kills two daemons; the third dead-letters it and tells the sender."""
+    """max_deliveries 2: the poison kills two daemons; the third dead-letters it and tells the sender.
+
+    Clients talk to a door daemon that does not serve the poisoned listener, so that no answer to them
+    is cut off by a daemon the poison kills.
+    """
     runs = tmp_path / "runs.log"
     with short_directory() as directory:
         organism = cluster_organism(directory, redis_for_cluster.url, max_deliveries=2)
-        with daemons(organism, 3, runs) as group:
-            sockets = [daemon.socket_path for daemon in group]
-            ordinary = await post_all(sockets, "poisoned", [f"p{i}" for i in range(30)])
-            [poison_thread] = await post_all(sockets[:1], "poisoned", ["poison"])
+        with (
+            daemons(organism, 3, runs) as group,
+            running_daemon(organism, "--listeners", "echo", env={RUNS_FILE: str(runs)}) as door,
+        ):
+            ordinary = await post_all([door.socket_path], "poisoned", [f"p{i}" for i in range(30)])
+            [poison_thread] = await post_all([door.socket_path], "poisoned", ["poison"])
             survivors = await asyncio.to_thread(_wait_for_deaths, group, 2)
-            live = [daemon.socket_path for daemon in survivors]
+            live = [door.socket_path]
             [poison_replies] = await collect_all(live, [poison_thread])
             ordinary_replies = await collect_all(live, ordinary)
             assert texts_of([poison_replies]) == ["error:dead-letter"]
@@ -265,7 +271,7 @@ async def test_a_handler_that_kills_its_daemon_ends_in_the_dead_letter_stream(
             assert texts_of([after_replay]) == ["poison"]  # answered on the same thread
             emptied = await asyncio.to_thread(cli, "dlq", "list", "-o", str(organism))
             assert emptied.stdout.strip() == ""
-            for daemon in survivors:
+            for daemon in [*survivors, door]:
                 assert await asyncio.to_thread(daemon.stop) == 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.daemon_support import cli
 from xml_pipeline.config.loader import ConfigError, load_organism, load_organism_text
 from xml_pipeline.organism import Organism
 
@@ -111,3 +112,53 @@ def test_settings_reach_the_organism(tmp_path: Path) -> None:
         "hi",
     )
     assert listener.peers is None
+
+
+def test_problems_quote_long_values_shortened() -> None:
+    text = f"organism: {{name: x}}\npump: {{repair: {'y' * 1000}, max_depth: {list(range(500))}}}\nlisteners: []\n"
+    with pytest.raises(ConfigError) as caught:
+        load_organism_text(text)
+    messages = {problem.message.split(" must ")[0]: problem.message for problem in caught.value.problems}
+    assert messages["pump.repair"] == f"pump.repair must be true or false, not '{'y' * 118}…"
+    assert messages["pump.max_depth"].startswith("pump.max_depth must be a whole number, not [0, 1, 2,")
+    assert len(messages["pump.max_depth"]) <= len("pump.max_depth must be a whole number, not ") + 120
+
+
+ALIAS_BOMB = """\
+listeners:
+  - name: x
+    payload_class: workers.hello.Greeting
+    handler: workers.hello.greet
+    description: &a [x, x, x, x, x, x, x, x, x]
+    ingress: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+    agent: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+    cpu_bound: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+    timeout_seconds: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+    max_concurrency: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+    peers: [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+organism: {name: bomb}
+"""
+
+
+def test_an_alias_bomb_is_refused_in_a_few_lines(tmp_path: Path) -> None:
+    bomb = tmp_path / "organism.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    checked = cli("check", str(bomb))
+    assert checked.returncode == 2
+    assert len(checked.stdout) + len(checked.stderr) < 500, checked.stderr[:2000]
+    assert "aliases (*name) stand for more than 100,000 values" in checked.stderr
+
+
+def test_an_alias_that_contains_itself_is_refused() -> None:
+    with pytest.raises(ConfigError, match="or for a value inside itself"):
+        load_organism_text("organism: {name: x}\nlisteners: &loop [*loop]\n")
+
+
+def test_ordinary_aliases_still_load() -> None:
+    organism = load_organism_text(
+        "organism: {name: x}\nlisteners:\n"
+        "  - {name: a, payload_class: workers.hello.Greeting, handler: workers.hello.greet, peers: &p [b]}\n"
+        "  - {name: b, payload_class: workers.hello.Greeting, handler: workers.hello.greet, peers: *p}\n",
+        base_dir=ROOT,
+    )
+    assert organism.listeners["a"].peers == organism.listeners["b"].peers == frozenset({"b"})

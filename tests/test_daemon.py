@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import socket
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import ROOT
-from tests.daemon_support import cli, free_loopback_port, running_daemon, short_directory, write_organism
+from tests.daemon_support import (
+    DaemonProcess,
+    cli,
+    free_loopback_port,
+    running_daemon,
+    short_directory,
+    wait_until,
+    write_organism,
+)
 from xml_pipeline.daemon.client import DaemonClient
+from xml_pipeline.daemon.service import _bind_unix_socket
 from xml_pipeline.message.envelope import read_envelope
 from xml_pipeline.message.safe_xml import parse_untrusted
 
@@ -277,6 +289,53 @@ def test_socket_is_group_accessible_only() -> None:
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize(("owner", "mode"), [(os.getuid(), 0o777), (os.getuid(), 0o770), (1, 0o700)])
+def test_run_refuses_a_socket_directory_someone_else_controls(owner: int, mode: int) -> None:
+    with short_directory() as directory:
+        shared = directory / "shared"
+        shared.mkdir()
+        shared.chmod(mode)
+        os.chown(shared, owner, -1)
+        refused = cli("run", str(EXAMPLE), "--socket", str(shared / "d.sock"))
+        assert refused.returncode == 1
+        assert f"the socket directory {shared}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert list(shared.iterdir()) == []
+
+
+def test_run_refuses_a_default_socket_directory_made_in_advance_by_another_user() -> None:
+    with short_directory() as directory:
+        planted = directory / "xml-pipeline"  # where $XDG_RUNTIME_DIR sends the default socket
+        planted.mkdir()
+        planted.chmod(0o777)
+        environment = {key: value for key, value in os.environ.items() if key != "RUNTIME_DIRECTORY"}
+        refused = cli("run", str(EXAMPLE), env={**environment, "XDG_RUNTIME_DIR": str(directory)})
+        assert refused.returncode == 1
+        assert "is writable by others (mode 0777)" in refused.stderr
+        assert list(planted.iterdir()) == []
+
+
+def test_a_socket_directory_the_daemon_makes_is_0750_whatever_the_umask() -> None:
+    with short_directory() as directory:
+        previous = os.umask(0o077)
+        try:
+            bound = _bind_unix_socket(directory / "made" / "d.sock")
+        finally:
+            os.umask(previous)
+        bound.close()
+        assert (directory / "made").stat().st_mode & 0o777 == 0o750
+
+
+def test_run_never_deletes_a_file_that_is_not_a_socket() -> None:
+    with short_directory() as directory:
+        precious = directory / "notes.txt"
+        precious.write_text("keep me")
+        refused = cli("run", str(EXAMPLE), "--socket", str(precious))
+        assert refused.returncode == 1
+        assert f"{precious} exists and is not a socket; refusing to replace it" in refused.stderr
+        assert precious.read_text() == "keep me"
+
+
 def test_json_logs_are_one_object_per_line() -> None:
     with running_daemon(EXAMPLE, "--log-json") as daemon:
         cli("send", "--socket", str(daemon.socket_path), "greeter", "<Nope/>")
@@ -310,3 +369,37 @@ def test_uncollected_replies_are_bounded_in_bytes_and_new_messages_wait_for_coll
                 assert "HELLO, ADA" in collected["replies"][0]
             assert client.request("POST", "/messages", body=_envelope("greeter", GREETING)).status == 202
             assert daemon.stop() == 0
+
+
+HANGING_UP_MID_BODY = (
+    b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n<message",
+    b"POST /messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n<message\r\n",
+)
+
+
+def _hang_up_mid_body(daemon: DaemonProcess, clients: int) -> None:
+    """``clients`` connections that send the headers and half a body, then close; return once the daemon saw each."""
+    for number in range(clients):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(daemon.socket_path))
+            client.sendall(HANGING_UP_MID_BODY[number % 2])
+    assert wait_until(lambda: daemon.log().count("Connection lost") >= clients, timeout=30), daemon.log()
+
+
+def test_json_logs_stay_json_when_clients_hang_up_mid_body() -> None:
+    with running_daemon(EXAMPLE, "--log-json") as daemon:
+        _hang_up_mid_body(daemon, 10)
+        assert daemon.stop() == 0
+        records = [json.loads(line) for line in daemon.log().splitlines()]
+    assert sum("Connection lost" in record["msg"] for record in records) == 10
+
+
+def test_a_client_hanging_up_mid_body_is_one_info_line_without_traceback() -> None:
+    with running_daemon(EXAMPLE) as daemon:
+        _hang_up_mid_body(daemon, 20)
+        assert daemon.client.request("GET", "/healthz").status == 200
+        assert daemon.stop() == 0
+        log = daemon.log()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    assert log.count("INFO xml_pipeline.daemon a client went away before its body arrived (Connection lost)") == 20

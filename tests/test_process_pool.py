@@ -18,7 +18,7 @@ from tests import cpu_handlers
 from tests.conftest import ROOT
 from tests.daemon_support import cli, running_daemon, short_directory, write_organism
 from tests.redis_server import RedisServer, free_port
-from tests.support import Ping, Pong, echo, forwarder
+from tests.support import Ping, Pong, echo, envelope, forwarder
 from workers.cpu import Crunch, Crunched, checksum, crunch
 from xml_pipeline import ErrorCode, HandlerMetadata
 from xml_pipeline.memory.memory_backend import InMemoryBackend
@@ -341,6 +341,24 @@ async def test_a_payload_that_crashes_every_time_is_refused_after_max_crashes(tm
         assert (await ask(pump, Ping("after"), "whoami", timeout=20)).error_code is None
 
 
+async def test_respelling_a_crash_looping_payload_does_not_get_it_past_the_refusal(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.log"
+    text = f"{runs}|exit|always"
+    spellings = [
+        f'<Ping xmlns=""><text>{text}</text></Ping>',
+        f'<Ping xmlns="" xmlns:unused="urn:unused">\n  <text>{text}</text>\n</Ping>',
+        f'<Ping xmlns=""><!-- once more --><text><![CDATA[{text}]]></text></Ping >',
+        f'<Ping xmlns="">\t<text>{text}</text></Ping>',
+    ]
+    async with running(crash_organism()) as pump:
+        codes = []
+        for spelling in spellings:
+            submission = await pump.inject(envelope(spelling, to="crasher"))
+            codes.append((await submission.next_reply(30)).error_code)
+    assert codes == [ErrorCode.WORKER_CRASH] * MAX_CRASHES + [ErrorCode.CRASH_LOOP]
+    assert len(runs.read_text().splitlines()) == MAX_CRASHES
+
+
 def _task(xml: bytes) -> Task:
     metadata = HandlerMetadata(thread_id="t", from_id="f", own_name="o", conversation_id="c")
     return Task("tests.cpu_handlers.whoami", "tests.support.Ping", xml, metadata, timeout=1)
@@ -366,3 +384,13 @@ def test_the_readme_states_the_refusal_limits_the_pool_applies() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"has crashed a worker {MAX_CRASHES} times in a row is refused" in readme
     assert f"the pool remembers the last {REMEMBERED_PAYLOADS} crashing payloads" in readme
+
+
+def test_the_crash_record_counts_equivalent_xml_as_the_same_payload() -> None:
+    record = CrashRecord(max_crashes=3)
+    record.count_crash(_task(b"<Ping><text>a b</text></Ping>"))
+    record.count_crash(_task(b'<Ping >\n  <text xmlns:unused="urn:x">a b</text>\n</Ping>'))
+    record.count_crash(_task(b"<Ping><!-- again --><text><![CDATA[a b]]></text></Ping>"))
+    assert record.refuses(_task(b"<Ping>\t<text>a b</text></Ping>"))
+    assert not record.refuses(_task(b"<Ping><text>a  b</text></Ping>"))  # a field's text is the payload
+    assert not record.refuses(_task(b"<Ping><text> a b</text></Ping>"))

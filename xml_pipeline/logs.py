@@ -1,7 +1,7 @@
 """One line per event on stderr, in a form journald and grep both like.
 
 Tracebacks are folded onto the event's line (`` | `` between frames) so a log
-line is always a whole event.
+line is always a whole event, whichever library logged it.
 """
 
 from __future__ import annotations
@@ -31,13 +31,19 @@ class _LineFormatter(logging.Formatter):
 
 
 def set_level(level: str) -> None:
-    logging.getLogger("xml_pipeline").setLevel(level.upper())
+    """One level for every logger: ours and the libraries' alike, so ``debug`` means debug everywhere."""
+    logging.getLogger().setLevel(level.upper())
 
 
 def configure_logging(level: str = "info", *, as_json: bool = False) -> None:
+    """Send every logger's records, the libraries' too, through one formatter on stderr.
+
+    The handler sits on the root logger, not on ``xml_pipeline``: aiohttp,
+    asyncio and redis-py log there as well, and a line of theirs in another
+    form (a bare multi-line traceback, plain text amid ``--log-json``) would
+    break journald's one-event-per-line and every JSON reader.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter(as_json))
-    root = logging.getLogger("xml_pipeline")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    logging.getLogger().handlers[:] = [handler]
+    set_level(level)

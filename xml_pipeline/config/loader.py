@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import re
+import reprlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,24 @@ class _Key:
     required: bool = False
     check: Check | None = None
     what: str = ""
+
+
+QUOTE_LIMIT = 120
+"""Most characters of a value a problem quotes: it names the value, it does not reprint it."""
+_QUOTER = reprlib.Repr()
+_QUOTER.maxlevel = 3
+_QUOTER.maxlist = _QUOTER.maxtuple = _QUOTER.maxdict = _QUOTER.maxset = 10
+_QUOTER.maxstring = _QUOTER.maxlong = _QUOTER.maxother = 2 * QUOTE_LIMIT
+
+
+def _quote(value: Any) -> str:
+    """``value``'s repr, cut to ``QUOTE_LIMIT`` characters with "…".
+
+    ``reprlib`` stops at a few items per level, so quoting a huge nested value
+    costs no more than quoting a small one.
+    """
+    text = _QUOTER.repr(value[:QUOTE_LIMIT] if isinstance(value, str) else value)
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 1] + "…"
 
 
 def _positive(value: Any) -> str | None:
@@ -212,6 +231,42 @@ def _describe(kind: type | tuple[type, ...]) -> str:
     return _TYPE_WORDS.get(kind, kind.__name__)
 
 
+MAX_EXPANDED_VALUES = 100_000
+"""Most values organism.yaml may stand for once its aliases are copied out: far above a real organism's few hundred."""
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values ``root`` stands for with every alias copied out, counted up to just past the cap.
+
+    Composing keeps an alias as one more reference to its anchor's node, so a
+    1 KB file can stand for billions of values (the YAML "billion laughs").
+    Each node is sized once, so this costs one pass over the file's own nodes,
+    before anything is constructed, checked or quoted. A node that contains
+    itself counts as past the cap.
+    """
+    past_cap = MAX_EXPANDED_VALUES + 1
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = past_cap  # what an alias to a node still being sized (itself) stands for
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total = min(total + size(child), past_cap)
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
 class _Reader:
     """Walks the node tree, turning nodes into values and collecting problems."""
 
@@ -233,7 +288,7 @@ class _Reader:
         for key_node, value_node in node.value:
             key = self.value(key_node)
             if not isinstance(key, str):
-                self.problem(key_node, f"{where}: keys must be strings, not {key!r}")
+                self.problem(key_node, f"{where}: keys must be strings, not {_quote(key)}")
                 continue
             if key in entries:
                 self.problem(key_node, f"{where}: '{key}' is given twice")
@@ -254,11 +309,11 @@ class _Reader:
             value = self.value(value_node)
             is_bool_for_number = isinstance(value, bool) and spec.kind in (int, _NUMBER)
             if is_bool_for_number or not isinstance(value, spec.kind):
-                self.problem(value_node, f"{where}.{key} must be {_describe(spec.kind)}, not {value!r}")
+                self.problem(value_node, f"{where}.{key} must be {_describe(spec.kind)}, not {_quote(value)}")
                 continue
             message = spec.check(value) if spec.check is not None else None
             if message is not None:
-                self.problem(value_node, f"{where}.{key} {message}: {value!r}")
+                self.problem(value_node, f"{where}.{key} {message}: {_quote(value)}")
                 continue
             values[key] = value
         for key, spec in keys.items():
@@ -285,7 +340,9 @@ def _build_listener(reader: _Reader, spec: _ListenerSpec) -> Listener | None:
     classes: list[type] = []
     for path in class_paths:
         if not isinstance(path, str):
-            reader.problem(nodes["payload_class"], f"{where}: payload_class entries must be dotted paths, not {path!r}")
+            reader.problem(
+                nodes["payload_class"], f"{where}: payload_class entries must be dotted paths, not {_quote(path)}"
+            )
             continue
         try:
             cls = import_object(path)
@@ -364,7 +421,7 @@ def _read_listeners(reader: _Reader, node: yaml.Node) -> list[_ListenerSpec]:
             if not isinstance(peer, str) or (peer not in seen and not is_reserved(peer)):
                 reader.problem(
                     spec.nodes["peers"],
-                    f"listener '{spec.values['name']}': peer {peer!r} is not a listener of this organism",
+                    f"listener '{spec.values['name']}': peer {_quote(peer)} is not a listener of this organism",
                 )
     return specs
 
@@ -380,6 +437,12 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             raise ConfigError(path, [Problem(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
         if root is None:
             raise ConfigError(path, [Problem(None, "the file is empty")])
+        if _expanded_size(root) > MAX_EXPANDED_VALUES:
+            message = (
+                f"its aliases (*name) stand for more than {MAX_EXPANDED_VALUES:,} values, or for a value inside"
+                " itself; write the values out"
+            )
+            raise ConfigError(path, [Problem(None, message)])
         reader = _Reader(loader)
         entries = reader.mapping(root, "the file")
         if entries is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.pump import Pump
+
+log = logging.getLogger("xml_pipeline.daemon")
 
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_WAIT_SECONDS = 10.0
@@ -231,7 +234,11 @@ def build_app(
     body_timeout = door.limits.body_timeout_seconds
 
     async def read_body(request: web.Request) -> bytes | tuple[ErrorCode, str]:
-        """The request's body, or why not: too large (said before reading when the length is known), too slow."""
+        """The request's body, or why not: too large (said before reading when the length is known), too slow.
+
+        A client that hangs up mid-body is an everyday event, not a fault of
+        ours: one INFO line, and the request ends with nobody left to answer.
+        """
         if request.content_length is not None and request.content_length > max_body_bytes:
             return ErrorCode.TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {max_body_bytes}"
         door.reading_body(request.transport, True)
@@ -242,6 +249,9 @@ def build_app(
             return ErrorCode.TOO_LARGE, f"the body is over the limit of {max_body_bytes} bytes"
         except TimeoutError:
             return ErrorCode.BODY_TIMEOUT, f"the body did not arrive within {body_timeout:g}s"
+        except ConnectionError as exc:
+            log.info("a client went away before its body arrived (%s); nothing of it was used", exc)
+            raise web.HTTPBadRequest(text="the connection was lost before the body arrived") from None
         finally:
             door.reading_body(request.transport, False)
 

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -397,12 +398,22 @@ def _engine_for(organism: Organism, backend: SharedBackend, serve: frozenset[str
 
 
 def _bind_unix_socket(path: Path) -> socket.socket:
-    """Bind ``path`` with mode 0660, replacing a stale socket but never a live daemon's."""
+    """Bind ``path`` with mode 0660, replacing a stale socket but never a live daemon's, nor any other file.
+
+    The directory must be ours alone (see ``_claim_socket_directory``), and only
+    a socket nobody answers on is removed: ``organism.socket`` naming a regular
+    file by mistake must not cost that file.
+    """
+    _claim_socket_directory(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
     except OSError as exc:
-        raise DaemonStartError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
-    if path.exists():
+        raise DaemonStartError(f"cannot inspect {path}: {exc.strerror or exc}") from None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise DaemonStartError(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
@@ -420,3 +431,38 @@ def _bind_unix_socket(path: Path) -> socket.socket:
         sock.close()
         raise DaemonStartError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     return sock
+
+
+def _claim_socket_directory(directory: Path) -> None:
+    """Create the socket's directory (0750), or accept an existing one only if no one else controls it.
+
+    Whoever may write to the directory may replace the socket with their own
+    and read every client's messages; the default ``/tmp/xml-pipeline-<uid>``
+    can be made in advance by any local user. So the directory must be a real
+    directory (not a symlink, which its owner could repoint), owned by the
+    daemon's user and writable by nobody else. A directory made here gets its
+    mode set outright, since the umask would otherwise decide whether the
+    group can reach the socket.
+    """
+    try:
+        directory.mkdir(parents=True, mode=0o750)
+        directory.chmod(0o750)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DaemonStartError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    try:
+        found = os.lstat(directory)
+    except OSError as exc:
+        raise DaemonStartError(f"cannot inspect {directory}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(found.st_mode):
+        raise DaemonStartError(f"the socket directory {directory} is not a directory (a symlink or a file)")
+    if found.st_uid != os.geteuid():
+        raise DaemonStartError(
+            f"the socket directory {directory} belongs to uid {found.st_uid}, not to this daemon's uid {os.geteuid()}"
+        )
+    if found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DaemonStartError(
+            f"the socket directory {directory} is writable by others (mode {stat.S_IMODE(found.st_mode):04o});"
+            " make it 0750 or 0700"
+        )

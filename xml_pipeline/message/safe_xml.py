@@ -11,9 +11,10 @@ Three layers keep DTDs harmless, so no single slip opens a hole:
   subset or external subset refuses the message. This sees a DTD whatever the
   encoding it was written in, and text that merely looks like one (in CDATA,
   say) is text.
-- Only UTF-8 and UTF-16 are accepted. Other encodings (UTF-7, UTF-32, EBCDIC,
-  Latin-1) add nothing an envelope needs and are where byte-level checks go
-  blind.
+- Only UTF-8 (declared ``utf-8``, ``utf8``, ``us-ascii`` or ``ascii``) and
+  UTF-16 with its byte order mark are accepted. Other encodings (UTF-7,
+  UTF-32, EBCDIC, Latin-1) add nothing an envelope needs and are where
+  byte-level checks go blind.
 
 Size is checked before parsing; depth cheaply before and exactly after.
 """
@@ -21,6 +22,7 @@ Size is checked before parsing; depth cheaply before and exactly after.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -105,12 +107,14 @@ def _could_be_deeper(raw: bytes, max_depth: int) -> bool:
     return raw.count(b"<") - raw.count(b"</") > max_depth
 
 
-ACCEPTED_ENCODINGS = frozenset({"utf-8", "utf-16"})
+ACCEPTED_ENCODINGS = frozenset({"utf-8", "utf8", "us-ascii", "ascii", "utf-16"})
+"""Declared encodings accepted, in lower case: UTF-8, ASCII (a subset of it) and UTF-16, by these names only."""
 
 _UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _EBCDIC_DECLARATION = b"\x4c\x6f\xa7\x94"  # "<?xm" in EBCDIC, which starts with the ASCII letters "Lo"
+_DECLARES_UTF16 = re.compile(rb"<\?xml\s[^>]*?\bencoding\s*=\s*[\"']utf-16[\"']", re.IGNORECASE)
 
 
 def _refuse_foreign_encoding(raw: bytes) -> None:
@@ -130,6 +134,12 @@ def _refuse_foreign_encoding(raw: bytes) -> None:
         raise XmlRejected(
             ErrorCode.UNSUPPORTED_ENCODING,
             "the bytes are not UTF-8, and UTF-16 needs its byte order mark; send UTF-8 or UTF-16",
+        )
+    if _DECLARES_UTF16.match(raw, 0, 256):  # libxml2 would read these 8-bit bytes as UTF-16 and call them malformed
+        raise XmlRejected(
+            ErrorCode.UNSUPPORTED_ENCODING,
+            "UTF-16 is declared, but UTF-16 needs its byte order mark and these bytes have none;"
+            " send UTF-8, or UTF-16 with its byte order mark",
         )
 
 
