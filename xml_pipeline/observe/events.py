@@ -57,7 +57,7 @@ def valid_traceparent(value: str | None) -> str | None:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HopEvent:
     """A message recorded on its way: to a listener, or to the conversation's client."""
 
@@ -75,7 +75,7 @@ class HopEvent:
     """Wall-clock seconds."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HandledEvent:
     hop: str
     conversation: str
@@ -87,7 +87,7 @@ class HandledEvent:
     """The failure's code, "" when the handler finished well."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ErrorEvent:
     hop: str
     """The hop being handled when the error arose; "" for a client's message refused on arrival."""
@@ -146,6 +146,15 @@ class _Cause:
 
 
 _CAUSE: ContextVar[_Cause | None] = ContextVar("xml_pipeline_cause", default=None)
+_TYPE_NAMES: dict[type, str] = {}
+
+
+def _type_name(cls: type) -> str:
+    """``payload_type_name``, remembered: it is asked for on every hop, of a handful of classes."""
+    name = _TYPE_NAMES.get(cls)
+    if name is None:
+        name = _TYPE_NAMES[cls] = payload_type_name(cls)
+    return name
 
 
 class Observation:
@@ -181,14 +190,15 @@ class Observation:
             return ""
         cause = _CAUSE.get()
         parent = hop_id(cause.hop) if cause is not None and cause.conversation == conversation else ""
-        kind = payload_type if isinstance(payload_type, str) else payload_type_name(payload_type)
-        if self.spans is not None:
+        kind = payload_type if isinstance(payload_type, str) else _type_name(payload_type)
+        if self.spans is None:
+            ref = own = f"{random.getrandbits(64):016x}"
+        else:
             ref = self.spans.hop_span(
                 conversation, sender, to, thread, kind, cause.traceparent if cause is not None else None
             )
-        else:
-            ref = f"{random.getrandbits(64):016x}"
-        event = HopEvent(hop_id(ref), parent, conversation, sender, to, thread, kind, payload_xml, time.time())
+            own = hop_id(ref)
+        event = HopEvent(own, parent, conversation, sender, to, thread, kind, payload_xml, time.time())
         for sink in self.sinks:
             sink.hop(event)
         return ref

@@ -8,8 +8,8 @@
 - **Time**: a finished trace is kept ``trace_retention_seconds``, then freed
   by the next event, read or sweep, whichever comes first.
 
-Events are kept as the event objects the engines reported (no encoding on the
-hot path) and turned into records only when somebody reads them.
+Events are kept as the event objects the engines reported (no copy, no encoding
+on the hot path) and turned into records only when somebody reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from xml_pipeline.observe.events import ErrorEvent, HandledEvent, HopEvent, Sink
@@ -34,16 +34,18 @@ class StoredTrace:
     dropped: int
 
 
-@dataclass(slots=True)
 class _Trace:
-    started: float
-    events: list[Any] = field(default_factory=list)
-    size: int = 0
-    dropped: int = 0
-    hops: int = 0
-    errors: int = 0
-    first: tuple[str, str] = ("", "")
-    ended: float | None = None
+    __slots__ = ("dropped", "ended", "errors", "events", "first", "hops", "size", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.events: list[HopEvent | HandledEvent | ErrorEvent] = []
+        self.size = 0
+        self.dropped = 0
+        self.hops = 0
+        self.errors = 0
+        self.first = ("", "")
+        self.ended: float | None = None
 
 
 class MemoryTraceStore(Sink):
@@ -78,7 +80,7 @@ class MemoryTraceStore(Sink):
         trace.ended = at
         self._finished[conversation] = self._clock() + self.retention
 
-    def _add(self, conversation: str, event: object, size: int) -> _Trace:
+    def _add(self, conversation: str, event: HopEvent | HandledEvent | ErrorEvent, size: int) -> _Trace:
         trace = self._traces.get(conversation)
         if trace is None:
             self.expire()
@@ -139,12 +141,11 @@ class MemoryTraceStore(Sink):
         return {"traces": len(self._traces), "trace_bytes": self.size, "store": "memory"}
 
 
-def _record(event: object) -> Record:
+def _record(event: HopEvent | HandledEvent | ErrorEvent) -> Record:
     if isinstance(event, HopEvent):
         return hop_record(event)
     if isinstance(event, HandledEvent):
         return handled_record(event)
-    assert isinstance(event, ErrorEvent)
     return error_record(event)
 
 
