@@ -30,10 +30,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## the tests start real redis-server processes and call curl; install Debian's packages if missing
-TEST_COMMANDS := redis-server curl
+## the tests start real redis-server processes, call curl and drive a headless chromium; install Debian's
+## packages if missing (each entry is command:package)
+TEST_COMMANDS := redis-server:redis-server curl:curl chromium:chromium chromedriver:chromium-driver
 test-packages:
-	@missing=""; for command in $(TEST_COMMANDS); do command -v $$command >/dev/null 2>&1 || missing="$$missing $$command"; done; \
+	@missing=""; for entry in $(TEST_COMMANDS); do command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing: the tests use the real ones"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi

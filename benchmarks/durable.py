@@ -1,4 +1,4 @@
-"""8. delivery at-least-once: the durable engine against the pumps it replaces, Redis's own CPU per hop,
+"""9. delivery at-least-once: the durable engine against the pumps it replaces, Redis's own CPU per hop,
 and two daemons against one.
 
 - In one process, three engines on the same Order workload, measured pair by
@@ -122,7 +122,7 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
     )
     redis_us_per_hop = redis_cpu * 1e6 / (count * repeats)
     return Result(
-        "8. delivery at-least-once (durable engine, Redis Streams) vs the memory and at-most-once Redis pumps",
+        "9. delivery at-least-once (durable engine, Redis Streams) vs the memory and at-most-once Redis pumps",
         f"{versus_memory.subject_figure.text(',.0f')} hops/s; Redis CPU {redis_us_per_hop:.0f} us per hop"
         f" (accept, commit and reply reads); {daemon_count} daemons / 1: {scaling.ratio.text('.2f')}",
         f"memory pump {versus_memory.baseline_figure.text(',.0f')} hops/s; "

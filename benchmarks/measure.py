@@ -1,4 +1,5 @@
-"""The seven measurements of `make bench`. Each returns a Result: a figure, its baselines
+"""Seven of the eight measurements of `make bench` (the eighth: :mod:`benchmarks.observe_cost`).
+Each returns a Result: a figure, its baselines
 measured in the same run, every ratio as pairs measured back to back (median and
 range, every pair kept), and the target it is held to, judged on the medians."""
 

@@ -20,6 +20,7 @@ import uvloop
 
 from benchmarks import durable, measure
 from benchmarks.measure import Floor, Result
+from benchmarks.observe_cost import observation_cost
 from benchmarks.shared_floor import DEFAULT_SHARED, SCRIPT, SharedFloor, locate
 
 FULL = {
@@ -69,6 +70,7 @@ async def run_all(sizes: dict[str, float], shared: SharedFloor | str) -> Report:
     results.append(await measure.buffer_throughput(int(sizes["buffer"]), hops, repeats))
     results.append(await measure.memory_growth(int(sizes["memory"])))
     results.append(await measure.bad_input_cost(int(sizes["bad"]), repeats))
+    results.append(await observation_cost(hops, repeats))
     results.append(await durable.durable_throughput(int(sizes["durable"]), repeats, daemon_count=2))
     note = shared if isinstance(shared, str) else f"measured by running {shared.script} in a process of its own"
     return Report(own, reference, note, results)

@@ -40,7 +40,7 @@ def test_quick_benchmark_run_reports_paired_medians_with_ranges_and_both_floors(
     results = document["results"]
     repeats = document["run"]["sizes"]["repeats"]
     assert repeats >= 2, "the quick run must take turns at least once"
-    assert [entry["name"][:2] for entry in results] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8."]
+    assert [entry["name"][:2] for entry in results] == ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9."]
     assert all(entry["baseline"] and entry["target"] for entry in results)
     assert "targets met" in text
 
@@ -50,8 +50,9 @@ def test_quick_benchmark_run_reports_paired_medians_with_ranges_and_both_floors(
     assert {"scaling", "scaling vs bare", "overhead vs bare call"} <= set(ratios["4."])
     assert set(ratios["5."]) == {"in-process"}
     assert len(ratios["7."]) == 6
-    assert set(ratios["8."]) == {"memory", "at-most-once", "daemons"}
-    assert results[7]["details"]["redis_cpu_us_per_hop"] > 0
+    assert set(ratios["8."]) == {"tracing on", "OpenTelemetry on"}
+    assert set(ratios["9."]) == {"memory", "at-most-once", "daemons"}
+    assert results[8]["details"]["redis_cpu_us_per_hop"] > 0
     for paired in (paired for entry in results for paired in entry["ratios"].values()):
         assert len(paired["pairs"]) == repeats
         for pair in paired["pairs"]:

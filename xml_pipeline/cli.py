@@ -13,9 +13,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlencode
 
 import click
 from redis.exceptions import RedisError
@@ -36,6 +38,7 @@ from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Submission
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.thread_registry import new_thread_id
+from xml_pipeline.observe.trace import render as render_trace
 from xml_pipeline.organism import Organism
 from xml_pipeline.runtime import run as run_on_uvloop
 
@@ -371,6 +374,110 @@ def _echo_cluster(cluster: dict[str, Any]) -> None:
         )
     for name, backlog in cluster["listeners"].items():
         click.echo(f"  {name:<20} stored {backlog['stored']}, being handled {backlog['in_flight']}")
+
+
+@main.command()
+@click.argument("thread")
+@click.option("--xml", "with_xml", is_flag=True, help="Show each hop's payload.")
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as JSON, for tools.")
+@_with_daemon_address
+def trace(
+    thread: str,
+    with_xml: bool,
+    as_json: bool,
+    organism: str,
+    socket_path: str | None,
+    tcp: str | None,
+    token: str | None,
+    tls_ca: str | None,
+) -> None:
+    """Show conversation THREAD (as `send` prints it) as a call tree: each hop with from, to,
+    payload type, time, handler latency and outcome.
+
+    Works while the conversation runs and for observe.trace_retention_seconds after it
+    ended; on Redis, any daemon of the organism answers. Exits 1 if no trace is kept.
+    """
+    if not THREAD_ID.match(thread):
+        _fail(f"{thread!r} is not a thread id (a UUID)", EXIT_USAGE)
+    client = _client_for(organism, socket_path, tcp, token, tls_ca)
+    try:
+        answer = client.trace(thread, with_xml=with_xml)
+    except DaemonUnreachable as exc:
+        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
+    body = answer.json()
+    if answer.status != 200:
+        _fail(str(body.get("error")), EXIT_ERROR_REPLY)
+    if as_json:
+        click.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    for line in render_trace(body, with_xml=with_xml):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--listener", help="Only messages to or from this listener, and its errors.")
+@click.option("--errors", "errors_only", is_flag=True, help="Only errors.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for tools.")
+@_with_daemon_address
+def tail(
+    listener: str | None,
+    errors_only: bool,
+    as_json: bool,
+    organism: str,
+    socket_path: str | None,
+    tcp: str | None,
+    token: str | None,
+    tls_ca: str | None,
+) -> None:
+    """Print messages as they flow through the running daemon, until Ctrl-C.
+
+    The daemon never waits for a watcher: one that falls behind loses events,
+    and is told how many (a `dropped` line).
+    """
+    filters = {"listener": listener, "errors": "1" if errors_only else None}
+    query = urlencode({key: value for key, value in filters.items() if value})
+    client = _client_for(organism, socket_path, tcp, token, tls_ca)
+    try:
+        for event in _server_sent_events(client.stream(f"/events?{query}", timeout=TAIL_READ_SECONDS)):
+            click.echo(json.dumps(event, ensure_ascii=False) if as_json else _tail_line(event))
+    except DaemonUnreachable as exc:
+        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
+    except TimeoutError:
+        _fail(f"the daemon sent nothing for {TAIL_READ_SECONDS:g}s, not even a keep-alive", EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        return
+
+
+TAIL_READ_SECONDS = 60.0
+"""Four keep-alives' worth: a daemon silent for this long is gone."""
+
+
+def _server_sent_events(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+    """The events of a ``text/event-stream``: each data object, a ``dropped`` one marked ``kind: dropped``."""
+    name = ""
+    for line in lines:
+        text = line.decode().rstrip("\r\n")
+        if text.startswith("event: "):
+            name = text[len("event: ") :]
+        elif text.startswith("data: "):
+            data = json.loads(text[len("data: ") :])
+            yield {"kind": name, **data} if name else data
+        elif not text:
+            name = ""
+
+
+def _tail_line(event: dict[str, Any]) -> str:
+    if event["kind"] == "dropped":
+        return f"... {event['dropped']} event(s) dropped: this watcher fell behind"
+    clock = time.strftime("%H:%M:%S", time.localtime(event["at"])) + f".{int(event['at'] * 1000) % 1000:03d}"
+    where = f"conversation {event['conversation']}"
+    if event["kind"] == "error":
+        return f"{clock}  ! {event['code']} at {event['listener'] or '-'}: {event['detail']}  {where}"
+    return f"{clock}  {event['from']} → {event['to']}  {event['type'].rpartition(':')[2]}  {where}"
 
 
 main.add_command(token)

@@ -58,6 +58,7 @@ from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
 from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.pump import PumpStats, ShutdownReport
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
+from xml_pipeline.observe.events import Observation
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
@@ -131,6 +132,7 @@ class DurableEngine:
         self.organism = organism
         self.limits = organism.limits
         self.metrics = metrics if metrics is not None else PumpMetrics()
+        self.observe = Observation()
         self.settings = settings
         self.backend = backend
         self.daemon_id = daemon_id or f"{socket.gethostname()}-{os.getpid()}-{new_thread_id()[:8]}"
@@ -146,7 +148,7 @@ class DurableEngine:
         self._listeners: dict[str, Listener] = dict(organism.listeners)
         self._replies = ReplyWatcher(self.store)
         self._outputs = OutputPreparer(self._xml_limits)
-        self._router = Router(lambda: self._listeners, self._outputs, self.buffer, self._note_error)
+        self._router = Router(lambda: self._listeners, self._outputs, self.buffer, self._note_error, self.observe)
         self._held: dict[str, dict[bytes, _Held]] = {name: {} for name in self._listeners}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._freed = asyncio.Event()
@@ -473,12 +475,14 @@ class DurableEngine:
     async def _handle(self, listener_name: str, entry_id: bytes, hop: Hop, attempt: int) -> None:
         try:
             effects = await self._outcome(listener_name, hop, attempt)
-            await self.store.commit(
+            ended = await self.store.commit(
                 hop.conversation,
                 effects,
                 done=(self.store.keys.stream(listener_name), entry_id),
                 retention=self.settings.reply_retention_seconds,
             )
+            if ended:
+                self.observe.ended(hop.conversation)
             if effects.hops or effects.replies:
                 self.metrics.message_out(listener_name)
         except (RedisError, OSError) as exc:
@@ -510,17 +514,24 @@ class DurableEngine:
         slots = self._slots.setdefault(listener.name, asyncio.Semaphore(listener.max_concurrency))
         async with slots:
             self.metrics.message_in(listener.name)
+            self.observe.handling(hop.trace, hop.conversation, listener.name)
             started = time.perf_counter()
             try:
                 if listener.cpu_bound:
                     task = Task(
-                        listener.handler_path, hop.payload_type, hop.payload_xml, metadata, listener.timeout_seconds
+                        listener.handler_path,
+                        hop.payload_type,
+                        hop.payload_xml,
+                        metadata,
+                        listener.timeout_seconds,
+                        self.observe.traceparent(),
                     )
                     result = await call_in_worker(self._process_pool(), listener, task, self._xml_limits)
                 else:
                     result = await call_in_process(listener, payload, metadata)
             finally:
                 self.metrics.handler_finished(listener.name, time.perf_counter() - started)
+        self.observe.handled(result)
         return self._router.route(hop, listener, result)
 
     def _decode(self, listener: Listener, hop: Hop) -> Any:
@@ -544,6 +555,7 @@ class DurableEngine:
 
     def _note_error(self, code: ErrorCode, detail: str, listener: str, hop: Hop) -> None:
         self.metrics.error(code)
+        self.observe.error(hop.conversation, code, detail, listener)
         log.warning(
             "message failed code=%s listener=%s conversation=%s thread=%s from=%s: %s",
             code.value,
@@ -608,12 +620,13 @@ class DurableEngine:
         effects.dead_letters.append(
             [*hop.fields(), "listener", listener, "deliveries", str(deliveries), "failed_at", str(time.time())]
         )
-        await self.store.commit(
+        if await self.store.commit(
             hop.conversation,
             effects,
             done=(self.store.keys.stream(listener), entry_id),
             retention=self.settings.reply_retention_seconds,
-        )
+        ):
+            self.observe.ended(hop.conversation)
         self.dead_letters += 1
         self.metrics.dead_lettered(listener)
 

@@ -22,6 +22,8 @@ class Hop:
     sender: str
     payload_type: str
     payload_xml: bytes
+    trace: str = ""
+    """The hop's reference for whoever observes (:mod:`xml_pipeline.observe`), so any daemon continues its trace."""
 
     @property
     def thread(self) -> str:
@@ -44,6 +46,7 @@ class Hop:
             "from", self.sender,
             "type", self.payload_type,
             "payload", self.payload_xml,
+            "trace", self.trace,
         ]  # fmt: skip
 
     @classmethod
@@ -55,4 +58,5 @@ class Hop:
             sender=fields[b"from"].decode(),
             payload_type=fields[b"type"].decode(),
             payload_xml=fields[b"payload"],
+            trace=fields.get(b"trace", b"").decode(),
         )

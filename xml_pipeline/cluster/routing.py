@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from xml_pipeline.cluster.hop import Hop
@@ -34,6 +35,7 @@ from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.outcome import Failure, error_payload
 from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.thread_registry import chain_key, new_thread_id
+from xml_pipeline.observe.events import Observation
 from xml_pipeline.organism import Listener
 
 log = logging.getLogger("xml_pipeline.pump")
@@ -51,11 +53,13 @@ class Router:
         outputs: OutputPreparer,
         history: ContextBuffer,
         note_error: ErrorNote,
+        observe: Observation,
     ) -> None:
         self._listeners = listeners
         self._outputs = outputs
         self._history = history
         self._note_error = note_error
+        self._observe = observe
 
     # ------------------------------------------------------------------ entry points
     def opening(self, client: str, target: Listener, payload: Any, payload_xml: bytes) -> tuple[Hop, Effects]:
@@ -69,7 +73,7 @@ class Router:
             (chain_key(conversation, chain[:1]), threads[0]),
             (chain_key(conversation, chain), threads[1]),
         ]
-        self._record(effects, hop, client, target.name)
+        hop = self._record(effects, hop, client, target.name)
         effects.hops.append(hop)
         return hop, effects
 
@@ -160,10 +164,10 @@ class Router:
         return None
 
     def _send(self, effects: Effects, hop: Hop) -> None:
-        self._record(effects, hop, hop.sender, hop.target)
-        effects.hops.append(hop)
+        effects.hops.append(self._record(effects, hop, hop.sender, hop.target))
 
-    def _record(self, effects: Effects, hop: Hop, sender: str, to: str) -> None:
+    def _record(self, effects: Effects, hop: Hop, sender: str, to: str) -> Hop:
+        """Append the hop to history; the hop as it travels, carrying its observation reference."""
         slot = self._history.append_op(
             hop.conversation,
             from_id=sender,
@@ -173,6 +177,8 @@ class Router:
             payload_xml=hop.payload_xml,
         )
         effects.history.append(slot.slot)
+        ref = self._observe.hop(hop.conversation, sender, to, hop.thread, hop.payload_type, hop.payload_xml)
+        return replace(hop, trace=ref) if ref else hop
 
     # ------------------------------------------------------------------ errors
     def _output_failed(self, effects: Effects, hop: Hop, listener: Listener, failure: Failure) -> None:

@@ -151,6 +151,17 @@ def _listener_name(value: Any) -> str | None:
     return None
 
 
+def _otel_installed(value: Any) -> str | None:
+    if not value:
+        return None
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return "needs OpenTelemetry: pip install 'xml-pipeline[otel]'"
+    return None
+
+
 _NUMBER = (int, float)
 DELIVERY_MODES = ("at-most-once", "at-least-once")
 ORGANISM_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")
@@ -205,6 +216,14 @@ _SECTIONS: dict[str, dict[str, _Key]] = {
     "process_pool": {
         "workers": _Key(int, check=_at_least(1)),
         "max_tasks_per_child": _Key(int, check=_at_least(1)),
+    },
+    "observe": {
+        "trace_retention_seconds": _Key(_NUMBER, check=_at_least(0)),
+        "trace_max_conversations": _Key(int, check=_at_least(1)),
+        "trace_max_bytes": _Key(int, check=_at_least(1024)),
+        "tail_buffer": _Key(int, check=_at_least(1)),
+        "tail_max_watchers": _Key(int, check=_at_least(1)),
+        "opentelemetry": _Key(bool, check=_otel_installed),
     },
 }
 _LISTENER_KEYS: dict[str, _Key] = {
@@ -510,6 +529,7 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
             "http": sections["http"],
             "auth": auth,
             "tls": tls,
+            "observe": sections["observe"],
         }
         return organism
     finally:

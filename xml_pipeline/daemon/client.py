@@ -12,6 +12,7 @@ import http.client
 import json
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class DaemonClient:
     def address(self) -> str:
         return str(self.socket_path) if self.socket_path is not None else f"{self.tcp[0]}:{self.tcp[1]}"  # type: ignore[index]
 
-    def request(self, method: str, path: str, *, body: bytes | None = None, timeout: float = 10.0) -> Response:
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
         connection: http.client.HTTPConnection
         if self.socket_path is not None:
             connection = _UnixConnection(self.socket_path, timeout)
@@ -86,11 +87,18 @@ class DaemonClient:
         else:
             assert self.tcp is not None
             connection = http.client.HTTPConnection(self.tcp[0], self.tcp[1], timeout=timeout)
+        return connection
+
+    def _headers(self, body: bytes | None) -> dict[str, str]:
         headers = {"Content-Type": "application/xml"} if body is not None else {}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def request(self, method: str, path: str, *, body: bytes | None = None, timeout: float = 10.0) -> Response:
+        connection = self._connection(timeout)
         try:
-            connection.request(method, path, body=body, headers=headers)
+            connection.request(method, path, body=body, headers=self._headers(body))
             answer = connection.getresponse()
             response = Response(answer.status, answer.read())
         except ssl.SSLError as exc:
@@ -114,6 +122,35 @@ class DaemonClient:
     def send(self, envelope: bytes, *, wait: str, timeout: float) -> Response:
         query = urlencode({"wait": wait, "timeout": f"{timeout:g}"})
         return self.request("POST", f"/messages?{query}", body=envelope, timeout=timeout + 5)
+
+    def stream(self, path: str, *, timeout: float) -> Iterator[bytes]:
+        """The lines of a streamed answer (``GET /events``) as they come; ``timeout`` bounds each wait for one.
+
+        A refusal (any status but 200) is raised as :class:`DoorRefused` with the daemon's reason.
+        """
+        connection = self._connection(timeout)
+        try:
+            try:
+                connection.request("GET", path, headers=self._headers(None))
+                answer = connection.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise DaemonUnreachable(f"no daemon is listening on {self.address} ({exc.strerror})") from None
+            except OSError as exc:
+                raise DaemonUnreachable(f"cannot talk to the daemon on {self.address}: {exc}") from None
+            if answer.status != 200:
+                body = Response(answer.status, answer.read())
+                try:
+                    reason = str(body.json().get("error"))
+                except ValueError:
+                    reason = body.body[:200].decode(errors="replace")
+                raise DoorRefused(answer.status, reason, answer.getheader("Retry-After"))
+            while line := answer.readline():
+                yield line
+        finally:
+            connection.close()
+
+    def trace(self, thread: str, *, with_xml: bool) -> Response:
+        return self.request("GET", f"/threads/{thread}/trace" + ("?xml=1" if with_xml else ""))
 
     def status(self) -> dict[str, Any]:
         return self.request("GET", "/status").json()

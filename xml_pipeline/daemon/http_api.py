@@ -6,6 +6,7 @@
     GET  /healthz                   200 while serving, 503 while stopping
     GET  /status                    listeners, queue depth, in-flight work, threads, uptime
     GET  /metrics                   Prometheus text format
+    GET  /threads/{thread}/trace, /events, /ui...   seeing it work: :mod:`xml_pipeline.daemon.observe_api`
 
 Replies are envelopes, as strings in JSON, so shell users can pipe them
 through ``jq -r '.replies[]'``. A message refused at the door answers with a
@@ -29,6 +30,7 @@ from xml_pipeline.cluster.engine import Collected, DurableEngine, Refused
 from xml_pipeline.daemon.auth import DoorAuth, Unauthorized
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
+from xml_pipeline.daemon.observe_api import observe_routes
 from xml_pipeline.daemon.rate_limit import RateLimiter
 from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.memory.store_watch import StoreState
@@ -36,6 +38,8 @@ from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.observe.events import Observation
+from xml_pipeline.observe.setup import Observing
 
 log = logging.getLogger("xml_pipeline.daemon")
 
@@ -71,6 +75,7 @@ class DaemonView(Protocol):
     pump: Pump | DurableEngine
     submissions: SubmissionTable
     metrics: PrometheusMetrics
+    observing: Observing
 
     @property
     def accepting(self) -> bool: ...
@@ -269,9 +274,10 @@ def build_app(
         else:
             body = await read_body(request)
         access = _access(request)
-        if isinstance(engine, DurableEngine):
-            return await _post_durable(engine, body, access, *wait)
-        submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body, access=access)
+        with Observation.joining(request.headers.get("traceparent")):
+            if isinstance(engine, DurableEngine):
+                return await _post_durable(engine, body, access, *wait)
+            submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body, access=access)
         if submission.closed and submission.pending() and submission.pending()[0].is_error:
             refusal = submission.take_pending()[0]
             assert isinstance(refusal.payload, SystemErrorPayload)
@@ -333,6 +339,7 @@ def build_app(
         ("GET", "/healthz", healthz),
         ("GET", "/status", status),
         ("GET", "/metrics", metrics),
+        *observe_routes(daemon, _access),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

@@ -47,6 +47,7 @@ from xml_pipeline.memory.manager_backend import ManagerBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.message_bus.pump import Pump, PumpStartError
+from xml_pipeline.observe.setup import Observing
 from xml_pipeline.organism import Organism
 
 log = logging.getLogger("xml_pipeline.daemon")
@@ -71,6 +72,7 @@ RESTART_ONLY_SETTINGS = (
     "http",
     "auth",
     "tls",
+    "observe",
 )
 
 
@@ -144,6 +146,7 @@ class Daemon:
         self.pump: Pump | DurableEngine = _engine_for(organism, backend, serve)
         self.metrics = PrometheusMetrics(self.pump.stats)
         self.pump.metrics = self.metrics
+        self.observing = Observing(organism, backend, self.pump.observe)
         self.submissions = SubmissionTable(
             capacity=organism.limits.max_conversations,
             retention_seconds=options.reply_retention,
@@ -190,6 +193,7 @@ class Daemon:
             "uncollected_replies": self.submissions.uncollected(),
             "uncollected_reply_bytes": self.submissions.held_bytes,
             "connections": self.door.counts(),
+            "observe": self.observing.stats(),
             "listeners": [
                 {
                     "name": listener.name,
@@ -228,6 +232,7 @@ class Daemon:
         except BaseException:
             await self.pump.stop(drain_timeout=0)
             raise
+        await self.observing.start()  # what the engine reported meanwhile is buffered, bounded
         self._accepting = True
         where = str(self.options.socket_path) + (
             f" and {self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else ""
@@ -281,6 +286,7 @@ class Daemon:
 
     def _housekeeping_tick(self) -> None:
         self.submissions.sweep()
+        self.observing.sweep()
         if not self.pump.healthy:
             why = self.pump.store_watch.health.detail or "the pump stopped working"
             log.critical("%s; exiting so that the service manager restarts the daemon", why)
@@ -320,9 +326,11 @@ class Daemon:
         if report.cancelled:
             log.warning("stopping: %d message(s) were cut short and reported to their clients", report.cancelled)
         await self._let_clients_collect()
+        self.observing.hub.close()
         for server in self._servers:
             server.close()
         await runner.cleanup()
+        await self.observing.stop()
         await self.door.close_all()
         self.options.socket_path.unlink(missing_ok=True)
         self.backend.close()

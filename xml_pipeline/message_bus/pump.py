@@ -59,6 +59,7 @@ from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
 from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
+from xml_pipeline.observe.events import Observation
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
@@ -84,6 +85,8 @@ class _Delivery:
     sender: str
     thread: str
     conversation: Conversation
+    hop: str = ""
+    """Its reference for whoever observes (:mod:`xml_pipeline.observe`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ class Pump:
     ) -> None:
         self.organism = organism
         self.metrics = metrics if metrics is not None else PumpMetrics()
+        self.observe = Observation()
         self.limits = organism.limits
         self._xml_limits = organism.limits.xml_limits()
         self._outputs = OutputPreparer(self._xml_limits)
@@ -439,8 +443,11 @@ class Pump:
             failure = Failure(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this message could be queued")
         if failure is None:
             assert self._queue is not None
+            hop = self.observe.hop(conversation.id, sender, listener.name, delivery_thread, type(payload), payload_xml)
             try:
-                self._queue.put_nowait(_Delivery(listener, payload, payload_xml, sender, delivery_thread, conversation))
+                self._queue.put_nowait(
+                    _Delivery(listener, payload, payload_xml, sender, delivery_thread, conversation, hop)
+                )
             except asyncio.QueueFull:
                 failure = Failure(ErrorCode.OVERLOAD, "the pump's queue is full; try again later")
         if failure is None:
@@ -538,6 +545,7 @@ class Pump:
             finally:
                 if not delivery.listener.coordinator:
                     self._slots.release()
+            self.observe.handled(outcome)
             if isinstance(outcome, Failure):
                 self._note_error(
                     outcome.code,
@@ -586,6 +594,7 @@ class Pump:
                 is_self_call=delivery.sender == listener.name,
             )
             self._running += 1
+            self.observe.handling(delivery.hop, delivery.conversation.id, listener.name)
             started = time.perf_counter()
             try:
                 if listener.cpu_bound:
@@ -595,6 +604,7 @@ class Pump:
                         payload_xml=delivery.payload_xml,
                         metadata=metadata,
                         timeout=listener.timeout_seconds,
+                        traceparent=self.observe.traceparent(),
                     )
                     return await call_in_worker(self._process_pool(), listener, task, self._xml_limits)
                 return await call_in_process(listener, delivery.payload, metadata)
@@ -692,6 +702,14 @@ class Pump:
         """Queue an internal message, waiting for room (bounded); the failure if there is none."""
         assert self._queue is not None
         self._begin_one(conversation)
+        delivery.hop = self.observe.hop(
+            conversation.id,
+            delivery.sender,
+            delivery.listener.name,
+            delivery.thread,
+            type(delivery.payload),
+            delivery.payload_xml,
+        )
         if not self._queue.full():  # only a wait needs a deadline; room is taken at once
             self._queue.put_nowait(delivery)
             return None
@@ -716,6 +734,7 @@ class Pump:
             return prepared
         fresh, payload_xml = prepared
         failure = await self._record(conversation, sender, to, thread, fresh, payload_xml)
+        self.observe.hop(conversation.id, sender, to, thread, type(fresh), payload_xml)
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
         if conversation.submission is None:  # a listener started it and is gone (e.g. a finished buffer)
@@ -743,6 +762,7 @@ class Pump:
         reports; ``thread`` is the hop's own thread.
         """
         self.metrics.error(code)
+        self.observe.error(conversation, code, detail, listener)
         log.warning(
             "message failed code=%s listener=%s conversation=%s thread=%s from=%s: %s",
             code.value,
@@ -895,6 +915,7 @@ class Pump:
 
     def _end(self, conversation: Conversation) -> None:
         """Nothing of the conversation is queued or running: forget its threads and history."""
+        self.observe.ended(conversation.id)
         if self._on_conversation_end is not None:
             try:
                 self._on_conversation_end(conversation.id, self.buffer.get_thread(conversation.id))

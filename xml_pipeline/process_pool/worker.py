@@ -15,6 +15,7 @@ by SIGALRM a moment later. Either way the worker survives for the next task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Coroutine
@@ -43,6 +44,8 @@ class Task:
     payload_xml: bytes
     metadata: HandlerMetadata
     timeout: float
+    traceparent: str | None = None
+    """The trace context of the daemon's span for this call (OpenTelemetry), continued in the worker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,8 @@ def run_task(task: Task) -> Outcome:
         return Outcome("raised", detail=f"the worker could not prepare the call: {exc}", worker_pid=pid)
     signal.setitimer(signal.ITIMER_REAL, task.timeout + HARD_DEADLINE_GRACE)
     try:
-        result = _loop.run_until_complete(_within(task.timeout, handler(payload, task.metadata)))
+        with _trace_continued(task):
+            result = _loop.run_until_complete(_within(task.timeout, handler(payload, task.metadata)))
     except (_Expired, _HardTimeout):
         _loop = _fresh_loop(_loop)  # an interrupted loop may be in any state
         return Outcome("timeout", worker_pid=pid)
@@ -128,6 +132,17 @@ def run_task(task: Task) -> Outcome:
     except PayloadTypeError as exc:
         return Outcome("bad", detail=f"responded with something that cannot travel as XML: {exc}", worker_pid=pid)
     return Outcome("response", result.to, payload_type_name(type(result.payload)), payload_xml, worker_pid=pid)
+
+
+def _trace_continued(task: Task) -> contextlib.AbstractContextManager[None]:
+    """The daemon's trace, continued around the call when the task carries one and OpenTelemetry is installed."""
+    if task.traceparent is None:
+        return contextlib.nullcontext()
+    try:
+        from xml_pipeline.observe.otel import continued
+    except ImportError:
+        return contextlib.nullcontext()
+    return continued(task.traceparent, f"run {task.metadata.own_name}")
 
 
 class _Expired(Exception):

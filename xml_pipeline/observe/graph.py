@@ -1,0 +1,78 @@
+"""Running totals per listener and per edge, for the web view's graph (this daemon's share of the work).
+
+Totals only: the page turns two readings into rates, so nothing here needs a
+clock or a window. Client names and short-lived listeners (``system.buffer.*``)
+are many, so the tables stop growing at ``MAX_ENTRIES``; existing entries keep counting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from xml_pipeline.observe.events import ErrorEvent, HandledEvent, HopEvent, Sink
+from xml_pipeline.organism import Listener, is_reserved
+
+MAX_ENTRIES = 1024
+
+
+@dataclass(slots=True)
+class _Totals:
+    handled: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    slowest: float = 0.0
+
+
+class GraphStats(Sink):
+    def __init__(self) -> None:
+        self._listeners: dict[str, _Totals] = {}
+        self._edges: dict[tuple[str, str], int] = {}
+
+    def hop(self, event: HopEvent) -> None:
+        edge = (event.sender, event.to)
+        count = self._edges.get(edge)
+        if count is not None or len(self._edges) < MAX_ENTRIES:
+            self._edges[edge] = (count or 0) + 1
+
+    def handled(self, event: HandledEvent) -> None:
+        totals = self._totals(event.listener)
+        if totals is None:
+            return
+        totals.handled += 1
+        totals.seconds += event.seconds
+        totals.slowest = max(totals.slowest, event.seconds)
+
+    def error(self, event: ErrorEvent) -> None:
+        totals = self._totals(event.listener) if event.listener else None
+        if totals is not None:
+            totals.errors += 1
+
+    def _totals(self, listener: str) -> _Totals | None:
+        totals = self._listeners.get(listener)
+        if totals is None and len(self._listeners) < MAX_ENTRIES:
+            totals = self._listeners[listener] = _Totals()
+        return totals
+
+    def snapshot(self, listeners: dict[str, Listener]) -> dict[str, Any]:
+        """The graph: every listener (its peers as edges it may use) with totals, and the edges messages took."""
+        nodes = []
+        for name, listener in listeners.items():
+            totals = self._listeners.get(name, _Totals())
+            nodes.append(
+                {
+                    "name": name,
+                    "description": listener.description,
+                    "ingress": listener.ingress,
+                    "cpu_bound": listener.cpu_bound,
+                    "system": is_reserved(name),
+                    "peers": None if listener.peers is None else sorted(listener.peers),
+                    "handled": totals.handled,
+                    "errors": totals.errors,
+                    "seconds": totals.seconds,
+                    "slowest_seconds": totals.slowest,
+                }
+            )
+        edges = [{"from": sender, "to": to, "messages": count} for (sender, to), count in sorted(self._edges.items())]
+        return {"at": time.time(), "listeners": nodes, "edges": edges}
