@@ -505,7 +505,7 @@ def _dead_letters(organism: str) -> DeadLetters:
     if backend.get("delivery") != "at-least-once":
         _fail(f"{organism}: dead letters exist only with backend.delivery at-least-once", EXIT_USAGE)
     config = BackendConfig.from_settings(backend)
-    return DeadLetters(config.redis_url, config.redis_prefix)
+    return DeadLetters(config.redis_url, config.redis_prefix, config.redis_ttl)
 
 
 @dlq.command("list")

@@ -35,7 +35,9 @@ from typing import Any
 
 from lxml import etree
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.cluster.calls import DurableCaller
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.replies import ReplyWatcher
@@ -345,7 +347,9 @@ class DurableEngine:
             try:
                 await work()
             except (RedisError, OSError) as exc:
+                raise_if_cancelling()
                 log.warning("%s failed, trying again in %gs: %s", work.__name__, interval, exc)
+            raise_if_cancelling()  # a cancellation the library took in without a word
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ the door
@@ -367,8 +371,15 @@ class DurableEngine:
                 hop.conversation,
                 effects,
                 opening=(sender, target.name, self.limits.queue_size),
+                owner=access.identity,
                 retention=self.settings.reply_retention_seconds,
             )
+        except RedisTimeoutError as exc:  # Redis may have run it: tell the client where its replies would be
+            detail = (
+                f"redis did not answer in time ({exc}); the message may have been stored: collect its replies on"
+                f" thread {hop.conversation} before sending it again, which could run it twice"
+            )
+            return self._refused(Refusal(ErrorCode.BACKEND_UNCERTAIN, detail, sender, hop.conversation, target.name))
         except BacklogFull as exc:
             return self._refused(
                 Refusal(ErrorCode.OVERLOAD, f"{exc}; try again later", sender, admitted.envelope.thread, target.name)
@@ -408,12 +419,16 @@ class DurableEngine:
         envelope = envelope_bytes(SYSTEM_SENDER, refusal.sender, thread, etree.tostring(element))
         return Refused(refusal.code, refusal.detail, thread, envelope)
 
-    async def collect(self, conversation: str, mode: str, timeout: float) -> Collected | None:
+    async def collect(
+        self, conversation: str, mode: str, timeout: float, *, owner: str | None = None
+    ) -> Collected | None:
         """The replies for ``conversation`` so far (``none``), the first, or all until it ends; None if unknown.
 
         Any daemon of the organism answers: replies live in Redis until
         collected, or ``reply_retention_seconds`` after the end.
         """
+        if owner is not None and await self.store.owner_of(conversation) != owner:
+            return None  # another client's conversation: as unknown as one that never was
         collected = Collected()
         seen: list[bytes] = []
         after = b"0"
@@ -461,6 +476,7 @@ class DurableEngine:
             try:
                 found = await self.store.read(self.daemon_id, counts, int(BLOCK_SECONDS * 1000))
             except (RedisError, OSError) as exc:
+                raise_if_cancelling()
                 log.warning("reading hops failed, trying again: %s", exc)
                 await asyncio.sleep(BLOCK_SECONDS)
                 continue

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.cluster.store import ClientReply, ClusterStore
 
 log = logging.getLogger("xml_pipeline.cluster")
@@ -79,6 +80,7 @@ class ReplyWatcher:
     async def run(self) -> None:
         """Read for every waiter until cancelled (the engine runs this in its task group)."""
         while True:
+            raise_if_cancelling()
             if not self._waiters:
                 self._someone_waits.clear()
                 with contextlib.suppress(TimeoutError):
@@ -95,6 +97,7 @@ class ReplyWatcher:
                 self._reading, self._nudged = True, False
                 found = await self._store.replies_of(wanted, int(BLOCK_SECONDS * 1000), self._reader)
             except (RedisError, OSError) as exc:
+                raise_if_cancelling()
                 log.warning("reading replies failed, trying again: %s", exc)
                 self._reader_id = None  # a new connection has a new id
                 await asyncio.sleep(BLOCK_SECONDS / 10)

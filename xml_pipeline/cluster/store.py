@@ -7,6 +7,7 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed)
     {prefix}conv-threads:{conv}   SET     the conversation's thread UUIDs, to forget them at the end
     {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
+    {prefix}r-owner:{conv}        STRING  the identity of the client that opened it (with tokens only)
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
     {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
 
@@ -47,7 +48,8 @@ MAX_CONNECTIONS = 64
 
 _COMMIT = """
 -- ARGV: prefix, group, input stream ('' at the door), input id, conversation, ttl (0: none),
---       reply retention, backlog cap (-1: none), capped stream, initiator ('' unless opening), then ops:
+--       reply retention, backlog cap (-1: none), capped stream, initiator ('' unless opening),
+--       owner (the client's identity, '' for none), then ops:
 --   x stream n field value ... | y envelope type payload | a slot | r chain uuid | q n field value ...
 local prefix, group, stream, id, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl, retention, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -73,10 +75,17 @@ if stream ~= '' then
   redis.call('XDEL', stream, id)
   delta = -1
 end
+local owner_key = prefix .. 'r-owner:' .. conv
 if initiator ~= '' then
+  -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
+  -- finds the conversation (or its replies) there already and writes nothing twice.
+  if redis.call('EXISTS', conv_key, replies_key) > 0 then
+    return {2, 0}
+  end
   redis.call('HSET', conv_key, 'initiator', initiator, 'pending', 0, 'started', redis.call('TIME')[1])
+  if ARGV[11] ~= '' then set(owner_key, ARGV[11]) end
 end
-local i, n = 11, #ARGV
+local i, n = 12, #ARGV
 while i <= n do
   local code = ARGV[i]
   if code == 'x' or code == 'q' then
@@ -123,6 +132,7 @@ end
 redis.call('UNLINK', threads_key, history_key, conv_key)
 redis.call('XADD', replies_key, '*', 'end', '1')
 redis.call('EXPIRE', replies_key, retention)
+if redis.call('EXISTS', owner_key) == 1 then redis.call('EXPIRE', owner_key, retention) end
 return {1, 1}
 """
 
@@ -230,6 +240,7 @@ class ClusterStore:
         *,
         done: tuple[str, bytes] | None = None,
         opening: tuple[str, str, int] | None = None,
+        owner: str | None = None,
         retention: float,
     ) -> bool:
         """Write ``effects`` and finish ``done`` (stream, entry id) in one step; True when the conversation ended.
@@ -252,6 +263,7 @@ class ClusterStore:
             cap,
             self.keys.stream(capped) if capped else "",
             initiator,
+            owner or "",
             *effects.arguments(self.keys),
         ]
         written, ended = await self._commit(args=args)
@@ -320,6 +332,11 @@ class ClusterStore:
             conversation = stream.decode().removeprefix(prefix)
             found[conversation] = [(entry_id, _client_reply(fields)) for entry_id, fields in rows]
         return found
+
+    async def owner_of(self, conversation: str) -> str | None:
+        """The identity of the client that opened ``conversation``, if it had one (and it is still kept)."""
+        owner: Any = await self.client.get(f"{self.keys.prefix}r-owner:{conversation}")
+        return None if owner is None else str(owner.decode())
 
     async def conversation_known(self, conversation: str) -> bool:
         keys = self.keys

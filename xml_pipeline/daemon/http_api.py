@@ -66,6 +66,7 @@ STATUS_FOR_CODE = {
     ErrorCode.OVERLOAD: 503,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
+    ErrorCode.BACKEND_UNCERTAIN: 504,
 }
 
 
@@ -158,7 +159,7 @@ async def _post_durable(
     if mode == "none":
         return _json({"thread": outcome.thread, "accepted": True}, status=202)
     try:
-        collected = await engine.collect(outcome.thread, mode, timeout)
+        collected = await engine.collect(outcome.thread, mode, timeout, owner=access.identity)
     except (RedisError, OSError) as exc:
         return _json(
             {"thread": outcome.thread, "accepted": True, "error": f"stored, but its replies cannot be read now: {exc}"},
@@ -301,7 +302,7 @@ def build_app(
         engine = daemon.pump
         if isinstance(engine, DurableEngine):
             try:
-                collected = await engine.collect(thread, *wait)
+                collected = await engine.collect(thread, *wait, owner=_access(request).identity)
             except (RedisError, OSError) as exc:
                 return _problem(503, f"the replies cannot be read now (redis: {exc}); ask again")
             if collected is None:

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.memory.circuit import Circuit
 from xml_pipeline.memory.manager_backend import ManagerBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
@@ -74,6 +75,7 @@ class StoreWatch:
     async def run(self) -> None:
         """Probe until cancelled (the pump runs this in its task group)."""
         while True:
+            raise_if_cancelling()
             await self.probe_once()
             await asyncio.sleep(self.interval)
 
@@ -92,6 +94,7 @@ class StoreWatch:
         except TimeoutError:
             return self._set(StoreState.UNAVAILABLE, f"the store did not answer within {self.probe_timeout:g}s")
         except Exception as exc:  # a probe that broke is a store that did not answer
+            raise_if_cancelling()
             return self._set(StoreState.UNAVAILABLE, f"the store could not be asked: {exc}")
         if not answered:
             return self._set(StoreState.UNAVAILABLE, "the store does not answer")

@@ -32,6 +32,7 @@ class ErrorCode(enum.Enum):
     HISTORY_FULL = "history-full"
     SHUTTING_DOWN = "shutting-down"
     BACKEND_UNAVAILABLE = "backend-unavailable"
+    BACKEND_UNCERTAIN = "backend-uncertain"
     WORKER_CRASH = "worker-crash"
     CRASH_LOOP = "crash-loop"
     DEAD_LETTER = "dead-letter"

@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.observe.events import ErrorEvent, HandledEvent, HopEvent, Sink
 from xml_pipeline.observe.memory_store import StoredTrace
 from xml_pipeline.observe.records import (
@@ -177,6 +178,7 @@ class RedisTraceStore(Sink):
     async def run(self) -> None:
         """Send what is buffered, a batch per turn, until cancelled."""
         while True:
+            raise_if_cancelling()
             await self._wake.wait()
             self._wake.clear()
             await self.flush()
@@ -209,6 +211,7 @@ class RedisTraceStore(Sink):
             async with asyncio.timeout(self.timeout * 2):
                 await pipeline.execute()
         except (RedisError, OSError, TimeoutError) as exc:
+            raise_if_cancelling()
             self._lost(sum(len(pending.records) for pending in batch.values()), f"redis: {exc}")
 
     async def close(self) -> None:
