@@ -73,3 +73,27 @@ async def test_a_store_that_times_out_says_where_the_replies_would_be(
     assert refused.code is ErrorCode.BACKEND_UNCERTAIN
     assert refused.code.retry_allowed is False
     assert f"thread {refused.thread}" in refused.detail
+
+
+async def test_consumers_of_gone_daemons_leave_the_group(redis_server: RedisServer) -> None:
+    """Every daemon start adds a consumer; ones that hold nothing and stay silent are removed."""
+    backend = RedisBackend(redis_server.url, prefix="gone-consumers:", fail_fast_seconds=None)
+    organism = Organism.of("gone", [Listener("echo", [Ping], echo, peers=[], ingress=True)])
+    settings = DurableSettings(reply_retention_seconds=30, forget_consumers_after_seconds=0)
+    durable = DurableEngine(organism, backend, settings)
+    client = redis.Redis.from_url(redis_server.url)
+    stream = durable.store.keys.stream("echo")
+    try:
+        await durable.start()
+        for ghost in ("ghost-1", "ghost-2"):  # daemons that joined once and were never seen again
+            assert client.xgroup_createconsumer(stream, "xml-pipeline", ghost) == 1
+        await durable._forget_gone_consumers()  # the reclaimer does this now and then
+        names = {c["name"].decode() for c in client.xinfo_consumers(stream, "xml-pipeline")}
+        assert not names & {"ghost-1", "ghost-2"}
+        assert names <= {durable.daemon_id}
+    finally:
+        await durable.stop(drain_timeout=5)
+        for key in client.scan_iter(match="gone-consumers:*"):
+            client.unlink(key)
+        client.close()
+        backend.close()

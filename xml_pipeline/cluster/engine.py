@@ -80,6 +80,8 @@ class DurableSettings:
     lease_seconds: float = 1.0
     heartbeat_seconds: float = 2.0
     reply_retention_seconds: float = 300.0
+    forget_consumers_after_seconds: float = 600.0
+    """A consumer (a daemon, alive or gone) holding nothing and idle this long leaves the group."""
     serve: frozenset[str] | None = None
     """The listeners this daemon handles (``run --listeners``); None: all of them."""
 
@@ -161,6 +163,7 @@ class DurableEngine:
         self._pool: CpuPool | None = None
         self.redeliveries = 0
         self.dead_letters = 0
+        self._consumers_checked = time.monotonic()
         self.started_at: float | None = None
 
     # ------------------------------------------------------------------ what the daemon sees
@@ -585,6 +588,7 @@ class DurableEngine:
     # ------------------------------------------------------------------ leases, reclaiming, dead letters
     async def _lease_and_reclaim(self) -> None:
         assert self._handlers is not None
+        await self._forget_gone_consumers()
         for name in self.served:
             held = self._held.get(name, {})
             await self.store.renew(name, self.daemon_id, list(held))
@@ -613,6 +617,16 @@ class DurableEngine:
                     hop.thread,
                 )
                 self._start(self._handlers, name, entry.entry_id, hop, attempt=entry.deliveries + 1)
+
+    async def _forget_gone_consumers(self) -> None:
+        """Now and then, drop the group's consumers that hold nothing and said nothing for long: gone daemons."""
+        after = self.settings.forget_consumers_after_seconds
+        now = time.monotonic()
+        if now - self._consumers_checked < min(after, 60.0):
+            return
+        self._consumers_checked = now
+        for name in self.served:
+            await self.store.forget_consumers(name, idle_ms=int(after * 1000), keep=self.daemon_id)
 
     def _claim_after(self, listener: Listener) -> float:
         """How long a hop must go unrenewed before it is taken from its daemon.

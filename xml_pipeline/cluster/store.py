@@ -304,6 +304,19 @@ class ClusterStore:
                 return Hop.from_fields(fields)
         return None
 
+    async def forget_consumers(self, listener: str, *, idle_ms: int, keep: str) -> int:
+        """Remove consumers of ``listener``'s stream that hold nothing and were idle ``idle_ms``: gone daemons.
+
+        Each daemon that ever started is a consumer of the group; without this,
+        a service that restarts for years would list every one of them.
+        """
+        stream = self.keys.stream(listener)
+        consumers: Any = await self.client.xinfo_consumers(stream, GROUP)
+        gone = [c["name"] for c in consumers if c["pending"] == 0 and c["idle"] >= idle_ms and _text(c["name"]) != keep]
+        for name in gone:
+            await self.client.xgroup_delconsumer(stream, GROUP, name)
+        return len(gone)
+
     async def renew(self, listener: str, consumer: str, entry_ids: Sequence[bytes]) -> None:
         """Reset the idle time of hops this daemon is still handling, so nobody claims them."""
         if entry_ids:
@@ -386,3 +399,7 @@ def _client_reply(fields: dict[bytes, bytes]) -> ClientReply | None:
     if envelope is None:
         return None
     return ClientReply(envelope, fields[b"type"].decode(), fields[b"payload"])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
