@@ -8,6 +8,7 @@ Exit codes, for scripts: 0 success; 1 the daemon or a reply reported an error;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -500,12 +501,20 @@ _organism_option = click.option(
 )
 
 
-def _dead_letters(organism: str) -> DeadLetters:
+@contextlib.contextmanager
+def _dead_letters(organism: str) -> Iterator[DeadLetters]:
+    """The organism's dead letters, closed afterwards; Redis failing on the way exits 4 with the reason."""
     backend = _load_or_exit(organism).settings.get("backend", {})
     if backend.get("delivery") != "at-least-once":
         _fail(f"{organism}: dead letters exist only with backend.delivery at-least-once", EXIT_USAGE)
     config = BackendConfig.from_settings(backend)
-    return DeadLetters(config.redis_url, config.redis_prefix, config.redis_ttl)
+    letters = DeadLetters(config.redis_url, config.redis_prefix, config.redis_ttl)
+    try:
+        yield letters
+    except RedisError as exc:
+        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
+    finally:
+        letters.close()
 
 
 @dlq.command("list")
@@ -513,8 +522,7 @@ def _dead_letters(organism: str) -> DeadLetters:
 @click.option("--count", default=100, show_default=True, help="List at most this many, oldest first.")
 def dlq_list(organism: str, count: int) -> None:
     """List dead letters: id, listener, deliveries, conversation, sender and payload."""
-    letters = _dead_letters(organism)
-    try:
+    with _dead_letters(organism) as letters:
         for letter in letters.list(count):
             failed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.failed_at))
             hop = letter.hop
@@ -522,10 +530,6 @@ def dlq_list(organism: str, count: int) -> None:
                 f"{letter.entry_id}  {letter.listener}  deliveries {letter.deliveries}  failed {failed}"
                 f"  conversation {hop.conversation}  from {hop.sender}  {hop.payload_xml.decode()[:200]}"
             )
-    except RedisError as exc:
-        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
-    finally:
-        letters.close()
 
 
 @dlq.command("replay")
@@ -533,13 +537,8 @@ def dlq_list(organism: str, count: int) -> None:
 @_organism_option
 def dlq_replay(entry_id: str, organism: str) -> None:
     """Put dead letter ENTRY_ID back in its listener's stream, to be handled again."""
-    letters = _dead_letters(organism)
-    try:
+    with _dead_letters(organism) as letters:
         new_id = letters.replay(entry_id)
-    except RedisError as exc:
-        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
-    finally:
-        letters.close()
     if new_id is None:
         _fail(f"no dead letter {entry_id}", EXIT_ERROR_REPLY)
     click.echo(f"replayed {entry_id} as {new_id}")
@@ -549,13 +548,8 @@ def dlq_replay(entry_id: str, organism: str) -> None:
 @_organism_option
 def dlq_purge(organism: str) -> None:
     """Delete every dead letter."""
-    letters = _dead_letters(organism)
-    try:
+    with _dead_letters(organism) as letters:
         click.echo(f"purged {letters.purge()} dead letter(s)")
-    except RedisError as exc:
-        _fail(f"redis: {exc}", EXIT_UNREACHABLE)
-    finally:
-        letters.close()
 
 
 # ---------------------------------------------------------------------- --stdin mode

@@ -143,6 +143,14 @@ class PumpLimits:
         return XmlLimits(max_bytes=self.max_message_bytes, max_depth=self.max_depth, repair=self.repair)
 
 
+def register_generic(table: dict[str, Listener], listener: Listener) -> Listener:
+    """Add a listener made while running (the primitives', collectors of replies) to an engine's ``table``."""
+    if listener.name in table:
+        raise ValueError(f"a listener named {listener.name!r} exists already")
+    table[listener.name] = listener
+    return listener
+
+
 @dataclass(slots=True)
 class Organism:
     name: str

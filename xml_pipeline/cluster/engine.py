@@ -37,6 +37,7 @@ from lxml import etree
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from xml_pipeline.background import run_guarded
 from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.cluster.calls import DurableCaller
 from xml_pipeline.cluster.hop import Hop
@@ -61,7 +62,7 @@ from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.pump import PumpStats, ShutdownReport
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
 from xml_pipeline.observe.events import Observation
-from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.organism import Listener, Organism, register_generic
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
 
@@ -210,23 +211,22 @@ class DurableEngine:
         accepts_any: bool = False,
         coordinator: bool = False,
     ) -> Listener:
-        if name in self._listeners:
-            raise ValueError(f"a listener named {name!r} exists already")
-        listener = Listener(
-            name,
-            payload_classes,
-            handler,
-            peers=peers,
-            timeout_seconds=timeout_seconds,
-            max_concurrency=max_concurrency,
-            description=description,
-            system=name.startswith("system."),
-            accepts_any=accepts_any,
-            coordinator=coordinator,
-        )
-        self._listeners[name] = listener
         self._held.setdefault(name, {})
-        return listener
+        return register_generic(
+            self._listeners,
+            Listener(
+                name,
+                payload_classes,
+                handler,
+                peers=peers,
+                timeout_seconds=timeout_seconds,
+                max_concurrency=max_concurrency,
+                description=description,
+                system=name.startswith("system."),
+                accepts_any=accepts_any,
+                coordinator=coordinator,
+            ),
+        )
 
     def caller(self, kind: str, run_id: str, *, concurrency: int) -> DurableCaller:
         return DurableCaller(self, kind, run_id)
@@ -236,17 +236,7 @@ class DurableEngine:
         if self._handlers is None:
             work.close()
             raise RuntimeError("the durable engine is not running")
-
-        async def guarded() -> None:
-            try:
-                await work
-            except asyncio.CancelledError:
-                log.warning("background work %s was stopped with the daemon", name)
-                raise
-            except Exception:
-                log.exception("background work %s failed", name)
-
-        self._handlers.create_task(guarded(), name=name)
+        run_guarded(self._handlers, work, name, log)
 
     async def open_internal(self, initiator: str, target_name: str, payload: Any) -> str | Failure:
         """Open a conversation from ``initiator`` (a primitive's run) to ``target_name``; its id, or why not."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from xml_pipeline.background import run_guarded
 from xml_pipeline.handler import Handler, HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.context_buffer import BufferSlot, ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
@@ -60,7 +61,7 @@ from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
 from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.thread_registry import Pruned, ThreadRegistry, chain_key, new_thread_id, set_registry
 from xml_pipeline.observe.events import Observation
-from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.organism import Listener, Organism, register_generic
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
 
@@ -244,17 +245,7 @@ class Pump:
         if self._group is None:
             work.close()
             raise PumpNotRunning("the pump is not running")
-
-        async def guarded() -> None:
-            try:
-                await work
-            except asyncio.CancelledError:
-                log.warning("background work %s was stopped with the pump", name)
-                raise
-            except Exception:
-                log.exception("background work %s failed", name)
-
-        self._group.create_task(guarded(), name=name)
+        run_guarded(self._group, work, name, log)
 
     async def _dispatch(self, group: asyncio.TaskGroup) -> None:
         assert self._queue is not None
@@ -289,22 +280,21 @@ class Pump:
         coordinator: bool = False,
     ) -> Listener:
         """Add a listener while running, e.g. a short-lived collector of replies."""
-        if name in self._listeners:
-            raise ValueError(f"a listener named {name!r} exists already")
-        listener = Listener(
-            name,
-            payload_classes,
-            handler,
-            peers=peers,
-            timeout_seconds=timeout_seconds,
-            max_concurrency=max_concurrency,
-            description=description,
-            system=name.startswith("system."),
-            accepts_any=accepts_any,
-            coordinator=coordinator,
+        return register_generic(
+            self._listeners,
+            Listener(
+                name,
+                payload_classes,
+                handler,
+                peers=peers,
+                timeout_seconds=timeout_seconds,
+                max_concurrency=max_concurrency,
+                description=description,
+                system=name.startswith("system."),
+                accepts_any=accepts_any,
+                coordinator=coordinator,
+            ),
         )
-        self._listeners[name] = listener
-        return listener
 
     async def start_internal(
         self,
