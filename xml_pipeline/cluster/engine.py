@@ -54,7 +54,7 @@ from xml_pipeline.message.payload_codec import PayloadDecodeError, codec_for
 from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import admit
-from xml_pipeline.message_bus.client_access import ClientAccess
+from xml_pipeline.message_bus.client_access import IN_PROCESS, ClientAccess
 from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
@@ -67,8 +67,6 @@ from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
 
 log = logging.getLogger("xml_pipeline.cluster")
-
-IN_PROCESS = ClientAccess.in_process()
 
 BLOCK_SECONDS = 0.5
 """How long one read waits for new hops or replies before looking around again."""
@@ -142,7 +140,7 @@ class DurableEngine:
         self.backend = backend
         self.daemon_id = daemon_id or f"{socket.gethostname()}-{os.getpid()}-{new_thread_id()[:8]}"
         self.store = ClusterStore(
-            backend.spec.url, backend.prefix, backend.ttl, socket_timeout=backend_timeout(backend) + 2 * BLOCK_SECONDS
+            backend.spec.url, backend.prefix, backend.ttl, socket_timeout=backend.socket_timeout + 2 * BLOCK_SECONDS
         )
         self.registry = ThreadRegistry(backend)
         self.buffer = ContextBuffer(
@@ -426,7 +424,7 @@ class DurableEngine:
         seen: list[bytes] = []
         after = b"0"
         deadline = time.monotonic() + timeout
-        entries = await self.store.replies(conversation, after, None)
+        entries = await self.store.replies(conversation, after)
         while True:
             for entry_id, reply in entries:
                 after = entry_id
@@ -688,8 +686,3 @@ class DurableEngine:
                 max_threads=self.limits.max_conversations,
             )
         return self._pool
-
-
-def backend_timeout(backend: RedisBackend) -> float:
-    """The configured per-call bound of the sync client, reused for the async one (plus its blocking reads)."""
-    return backend.socket_timeout

@@ -322,11 +322,9 @@ class ClusterStore:
         if entry_ids:
             await self.client.xclaim(self.keys.stream(listener), GROUP, consumer, 0, list(entry_ids), justid=True)
 
-    async def replies(
-        self, conversation: str, after: bytes, block_ms: int | None
-    ) -> list[tuple[bytes, ClientReply | None]]:
-        """Reply entries after ``after``: (id, reply), with None for the end marker."""
-        answer: Any = await self.client.xread({self.keys.replies(conversation): after}, block=block_ms)
+    async def replies(self, conversation: str, after: bytes) -> list[tuple[bytes, ClientReply | None]]:
+        """Reply entries after ``after`` (without waiting): (id, reply), with None for the end marker."""
+        answer: Any = await self.client.xread({self.keys.replies(conversation): after})
         return [(entry_id, _client_reply(fields)) for _, rows in answer or [] for entry_id, fields in rows]
 
     def dedicated_client(self) -> aioredis.Redis:

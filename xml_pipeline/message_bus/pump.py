@@ -53,7 +53,7 @@ from xml_pipeline.message.payload_codec import (
 )
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import admit
-from xml_pipeline.message_bus.client_access import ClientAccess
+from xml_pipeline.message_bus.client_access import IN_PROCESS, ClientAccess
 from xml_pipeline.message_bus.conversations import Conversation, Reply, Submission
 from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
@@ -71,7 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("xml_pipeline.pump")
 
 SYSTEM_SENDER = "system"
-IN_PROCESS = ClientAccess.in_process()
 
 ConversationEndHook = Callable[[str, tuple[BufferSlot, ...]], None]
 
