@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -11,11 +13,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tests.redis_server import RedisServer
 from tests.support import Ping, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode
+from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster.engine import Accepted, DurableEngine, DurableSettings, Refused
 from xml_pipeline.cluster.store import ClusterStore
 from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
-from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.organism import Listener, Organism, PumpLimits
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
 
@@ -97,3 +101,83 @@ async def test_consumers_of_gone_daemons_leave_the_group(redis_server: RedisServ
             client.unlink(key)
         client.close()
         backend.close()
+
+
+async def test_the_commits_of_one_loop_turn_share_one_script_call(
+    engine: DurableEngine, redis_server: RedisServer
+) -> None:
+    """Forty messages at once: eighty commits (forty stores, forty outcomes) in far fewer script calls."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        accepted = await asyncio.gather(*(engine.accept(envelope(ping_xml(f"m{i}"))) for i in range(40)))
+        assert all(isinstance(outcome, Accepted) for outcome in accepted)
+        collected = await asyncio.gather(
+            *(engine.collect(outcome.thread, "end", 10) for outcome in accepted if isinstance(outcome, Accepted))
+        )
+        calls = client.info("commandstats")["cmdstat_evalsha"]["calls"] - before
+    finally:
+        client.close()
+    texts = sorted(reply.payload_xml for c in collected if c is not None for reply in c.replies)
+    assert texts == sorted(f"<Pong><text>m{i}</text></Pong>".encode() for i in range(40))
+    assert calls <= 20
+
+
+async def test_a_full_backlog_refuses_the_openings_over_its_cap_and_stores_the_others_of_the_same_call(
+    redis_server: RedisServer,
+) -> None:
+    """Ten messages in one loop turn, room for four: one script call, four stored, six told `overload`."""
+    backend = RedisBackend(redis_server.url, prefix="full-backlog:", fail_fast_seconds=None)
+    organism = Organism.of("full", [Listener("echo", [Ping], echo, peers=[], ingress=True)], PumpLimits(queue_size=4))
+    durable = DurableEngine(organism, backend, DurableSettings(reply_retention_seconds=30, serve=frozenset()))
+    await durable.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        outcomes = await asyncio.gather(*(durable.accept(envelope(ping_xml(f"m{i}"))) for i in range(10)))
+        stored = [outcome for outcome in outcomes if isinstance(outcome, Accepted)]
+        refused = [outcome for outcome in outcomes if isinstance(outcome, Refused)]
+        assert len(stored) == 4
+        assert {outcome.code for outcome in refused} == {ErrorCode.OVERLOAD}
+        assert client.xlen(durable.store.keys.stream("echo")) == 4
+    finally:
+        await durable.stop(drain_timeout=5)
+        for key in client.scan_iter(match="full-backlog:*"):
+            client.unlink(key)
+        client.close()
+        backend.close()
+
+
+async def test_a_hop_this_daemon_made_is_handled_without_parsing_it_again(
+    engine: DurableEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The door decoded the message already; the daemon that takes it from the stream uses that payload."""
+    parsed: list[bytes] = []
+    real_parse = engine_module.parse_checked
+
+    def counting_parse(raw: bytes, limits: XmlLimits) -> Any:
+        parsed.append(raw)
+        return real_parse(raw, limits)
+
+    monkeypatch.setattr(engine_module, "parse_checked", counting_parse)
+    accepted = await engine.accept(envelope(ping_xml("once")))
+    assert isinstance(accepted, Accepted)
+    collected = await engine.collect(accepted.thread, "end", 10)
+    assert collected is not None
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>once</text></Pong>"]
+    assert parsed == []
+
+
+async def test_a_wait_without_time_still_returns_what_is_stored(engine: DurableEngine) -> None:
+    """``wait=end`` with timeout 0 on a conversation that ended: its replies and its end, not nothing."""
+    accepted = await engine.accept(envelope(ping_xml("done")))
+    assert isinstance(accepted, Accepted)
+    after, ended = b"0", False
+    async with asyncio.timeout(10):
+        while not ended:  # read as the reply watcher reads, which forgets nothing
+            entries = await engine._replies.wait(accepted.thread, after, 10)
+            after = entries[-1][0] if entries else after
+            ended = any(reply is None for _, reply in entries)
+    collected = await engine.collect(accepted.thread, "end", 0)
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>done</text></Pong>"]

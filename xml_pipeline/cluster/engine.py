@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from xml_pipeline.background import run_guarded
 from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.cluster.calls import DurableCaller
+from xml_pipeline.cluster.decoded import DecodedPayloads
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.replies import ReplyWatcher
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
@@ -153,6 +154,7 @@ class DurableEngine:
         self._outputs = OutputPreparer(self._xml_limits)
         self._router = Router(lambda: self._listeners, self._outputs, self.buffer, self._note_error, self.observe)
         self._held: dict[str, dict[bytes, _Held]] = {name: {} for name in self._listeners}
+        self._decoded = DecodedPayloads(capacity=max(1024, 2 * self.limits.max_in_flight))
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._freed = asyncio.Event()
         self._consuming = False
@@ -246,6 +248,7 @@ class DurableEngine:
             return prepared
         fresh, payload_xml = prepared
         hop, effects = self._router.opening(initiator, target, fresh, payload_xml)
+        self._keep_decoded(effects)
         try:
             await self.store.commit(
                 hop.conversation,
@@ -357,6 +360,7 @@ class DurableEngine:
             return self._refused(admitted)
         sender, target = admitted.envelope.sender, admitted.listener
         hop, effects = self._router.opening(sender, target, admitted.payload, admitted.payload_xml)
+        self._keep_decoded(effects)
         try:
             await self.store.commit(
                 hop.conversation,
@@ -424,7 +428,9 @@ class DurableEngine:
         seen: list[bytes] = []
         after = b"0"
         deadline = time.monotonic() + timeout
-        entries = await self.store.replies(conversation, after)
+        # Only a look needs its own read; a wait starts with the watcher's next read, which covers every
+        # waiting conversation at once (and returns at once what is there already).
+        entries = await self.store.replies(conversation, after) if mode == "none" or timeout <= 0 else []
         while True:
             for entry_id, reply in entries:
                 after = entry_id
@@ -482,6 +488,7 @@ class DurableEngine:
     async def _handle(self, listener_name: str, entry_id: bytes, hop: Hop, attempt: int) -> None:
         try:
             effects = await self._outcome(listener_name, hop, attempt)
+            self._keep_decoded(effects)
             ended = await self.store.commit(
                 hop.conversation,
                 effects,
@@ -541,8 +548,20 @@ class DurableEngine:
         self.observe.handled(result)
         return self._router.route(hop, listener, result)
 
+    def _keep_decoded(self, effects: Effects) -> None:
+        """Keep the fresh payloads of hops this daemon may handle, for :meth:`_decode` (before the commit:
+        the hop can be read back from its stream before the commit's caller runs again)."""
+        serve = self.settings.serve
+        for hop in effects.hops:
+            if hop.decoded is not None and (serve is None or hop.target in serve):
+                self._decoded.keep(hop.thread, hop.payload_xml, hop.decoded)
+
     def _decode(self, listener: Listener, hop: Hop) -> Any:
-        """The hop's payload as ``listener``'s class, checked again: Redis is not the sender's word."""
+        """The hop's payload as ``listener``'s class: the one this daemon decoded when it made the hop, or
+        decoded from the stored bytes and checked again, for Redis is not the sender's word."""
+        kept = self._decoded.take(hop.thread, hop.payload_xml)
+        if kept is not None and type(kept) in listener.codecs_by_class:
+            return kept
         try:
             element = parse_checked(hop.payload_xml, self._xml_limits).root
         except XmlRejected as rejected:

@@ -7,7 +7,8 @@ asking Redis which thread a chain had. Listener names never contain ``/``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 _SEP = "/"
 
@@ -24,6 +25,8 @@ class Hop:
     payload_xml: bytes
     trace: str = ""
     """The hop's reference for whoever observes (:mod:`xml_pipeline.observe`), so any daemon continues its trace."""
+    decoded: Any = field(default=None, compare=False, repr=False)
+    """The payload as the daemon that made this hop decoded it; never stored (see :mod:`.decoded`)."""
 
     @property
     def thread(self) -> str:

@@ -67,7 +67,7 @@ class Router:
         conversation = new_thread_id()
         chain = (client, target.name)
         threads = (conversation, new_thread_id())
-        hop = Hop(conversation, chain, threads, client, payload_type_name(type(payload)), payload_xml)
+        hop = Hop(conversation, chain, threads, client, payload_type_name(type(payload)), payload_xml, decoded=payload)
         effects = Effects()
         effects.registrations += [
             (chain_key(conversation, chain[:1]), threads[0]),
@@ -125,7 +125,16 @@ class Router:
         chain, threads = (*hop.chain, to), (*hop.threads, new_thread_id())
         effects.registrations.append((chain_key(hop.conversation, chain), threads[-1]))
         self._send(
-            effects, Hop(hop.conversation, chain, threads, listener.name, payload_type_name(type(fresh)), payload_xml)
+            effects,
+            Hop(
+                hop.conversation,
+                chain,
+                threads,
+                listener.name,
+                payload_type_name(type(fresh)),
+                payload_xml,
+                decoded=fresh,
+            ),
         )
         return None
 
@@ -148,7 +157,10 @@ class Router:
         if isinstance(prepared, Failure):
             return prepared
         fresh, payload_xml = prepared
-        self._send(effects, Hop(hop.conversation, chain, threads, sender, payload_type_name(type(fresh)), payload_xml))
+        self._send(
+            effects,
+            Hop(hop.conversation, chain, threads, sender, payload_type_name(type(fresh)), payload_xml, decoded=fresh),
+        )
         return None
 
     def _to_client(self, effects: Effects, hop: Hop, payload: Any, sender: str) -> Failure | None:

@@ -39,111 +39,142 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from xml_pipeline.cluster.batching import Batcher
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.memory.redis_backend import glob_under
+from xml_pipeline.message.envelope import MESSAGE_END
 
 GROUP = "xml-pipeline"
 MAX_CONNECTIONS = 64
+COMMITS_PER_CALL = 128
+"""Commits one script call carries at most: enough to pay a call's cost once per loop turn under load,
+few enough that Redis, which runs a script alone, is never held for long."""
 """Connections one daemon opens to Redis at most; further calls wait (bounded) for a free one."""
 
 _COMMIT = """
--- ARGV: prefix, group, input stream ('' at the door), input id, conversation, ttl (0: none),
---       reply retention, backlog cap (-1: none), capped stream, initiator ('' unless opening),
---       owner (the client's identity, '' for none), then ops:
---   x stream n field value ... | y envelope type payload | a slot | r chain uuid | q n field value ...
-local prefix, group, stream, id, conv = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ttl, retention, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local capped, initiator = ARGV[9], ARGV[10]
-local conv_key = prefix .. 'conv:' .. conv
-local threads_key = prefix .. 'conv-threads:' .. conv
-local replies_key = prefix .. 'r:' .. conv
-local history_key = prefix .. 'buf:' .. conv
+-- One call commits a batch: ARGV = prefix, group, ttl (0: none), reply retention, then per commit:
+--   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
+--   initiator ('' unless opening), owner (the client's identity, '' for none), n (ops' argument count),
+--   and n op arguments:
+--   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
+-- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
+-- nothing written), 2 (that opening was stored already) or -1 (the capped stream was full).
+local prefix, group = ARGV[1], ARGV[2]
+local ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4])
 local function expire(key)
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
 local function set(key, value)
   if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
 end
-if cap >= 0 and redis.call('XLEN', capped) >= cap then
-  return {-1, 0}
-end
-local delta = 0
-if stream ~= '' then
-  if redis.call('XACK', stream, group, id) == 0 then
-    return {0, 0}
+
+local function commit(at)
+  local stream, id, conv = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  local cap, capped, initiator, owner = tonumber(ARGV[at + 3]), ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
+  local first, last = at + 8, at + 7 + tonumber(ARGV[at + 7])
+  local conv_key = prefix .. 'conv:' .. conv
+  local threads_key = prefix .. 'conv-threads:' .. conv
+  local replies_key = prefix .. 'r:' .. conv
+  local history_key = prefix .. 'buf:' .. conv
+  local owner_key = prefix .. 'r-owner:' .. conv
+  if cap >= 0 and redis.call('XLEN', capped) >= cap then
+    return -1, 0
   end
-  redis.call('XDEL', stream, id)
-  delta = -1
-end
-local owner_key = prefix .. 'r-owner:' .. conv
-if initiator ~= '' then
-  -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
-  -- finds the conversation (or its replies) there already and writes nothing twice.
-  if redis.call('EXISTS', conv_key, replies_key) > 0 then
-    return {2, 0}
+  local delta = 0
+  if stream ~= '' then
+    if redis.call('XACK', stream, group, id) == 0 then
+      return 0, 0
+    end
+    redis.call('XDEL', stream, id)
+    delta = -1
   end
-  redis.call('HSET', conv_key, 'initiator', initiator, 'pending', 0, 'started', redis.call('TIME')[1])
-  if ARGV[11] ~= '' then set(owner_key, ARGV[11]) end
-end
-local i, n = 12, #ARGV
-while i <= n do
-  local code = ARGV[i]
-  if code == 'x' or code == 'q' then
-    local key, count, offset
-    if code == 'x' then key, count, offset = ARGV[i + 1], tonumber(ARGV[i + 2]), i + 2
-    else key, count, offset = prefix .. 'dlq', tonumber(ARGV[i + 1]), i + 1 end
-    local fields = {}
-    for k = 1, 2 * count do fields[k] = ARGV[offset + k] end
-    redis.call('XADD', key, '*', unpack(fields))
-    if code == 'x' then delta = delta + 1 end
-    i = offset + 2 * count + 1
-  elseif code == 'y' then
-    redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1], 'type', ARGV[i + 2], 'payload', ARGV[i + 3])
-    expire(replies_key)
-    i = i + 4
-  elseif code == 'a' then
-    redis.call('RPUSH', history_key, ARGV[i + 1])
-    expire(history_key)
-    i = i + 2
-  elseif code == 'r' then
-    local chain, uuid = ARGV[i + 1], ARGV[i + 2]
-    set(prefix .. 'reg:c:' .. chain, uuid)
-    set(prefix .. 'reg:u:' .. uuid, chain)
-    redis.call('SADD', threads_key, uuid)
-    expire(threads_key)
-    i = i + 3
-  else
-    return redis.error_reply('unknown op ' .. tostring(code))
+  if initiator ~= '' then
+    -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
+    -- finds the conversation (or its replies) there already and writes nothing twice.
+    if redis.call('EXISTS', conv_key, replies_key) > 0 then
+      return 2, 0
+    end
+    redis.call('HSET', conv_key, 'initiator', initiator, 'pending', 0, 'started', redis.call('TIME')[1])
+    if owner ~= '' then set(owner_key, owner) end
   end
-end
-local pending = redis.call('HINCRBY', conv_key, 'pending', delta)
-if pending > 0 then
-  expire(conv_key)
-  return {1, 0}
-end
-for _, uuid in ipairs(redis.call('SMEMBERS', threads_key)) do
-  local uuid_key = prefix .. 'reg:u:' .. uuid
-  local chain = redis.call('GET', uuid_key)
-  redis.call('UNLINK', uuid_key)
-  if chain and redis.call('GET', prefix .. 'reg:c:' .. chain) == uuid then
-    redis.call('UNLINK', prefix .. 'reg:c:' .. chain)
+  local i = first
+  while i <= last do
+    local code = ARGV[i]
+    if code == 'x' or code == 'q' then
+      local key, count, offset
+      if code == 'x' then key, count, offset = ARGV[i + 1], tonumber(ARGV[i + 2]), i + 2
+      else key, count, offset = prefix .. 'dlq', tonumber(ARGV[i + 1]), i + 1 end
+      redis.call('XADD', key, '*', unpack(ARGV, offset + 1, offset + 2 * count))
+      if code == 'x' then delta = delta + 1 end
+      i = offset + 2 * count + 1
+    elseif code == 'y' then
+      redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1], 'type', ARGV[i + 2], 'at', ARGV[i + 3])
+      expire(replies_key)
+      i = i + 4
+    elseif code == 'a' then
+      redis.call('RPUSH', history_key, ARGV[i + 1])
+      expire(history_key)
+      i = i + 2
+    elseif code == 'r' then
+      local chain, uuid = ARGV[i + 1], ARGV[i + 2]
+      set(prefix .. 'reg:c:' .. chain, uuid)
+      set(prefix .. 'reg:u:' .. uuid, chain)
+      redis.call('SADD', threads_key, uuid)
+      expire(threads_key)
+      i = i + 3
+    else
+      return redis.error_reply('unknown op ' .. tostring(code))
+    end
   end
+  local pending = redis.call('HINCRBY', conv_key, 'pending', delta)
+  if pending > 0 then
+    expire(conv_key)
+    return 1, 0
+  end
+  for _, uuid in ipairs(redis.call('SMEMBERS', threads_key)) do
+    local uuid_key = prefix .. 'reg:u:' .. uuid
+    local chain = redis.call('GET', uuid_key)
+    redis.call('UNLINK', uuid_key)
+    if chain and redis.call('GET', prefix .. 'reg:c:' .. chain) == uuid then
+      redis.call('UNLINK', prefix .. 'reg:c:' .. chain)
+    end
+  end
+  redis.call('UNLINK', threads_key, history_key, conv_key)
+  redis.call('XADD', replies_key, '*', 'end', '1')
+  redis.call('EXPIRE', replies_key, retention)
+  if redis.call('EXISTS', owner_key) == 1 then redis.call('EXPIRE', owner_key, retention) end
+  return 1, 1
 end
-redis.call('UNLINK', threads_key, history_key, conv_key)
-redis.call('XADD', replies_key, '*', 'end', '1')
-redis.call('EXPIRE', replies_key, retention)
-if redis.call('EXISTS', owner_key) == 1 then redis.call('EXPIRE', owner_key, retention) end
-return {1, 1}
+
+local answers, at, n = {}, 5, #ARGV
+while at <= n do
+  local written, ended = commit(at)
+  if type(written) == 'table' then return written end  -- an error reply
+  answers[#answers + 1] = written
+  answers[#answers + 1] = ended
+  at = at + 8 + tonumber(ARGV[at + 7])
+end
+return answers
 """
 
 
 @dataclass(frozen=True, slots=True)
 class ClientReply:
-    """A reply for the conversation's initiator: the envelope a client reads, and the payload a caller decodes."""
+    """A reply for the conversation's initiator: the envelope a client reads, and the payload a caller decodes.
+
+    Redis keeps the envelope alone and where the payload lies in it: the
+    payload's bytes are stored (and sent through the commit script) once.
+    """
 
     envelope: bytes
     payload_type: str
     payload_xml: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    args: list[Any]
+    retention: int
 
 
 class BacklogFull(Exception):
@@ -170,7 +201,8 @@ class Effects:
             fields = hop.fields()
             args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
         for reply in self.replies:
-            args += ["y", reply.envelope, reply.payload_type, reply.payload_xml]
+            end = len(reply.envelope) - len(MESSAGE_END)
+            args += ["y", reply.envelope, reply.payload_type, f"{end - len(reply.payload_xml)}:{end}"]
         for letter in self.dead_letters:
             args += ["q", len(letter) // 2, *letter]
         return args
@@ -224,6 +256,12 @@ class ClusterStore:
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._commit = self.client.register_script(_COMMIT)
+        self._commits: Batcher[_Commit, tuple[int, int]] = Batcher(
+            self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
+        )
+        self._unlinks: Batcher[str, None] = Batcher(
+            self._unlink_batch, max_batch=COMMITS_PER_CALL, max_calls=1, wait_seconds=3 * socket_timeout
+        )
 
     async def ensure_groups(self, listeners: Sequence[str]) -> None:
         for listener in listeners:
@@ -248,28 +286,36 @@ class ClusterStore:
         ``opening`` (initiator, target, backlog cap) opens the conversation at
         the door, refused with BacklogFull when the target's stream is full.
         Returns False too when ``done`` was no longer pending (someone else
-        finished it): then nothing was written.
+        finished it): then nothing was written. The commits of one loop turn
+        go to Redis in one script call (:mod:`.batching`), each still all or
+        nothing on its own.
         """
         stream, entry_id = done if done is not None else ("", b"")
         initiator, capped, cap = opening if opening is not None else ("", "", -1)
+        ops = effects.arguments(self.keys)
         args: list[Any] = [
-            self.keys.prefix,
-            GROUP,
             stream,
             entry_id,
             conversation,
-            self.ttl,
-            max(1, round(retention)),
             cap,
             self.keys.stream(capped) if capped else "",
             initiator,
             owner or "",
-            *effects.arguments(self.keys),
+            len(ops),
+            *ops,
         ]
-        written, ended = await self._commit(args=args)
+        written, ended = await self._commits.submit(_Commit(args, max(1, round(retention))))
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         return bool(ended)
+
+    async def _commit_batch(self, batch: list[_Commit]) -> list[tuple[int, int]]:
+        """One script call for ``batch``; the reply retention is the organism's, the same for every commit."""
+        args: list[Any] = [self.keys.prefix, GROUP, self.ttl, max(commit.retention for commit in batch)]
+        for commit in batch:
+            args += commit.args
+        answers: Any = await self._commit(args=args)
+        return [(int(answers[i]), int(answers[i + 1])) for i in range(0, len(answers), 2)]
 
     async def read(self, consumer: str, counts: dict[str, int], block_ms: int) -> list[tuple[str, bytes, Hop]]:
         """New hops for the listeners in ``counts``, at most that many each: (listener, entry id, hop)."""
@@ -354,12 +400,16 @@ class ClusterStore:
         return bool(await self.client.exists(keys.conversation(conversation), keys.replies(conversation)))
 
     async def forget_replies(self, conversation: str, entry_ids: Sequence[bytes], *, ended: bool) -> None:
-        """Collected replies are gone; after the end, the whole stream."""
+        """Collected replies are gone; after the end, the whole stream (with the other ends of this loop turn)."""
         key = self.keys.replies(conversation)
         if ended:
-            await self.client.unlink(key)
+            await self._unlinks.submit(key)
         elif entry_ids:
             await self.client.xdel(key, *entry_ids)
+
+    async def _unlink_batch(self, keys: list[str]) -> list[None]:
+        await self.client.unlink(*keys)
+        return [None] * len(keys)
 
     async def heartbeat(self, daemon_id: str, about: dict[str, Any], ttl_seconds: int) -> None:
         await self.client.set(self.keys.daemon(daemon_id), json.dumps({**about, "seen": time.time()}), ex=ttl_seconds)
@@ -396,7 +446,8 @@ def _client_reply(fields: dict[bytes, bytes]) -> ClientReply | None:
     envelope = fields.get(b"reply")
     if envelope is None:
         return None
-    return ClientReply(envelope, fields[b"type"].decode(), fields[b"payload"])
+    start, _, end = fields[b"at"].partition(b":")
+    return ClientReply(envelope, fields[b"type"].decode(), envelope[int(start) : int(end)])
 
 
 def _text(value: bytes | str) -> str:

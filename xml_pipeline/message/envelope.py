@@ -91,7 +91,7 @@ def build_envelope(sender: str, to: str | None, thread: str, payload: etree._Ele
     return message
 
 
-_MESSAGE_END = b"</xp:message>"
+MESSAGE_END = b"</xp:message>"
 
 
 def serialize_envelope(sender: str, to: str | None, thread: str, payload: etree._Element) -> bytes:
@@ -115,7 +115,7 @@ def envelope_bytes(sender: str, to: str | None, thread: str, payload_xml: bytes)
     parts = [_ENVELOPE_OPEN, _text(sender), b"</xp:from>"]
     if to is not None:
         parts += [b"<xp:to>", _text(to), b"</xp:to>"]
-    parts += [b"<xp:thread>", _text(thread), b"</xp:thread></xp:meta>", payload_xml, _MESSAGE_END]
+    parts += [b"<xp:thread>", _text(thread), b"</xp:thread></xp:meta>", payload_xml, MESSAGE_END]
     return b"".join(parts)
 
 
