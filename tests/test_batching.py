@@ -110,3 +110,31 @@ async def test_a_caller_waits_no_longer_than_wait_seconds() -> None:
     calls.release.set()
     assert await held == 2
     assert await batcher.submit(3) == 6
+
+
+async def test_a_leader_cancelled_before_its_call_leaves_the_batch_to_another() -> None:
+    calls = Calls()
+    batcher: Batcher[int, int] = Batcher(calls, max_batch=100, wait_seconds=5)
+    leader = asyncio.create_task(batcher.submit(1))
+    followers = [asyncio.create_task(batcher.submit(item)) for item in range(2, 6)]
+    await asyncio.sleep(0)  # the leader now waits for this turn's callers to join
+    leader.cancel()
+    assert await asyncio.gather(*followers) == [4, 6, 8, 10]
+    assert calls.batches
+    assert 1 not in calls.batches[0]
+
+
+async def test_a_follower_promoted_then_cancelled_passes_the_lead_on() -> None:
+    calls = Calls()
+    calls.release.clear()
+    batcher: Batcher[int, int] = Batcher(calls, max_batch=2, max_calls=1, wait_seconds=5)
+    callers = [asyncio.create_task(batcher.submit(item)) for item in range(6)]
+    await calls.started.wait()  # the first batch (0, 1) is in its call; 2 leads next, waiting for the call
+    calls.release.set()
+    await asyncio.sleep(0)
+    for caller in callers[2:4]:
+        caller.cancel()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert outcomes[:2] == [0, 2]
+    assert outcomes[4:] == [8, 10]
+    assert batcher.waiting == 0

@@ -51,11 +51,11 @@ class Batcher(Generic[Item, Result]):
         max_calls: int = 2,
         wait_seconds: float,
     ) -> None:
-        """``call`` gets a batch and returns one result per item, in order.
+        """``call`` gets a batch and returns one result per item, in order; it must be bounded in time.
 
-        ``wait_seconds`` bounds how long one caller waits for its batch's
-        call, including the wait for a free call; past it the caller hears a
-        timeout, as it would from a lone call that took too long.
+        ``wait_seconds`` bounds how long a leader waits for a free call; past
+        it the leader and its batch hear a timeout, as they would from a lone
+        call that took too long.
         """
         self._call = call
         self._max_batch = max_batch
@@ -74,23 +74,27 @@ class Batcher(Generic[Item, Result]):
             self._led = True
             return await self._lead(item)
         future: asyncio.Future[Result | _Promoted] = asyncio.get_running_loop().create_future()
-        entry = (item, future)
-        self._waiting.append(entry)
+        self._waiting.append((item, future))
+        # No deadline of its own: a follower's wait ends with its leader's call, and every step of that is
+        # bounded (the wait for a free call by wait_seconds, the call by the client's socket timeout); a
+        # leader that fails or is cancelled answers its followers on the way out.
         try:
-            async with asyncio.timeout(self._wait_seconds):
-                outcome = await future
-        except TimeoutError:
-            if entry in self._waiting:
-                self._waiting.remove(entry)
-            raise RedisTimeoutError(f"no answer from redis within {self._wait_seconds:g}s (batched call)") from None
+            outcome = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and isinstance(future.result(), _Promoted):
+                self._hand_over()  # promoted, then cancelled before leading: the others still need a leader
+            raise
         if isinstance(outcome, _Promoted):
             return await self._lead(item)
         return outcome
 
     async def _lead(self, item: Item) -> Result:
         try:
-            async with asyncio.timeout(self._wait_seconds):
-                await self._calls.acquire()
+            if self._calls.locked():
+                async with asyncio.timeout(self._wait_seconds):
+                    await self._calls.acquire()
+            else:
+                await self._calls.acquire()  # free: taken at once, no deadline needed
         except TimeoutError:
             self._hand_over()
             raise RedisTimeoutError(f"no free call to redis within {self._wait_seconds:g}s (batched call)") from None
@@ -98,7 +102,11 @@ class Batcher(Generic[Item, Result]):
             self._hand_over()
             raise
         try:
-            await asyncio.sleep(0)  # this turn's other callers join the batch
+            try:
+                await asyncio.sleep(0)  # this turn's other callers join the batch
+            except BaseException:
+                self._hand_over()
+                raise
             others = self._waiting[: self._max_batch - 1]
             del self._waiting[: self._max_batch - 1]
             self._hand_over()

@@ -5,21 +5,23 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
 
     {prefix}s:{listener}          STREAM  hops waiting for or being handled by ``listener``
     {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed)
-    {prefix}conv-threads:{conv}   SET     the conversation's thread UUIDs, to forget them at the end
+    {prefix}conv-threads:{conv}   SET     the registry keys of the conversation's threads, to delete at the end
     {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
     {prefix}r-owner:{conv}        STRING  the identity of the client that opened it (with tokens only)
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
     {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
 
-Every state change is one call of ``_COMMIT``: it acknowledges and deletes the
+Every state change is a commit in ``_COMMIT``: it acknowledges and deletes the
 hop it finishes (or, at the door, checks the target's backlog and opens the
-conversation), adds the hops it produced to their streams, appends history,
-registers threads, adjusts the conversation's pending count, and, when that
-count reaches zero, deletes the conversation's state and only then writes the
+conversation), adjusts the conversation's pending count, adds the hops it
+produced to their streams, appends history, registers threads, and, when the
+count reaches zero, deletes the conversation's state (a step that ends it
+writes no history or threads, only its replies) and only then writes the
 ``end`` entry its client waits for. All or nothing: a daemon that dies before
 the call leaves the hop pending, to be handled again; one that dies after it
 has nothing left to do. A hop that is no longer pending when its commit runs
-(another daemon claimed and finished it) changes nothing.
+(another daemon claimed and finished it) changes nothing. The commits of one
+loop turn travel in one script call, each still all or nothing on its own.
 
 Acknowledged entries are deleted at once, so a stream holds only work not yet
 done, and its length is the listener's backlog.
@@ -54,8 +56,8 @@ few enough that Redis, which runs a script alone, is never held for long."""
 _COMMIT = """
 -- One call commits a batch: ARGV = prefix, group, ttl (0: none), reply retention, then per commit:
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
---   initiator ('' unless opening), owner (the client's identity, '' for none), n (ops' argument count),
---   and n op arguments:
+--   initiator ('' unless opening), owner (the client's identity, '' for none), hops (the x ops' count),
+--   n (ops' argument count), and n op arguments:
 --   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
 -- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
 -- nothing written), 2 (that opening was stored already) or -1 (the capped stream was full).
@@ -71,7 +73,8 @@ end
 local function commit(at)
   local stream, id, conv = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local cap, capped, initiator, owner = tonumber(ARGV[at + 3]), ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
-  local first, last = at + 8, at + 7 + tonumber(ARGV[at + 7])
+  local hops = tonumber(ARGV[at + 7])
+  local first, last = at + 9, at + 8 + tonumber(ARGV[at + 8])
   local conv_key = prefix .. 'conv:' .. conv
   local threads_key = prefix .. 'conv-threads:' .. conv
   local replies_key = prefix .. 'r:' .. conv
@@ -80,13 +83,15 @@ local function commit(at)
   if cap >= 0 and redis.call('XLEN', capped) >= cap then
     return -1, 0
   end
-  local delta = 0
+  local pending
   if stream ~= '' then
     if redis.call('XACK', stream, group, id) == 0 then
       return 0, 0
     end
     redis.call('XDEL', stream, id)
-    delta = -1
+    pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
+  elseif initiator == '' then
+    pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   end
   if initiator ~= '' then
     -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
@@ -94,9 +99,13 @@ local function commit(at)
     if redis.call('EXISTS', conv_key, replies_key) > 0 then
       return 2, 0
     end
-    redis.call('HSET', conv_key, 'initiator', initiator, 'pending', 0, 'started', redis.call('TIME')[1])
+    redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'started', redis.call('TIME')[1])
     if owner ~= '' then set(owner_key, owner) end
+    pending = hops
   end
+  -- A step that ends its conversation writes no history and no threads: the end deletes them.
+  local ending = pending <= 0
+  local history, registered = {}, {}
   local i = first
   while i <= last do
     local code = ARGV[i]
@@ -105,44 +114,48 @@ local function commit(at)
       if code == 'x' then key, count, offset = ARGV[i + 1], tonumber(ARGV[i + 2]), i + 2
       else key, count, offset = prefix .. 'dlq', tonumber(ARGV[i + 1]), i + 1 end
       redis.call('XADD', key, '*', unpack(ARGV, offset + 1, offset + 2 * count))
-      if code == 'x' then delta = delta + 1 end
       i = offset + 2 * count + 1
     elseif code == 'y' then
       redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1], 'type', ARGV[i + 2], 'at', ARGV[i + 3])
-      expire(replies_key)
+      if not ending then expire(replies_key) end
       i = i + 4
     elseif code == 'a' then
-      redis.call('RPUSH', history_key, ARGV[i + 1])
-      expire(history_key)
+      history[#history + 1] = ARGV[i + 1]
       i = i + 2
     elseif code == 'r' then
-      local chain, uuid = ARGV[i + 1], ARGV[i + 2]
-      set(prefix .. 'reg:c:' .. chain, uuid)
-      set(prefix .. 'reg:u:' .. uuid, chain)
-      redis.call('SADD', threads_key, uuid)
-      expire(threads_key)
+      if not ending then
+        local chain_key, uuid_key = prefix .. 'reg:c:' .. ARGV[i + 1], prefix .. 'reg:u:' .. ARGV[i + 2]
+        set(chain_key, ARGV[i + 2])
+        set(uuid_key, ARGV[i + 1])
+        registered[#registered + 1] = chain_key
+        registered[#registered + 1] = uuid_key
+      end
       i = i + 3
     else
       return redis.error_reply('unknown op ' .. tostring(code))
     end
   end
-  local pending = redis.call('HINCRBY', conv_key, 'pending', delta)
-  if pending > 0 then
+  if not ending then
+    if #history > 0 then
+      redis.call('RPUSH', history_key, unpack(history))
+      expire(history_key)
+    end
+    if #registered > 0 then
+      -- The keys themselves, so the end deletes them without looking anything up.
+      redis.call('SADD', threads_key, unpack(registered))
+      expire(threads_key)
+    end
     expire(conv_key)
     return 1, 0
   end
-  for _, uuid in ipairs(redis.call('SMEMBERS', threads_key)) do
-    local uuid_key = prefix .. 'reg:u:' .. uuid
-    local chain = redis.call('GET', uuid_key)
-    redis.call('UNLINK', uuid_key)
-    if chain and redis.call('GET', prefix .. 'reg:c:' .. chain) == uuid then
-      redis.call('UNLINK', prefix .. 'reg:c:' .. chain)
-    end
-  end
-  redis.call('UNLINK', threads_key, history_key, conv_key)
+  local keys = redis.call('SMEMBERS', threads_key)
+  keys[#keys + 1] = threads_key
+  keys[#keys + 1] = history_key
+  keys[#keys + 1] = conv_key
+  redis.call('UNLINK', unpack(keys))
   redis.call('XADD', replies_key, '*', 'end', '1')
   redis.call('EXPIRE', replies_key, retention)
-  if redis.call('EXISTS', owner_key) == 1 then redis.call('EXPIRE', owner_key, retention) end
+  if owner ~= '' or redis.call('EXISTS', owner_key) == 1 then redis.call('EXPIRE', owner_key, retention) end
   return 1, 1
 end
 
@@ -152,7 +165,7 @@ while at <= n do
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
   answers[#answers + 1] = ended
-  at = at + 8 + tonumber(ARGV[at + 7])
+  at = at + 9 + tonumber(ARGV[at + 8])
 end
 return answers
 """
@@ -301,6 +314,7 @@ class ClusterStore:
             self.keys.stream(capped) if capped else "",
             initiator,
             owner or "",
+            len(effects.hops),
             len(ops),
             *ops,
         ]
