@@ -7,7 +7,7 @@ import os
 
 from tests.support import Ping, Pong
 from xml_pipeline import HandlerMetadata, HandlerResponse
-from xml_pipeline.primitives import BufferComplete, BufferStart
+from xml_pipeline.primitives import BufferComplete, BufferDispatched, BufferStart
 
 RUNS_FILE = "XP_TEST_RUNS_FILE"
 """Environment variable naming the file every handler run appends one line to."""
@@ -60,6 +60,15 @@ async def fan_out(payload: Ping | BufferComplete, metadata: HandlerMetadata) -> 
     failures = [item.error for item in payload.results if not item.success]
     summary = f"{payload.successful}/{payload.total} ok; in order: {_in_order(texts)}; failures: {failures[:3]}"
     return HandlerResponse.respond(Pong(summary))
+
+
+async def dispatch(payload: Ping | BufferDispatched, metadata: HandlerMetadata) -> HandlerResponse:
+    """Ping(text=target, count=N) hands N pings to ``target`` through a ``collect: false`` buffer."""
+    if isinstance(payload, Ping):
+        items = [f"<Ping><text>item{i}</text></Ping>" for i in range(payload.count)]
+        start = BufferStart(target=payload.text, items=items, collect=False, max_in_flight=200, timeout_seconds=120)
+        return HandlerResponse(start, to="system.buffer")
+    return HandlerResponse.respond(Pong(f"dispatched {payload.total}"))
 
 
 def _in_order(results: list[str]) -> bool:

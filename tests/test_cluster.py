@@ -41,6 +41,11 @@ listeners:
     peers: [system.buffer]
     ingress: true
     timeout_seconds: 300
+  - name: dispatcher
+    payload_class: [tests.support.Ping, xml_pipeline.primitives.BufferDispatched]
+    handler: tests.cluster_handlers.dispatch
+    peers: [system.buffer]
+    ingress: true
   - name: poisoned
     payload_class: tests.support.Ping
     handler: tests.cluster_handlers.poisoned_echo
@@ -367,6 +372,44 @@ async def test_a_buffer_whose_coordinating_daemon_dies_runs_again_on_another(
     [summary] = texts_of([replies])
     assert summary == "300/300 ok; in order: True; failures: []"
     assert set(runs_of(runs)) == {f"item{i}" for i in range(300)}
+
+
+async def test_a_collect_false_buffer_survives_its_coordinating_daemon(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    """Its caller hears `dispatched` at once; the run is stored as a conversation of its own, so when its
+    daemon dies a live one claims it and runs it again from the start, as any run."""
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory:
+        organism = cluster_organism(directory, redis_for_cluster.url)
+        env = {RUNS_FILE: str(runs)}
+        with (
+            running_daemon(organism, "--listeners", "dispatcher,system.buffer", env=env) as first,
+            running_daemon(organism, "--listeners", "slow", env=env) as workers,
+        ):
+            [thread] = await post_all([first.socket_path], "dispatcher", ["slow"], count=300)
+            [replies] = await collect_all([first.socket_path], [thread], timeout=60)
+            assert texts_of([replies]) == ["dispatched 300"]
+            await asyncio.to_thread(_wait_for_runs_by, runs, str(workers.process.pid))
+            first.process.kill()
+            await asyncio.to_thread(first.process.wait, 10)
+            with running_daemon(organism, "--listeners", "system.buffer", env=env) as second:
+                await asyncio.to_thread(_wait_for_all_runs, runs, 300)
+                assert await asyncio.to_thread(second.stop) == 0
+            assert await asyncio.to_thread(workers.stop) == 0
+    assert set(runs_of(runs)) == {f"item{i}" for i in range(300)}
+
+
+def _wait_for_all_runs(runs: Path, count: int, timeout: float = 90) -> None:
+    """Until ``count`` different items have been handled (written down by the handlers of any daemon)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(runs_of(runs)) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"only {len(runs_of(runs))} of {count} items were handled")
 
 
 def _metric(daemon: DaemonProcess, series: str) -> float:

@@ -11,11 +11,12 @@ import redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.redis_server import RedisServer
-from tests.support import Ping, echo, envelope, ping_xml
+from tests.support import Ping, Pong, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode
 from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster.engine import Accepted, DurableEngine, DurableSettings, Refused
 from xml_pipeline.cluster.store import ClusterStore
+from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
@@ -181,3 +182,95 @@ async def test_a_wait_without_time_still_returns_what_is_stored(engine: DurableE
     assert collected is not None
     assert collected.ended
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>done</text></Pong>"]
+
+
+class Gate:
+    """A handler held until the test opens it, so a conversation stays live as long as the test needs."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+
+    async def handler(self, payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        async with asyncio.timeout(10):
+            await self.opened.wait()
+        return HandlerResponse.respond(Pong(payload.text))
+
+
+@pytest.fixture
+async def gated(redis_server: RedisServer) -> AsyncIterator[tuple[DurableEngine, Gate]]:
+    gate = Gate()
+    backend = RedisBackend(redis_server.url, prefix="continue:", fail_fast_seconds=None)
+    organism = Organism.of(
+        "continue",
+        [
+            Listener("gate", [Ping], gate.handler, peers=[], ingress=True),
+            Listener("echo", [Ping], echo, peers=[], ingress=True),
+        ],
+    )
+    durable = DurableEngine(organism, backend, DurableSettings(reply_retention_seconds=30))
+    await durable.start()
+    try:
+        yield durable, gate
+    finally:
+        gate.opened.set()
+        await durable.stop(drain_timeout=5)
+        client = redis.Redis.from_url(redis_server.url)
+        for key in client.scan_iter(match="continue:*"):
+            client.unlink(key)
+        client.close()
+        backend.close()
+
+
+async def test_a_client_continues_its_live_conversation_as_on_one_daemon(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    again = await engine.accept(envelope(ping_xml("more"), to="echo", thread=first.thread))
+    assert again == Accepted(first.thread)
+    early = await engine.collect(first.thread, "first", 10)
+    assert early is not None
+    assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
+    assert not early.ended  # the gate still holds the first message
+    gate.opened.set()
+    rest = await engine.collect(first.thread, "end", 10)
+    assert rest is not None
+    assert rest.ended
+    assert [reply.payload_xml for reply in rest.replies] == [b"<Pong><text>slow</text></Pong>"]
+
+
+async def test_another_sender_or_an_ended_conversation_starts_a_new_one(gated: tuple[DurableEngine, Gate]) -> None:
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    stranger = await engine.accept(envelope(ping_xml("mine"), sender="mallory", to="echo", thread=first.thread))
+    assert isinstance(stranger, Accepted)
+    assert stranger.thread != first.thread
+    gate.opened.set()
+    ended = await engine.collect(first.thread, "end", 10)
+    assert ended is not None
+    assert [reply.payload_xml for reply in ended.replies] == [b"<Pong><text>slow</text></Pong>"]
+    late = await engine.accept(envelope(ping_xml("late"), to="echo", thread=first.thread))
+    assert isinstance(late, Accepted)
+    assert late.thread != first.thread
+
+
+async def test_a_conversation_that_ended_between_the_look_and_the_store_is_not_continued(
+    gated: tuple[DurableEngine, Gate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, _ = gated
+    first = await engine.accept(envelope(ping_xml("done"), to="echo"))
+    assert isinstance(first, Accepted)
+    assert await engine.collect(first.thread, "end", 10) is not None
+
+    async def still_live(conversation: str) -> str:
+        return "console"  # what the look said just before the conversation ended
+
+    monkeypatch.setattr(engine.store, "initiator_of", still_live)
+    late = await engine.accept(envelope(ping_xml("late"), to="echo", thread=first.thread))
+    assert isinstance(late, Accepted)
+    assert late.thread != first.thread
+    collected = await engine.collect(late.thread, "end", 10)
+    assert collected is not None
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>late</text></Pong>"]

@@ -44,17 +44,17 @@ from xml_pipeline.cluster.decoded import DecodedPayloads
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.replies import ReplyWatcher
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
-from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects
+from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, NotLive
 from xml_pipeline.handler import Handler, HandlerMetadata
 from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.store_watch import StoreState, StoreWatch
-from xml_pipeline.message.envelope import envelope_bytes
+from xml_pipeline.message.envelope import THREAD_ID, envelope_bytes
 from xml_pipeline.message.payload_codec import PayloadDecodeError, codec_for
 from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
-from xml_pipeline.message_bus.admission import admit
+from xml_pipeline.message_bus.admission import Admitted, admit
 from xml_pipeline.message_bus.client_access import IN_PROCESS, ClientAccess
 from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
@@ -114,6 +114,14 @@ class Refused:
 class Collected:
     replies: list[ClientReply] = field(default_factory=list)
     ended: bool = False
+
+
+class _MaybeStored(Exception):
+    """Storing a client's message timed out: Redis may have run it, as part of ``conversation``."""
+
+    def __init__(self, conversation: str) -> None:
+        super().__init__(conversation)
+        self.conversation = conversation
 
 
 @dataclass(slots=True)
@@ -359,22 +367,15 @@ class DurableEngine:
         if isinstance(admitted, Refusal):
             return self._refused(admitted)
         sender, target = admitted.envelope.sender, admitted.listener
-        hop, effects = self._router.opening(sender, target, admitted.payload, admitted.payload_xml)
-        self._keep_decoded(effects)
         try:
-            await self.store.commit(
-                hop.conversation,
-                effects,
-                opening=(sender, target.name, self.limits.queue_size),
-                owner=access.identity,
-                retention=self.settings.reply_retention_seconds,
-            )
-        except RedisTimeoutError as exc:  # Redis may have run it: tell the client where its replies would be
+            hop = await self._store_client_message(admitted, access)
+        except _MaybeStored as uncertain:  # Redis may have run it: tell the client where its replies would be
+            conversation = uncertain.conversation
             detail = (
-                f"redis did not answer in time ({exc}); the message may have been stored: collect its replies on"
-                f" thread {hop.conversation} before sending it again, which could run it twice"
+                f"redis did not answer in time ({uncertain.__cause__}); the message may have been stored: collect"
+                f" its replies on thread {conversation} before sending it again, which could run it twice"
             )
-            return self._refused(Refusal(ErrorCode.BACKEND_UNCERTAIN, detail, sender, hop.conversation, target.name))
+            return self._refused(Refusal(ErrorCode.BACKEND_UNCERTAIN, detail, sender, conversation, target.name))
         except BacklogFull as exc:
             return self._refused(
                 Refusal(ErrorCode.OVERLOAD, f"{exc}; try again later", sender, admitted.envelope.thread, target.name)
@@ -391,6 +392,37 @@ class DurableEngine:
             )
         self.metrics.ingress(accepted=True)
         return Accepted(hop.conversation)
+
+    async def _store_client_message(self, admitted: Admitted, access: ClientAccess) -> Hop:
+        """Store a client's message as the next hop of its live conversation, or as a new one's first.
+
+        As on one daemon, a client continues a conversation by sending on its
+        thread while the conversation lives, and only the client that opened
+        it can (with tokens, ``from`` is the identity). Any other thread opens
+        a new conversation. A conversation that ends between the look and the
+        store is not continued: the message opens a new one.
+        """
+        sender, target = admitted.envelope.sender, admitted.listener
+        cap = (sender, target.name, self.limits.queue_size)
+        retention = self.settings.reply_retention_seconds
+        thread = admitted.envelope.thread
+        if THREAD_ID.match(thread) and await self.store.initiator_of(thread) == sender:
+            hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
+            self._keep_decoded(effects)
+            try:
+                await self.store.commit(thread, effects, opening=cap, continues=hop.thread, retention=retention)
+                return hop
+            except NotLive:
+                pass
+            except RedisTimeoutError as exc:
+                raise _MaybeStored(thread) from exc
+        hop, effects = self._router.opening(sender, target, admitted.payload, admitted.payload_xml)
+        self._keep_decoded(effects)
+        try:
+            await self.store.commit(hop.conversation, effects, opening=cap, owner=access.identity, retention=retention)
+        except RedisTimeoutError as exc:
+            raise _MaybeStored(hop.conversation) from exc
+        return hop
 
     def refuse(self, code: ErrorCode, detail: str) -> Refused:
         """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""

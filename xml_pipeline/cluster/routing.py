@@ -77,6 +77,19 @@ class Router:
         effects.hops.append(hop)
         return hop, effects
 
+    def continuing(
+        self, client: str, target: Listener, conversation: str, payload: Any, payload_xml: bytes
+    ) -> tuple[Hop, Effects]:
+        """A client's message on its live ``conversation``: one more hop of it, on a thread of its own."""
+        chain = (client, target.name)
+        threads = (conversation, new_thread_id())
+        hop = Hop(conversation, chain, threads, client, payload_type_name(type(payload)), payload_xml, decoded=payload)
+        effects = Effects()
+        effects.registrations.append((chain_key(conversation, chain), threads[1]))
+        hop = self._record(effects, hop, client, target.name)
+        effects.hops.append(hop)
+        return hop, effects
+
     def route(self, hop: Hop, listener: Listener, result: Any) -> Effects:
         """What ``listener``'s ``result`` for ``hop`` produces."""
         effects = Effects()

@@ -56,11 +56,13 @@ few enough that Redis, which runs a script alone, is never held for long."""
 _COMMIT = """
 -- One call commits a batch: ARGV = prefix, group, ttl (0: none), reply retention, then per commit:
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
---   initiator ('' unless opening), owner (the client's identity, '' for none), hops (the x ops' count),
---   n (ops' argument count), and n op arguments:
+--   initiator ('' unless opening or continuing), owner (the client's identity, '' for none),
+--   continues (the new hop's thread when a client continues its conversation, else ''),
+--   hops (the x ops' count), n (ops' argument count), and n op arguments:
 --   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
 -- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
--- nothing written), 2 (that opening was stored already) or -1 (the capped stream was full).
+-- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
+-- or not this initiator's: nothing written) or -1 (the capped stream was full).
 local prefix, group = ARGV[1], ARGV[2]
 local ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4])
 local function expire(key)
@@ -73,8 +75,8 @@ end
 local function commit(at)
   local stream, id, conv = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local cap, capped, initiator, owner = tonumber(ARGV[at + 3]), ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
-  local hops = tonumber(ARGV[at + 7])
-  local first, last = at + 9, at + 8 + tonumber(ARGV[at + 8])
+  local continues, hops = ARGV[at + 7], tonumber(ARGV[at + 8])
+  local first, last = at + 10, at + 9 + tonumber(ARGV[at + 9])
   local conv_key = prefix .. 'conv:' .. conv
   local threads_key = prefix .. 'conv-threads:' .. conv
   local replies_key = prefix .. 'r:' .. conv
@@ -90,10 +92,20 @@ local function commit(at)
     end
     redis.call('XDEL', stream, id)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
+  elseif continues ~= '' then
+    -- A client's message on its own live conversation: only while it lives, and only its initiator's.
+    -- Idempotent as an opening is: a retry finds its hop's thread (continues) registered already.
+    if redis.call('HGET', conv_key, 'initiator') ~= initiator then
+      return 3, 0
+    end
+    if redis.call('EXISTS', prefix .. 'reg:u:' .. continues) == 1 then
+      return 2, 0
+    end
+    pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   elseif initiator == '' then
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   end
-  if initiator ~= '' then
+  if initiator ~= '' and continues == '' then
     -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
     -- finds the conversation (or its replies) there already and writes nothing twice.
     if redis.call('EXISTS', conv_key, replies_key) > 0 then
@@ -165,9 +177,19 @@ while at <= n do
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
   answers[#answers + 1] = ended
-  at = at + 9 + tonumber(ARGV[at + 8])
+  at = at + 10 + tonumber(ARGV[at + 9])
 end
 return answers
+"""
+
+
+_INITIATORS = """
+-- ARGV: conversation hash keys; answers each one's initiator, '' when it is not live.
+local found = {}
+for i, key in ipairs(ARGV) do
+  found[i] = redis.call('HGET', key, 'initiator') or ''
+end
+return found
 """
 
 
@@ -192,6 +214,10 @@ class _Commit:
 
 class BacklogFull(Exception):
     """The target's stream already holds as many hops as the organism allows."""
+
+
+class NotLive(Exception):
+    """The conversation a client meant to continue is over (or was never its own): nothing was written."""
 
 
 @dataclass(slots=True)
@@ -272,6 +298,10 @@ class ClusterStore:
         self._commits: Batcher[_Commit, tuple[int, int]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
+        self._initiators_script = self.client.register_script(_INITIATORS)
+        self._initiators: Batcher[str, bytes | None] = Batcher(
+            self._initiator_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
+        )
         self._unlinks: Batcher[str, None] = Batcher(
             self._unlink_batch, max_batch=COMMITS_PER_CALL, max_calls=1, wait_seconds=3 * socket_timeout
         )
@@ -292,12 +322,16 @@ class ClusterStore:
         done: tuple[str, bytes] | None = None,
         opening: tuple[str, str, int] | None = None,
         owner: str | None = None,
+        continues: str = "",
         retention: float,
     ) -> bool:
         """Write ``effects`` and finish ``done`` (stream, entry id) in one step; True when the conversation ended.
 
         ``opening`` (initiator, target, backlog cap) opens the conversation at
         the door, refused with BacklogFull when the target's stream is full.
+        With ``continues`` (the thread of the new hop) it adds to the live
+        conversation its initiator opened instead, refused with NotLive when
+        that conversation is over (or another's).
         Returns False too when ``done`` was no longer pending (someone else
         finished it): then nothing was written. The commits of one loop turn
         go to Redis in one script call (:mod:`.batching`), each still all or
@@ -314,6 +348,7 @@ class ClusterStore:
             self.keys.stream(capped) if capped else "",
             initiator,
             owner or "",
+            continues,
             len(effects.hops),
             len(ops),
             *ops,
@@ -321,7 +356,19 @@ class ClusterStore:
         written, ended = await self._commits.submit(_Commit(args, max(1, round(retention))))
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
+        if written == 3:
+            raise NotLive(f"conversation {conversation} is over, or not {initiator}'s")
         return bool(ended)
+
+    async def initiator_of(self, conversation: str) -> str | None:
+        """Who opened ``conversation``, while it is live (None once it is over, or if it never was)."""
+        initiator = await self._initiators.submit(conversation)
+        return None if initiator is None else initiator.decode()
+
+    async def _initiator_batch(self, conversations: list[str]) -> list[bytes | None]:
+        keys = [self.keys.conversation(conversation) for conversation in conversations]
+        answers: Any = await self._initiators_script(args=keys)
+        return [answer or None for answer in answers]
 
     async def _commit_batch(self, batch: list[_Commit]) -> list[tuple[int, int]]:
         """One script call for ``batch``; the reply retention is the organism's, the same for every commit."""

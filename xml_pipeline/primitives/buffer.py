@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol, runtime_checkable
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.message_bus.buffer_registry import BufferItemResult, BufferRegistry, BufferState, new_run_id
+from xml_pipeline.message_bus.outcome import Failure
 from xml_pipeline.primitives.decoding import decode_for, encode
 from xml_pipeline.primitives.host import Caller, PrimitiveHost
 from xml_pipeline.primitives.payloads import (
@@ -22,15 +24,38 @@ from xml_pipeline.primitives.payloads import (
 from xml_pipeline.primitives.sequence import FAILURES, describe_failure
 
 MAX_IN_FLIGHT_CEILING = 10_000
+DETACHED = "system.buffer.detached"
+"""The initiator of a ``collect: false`` run stored as a conversation of its own (durable engine)."""
+
+
+@runtime_checkable
+class StoredRuns(Protocol):
+    """A host whose conversations live outside any one daemon (the durable engine).
+
+    There a ``collect: false`` run is not kept in the coordinating daemon's
+    memory after its caller has been answered: it is stored as a conversation
+    of its own, a ``collect: true`` run from :data:`DETACHED`, so a live
+    daemon claims it and runs it again if its daemon dies, like any run.
+    """
+
+    async def open_internal(self, initiator: str, target_name: str, payload: Any) -> str | Failure: ...
 
 
 def buffer_handler(pump: PrimitiveHost, registry: BufferRegistry) -> Any:
-    async def run_buffer(start: Any, metadata: HandlerMetadata) -> HandlerResponse:
+    async def run_buffer(start: Any, metadata: HandlerMetadata) -> HandlerResponse | None:
         if not isinstance(start, BufferStart):  # return_to's answer on its way back: pass it up
             return HandlerResponse.respond(start)
         problem = _check(pump, start)
         if problem is not None:
             outcome: Any = BufferError(start.buffer_id, problem)
+        elif not start.collect and isinstance(pump, StoredRuns):
+            label = start.buffer_id or new_run_id()
+            run = replace(start, collect=True, buffer_id=label, return_to="")
+            stored = await pump.open_internal(DETACHED, "system.buffer", run)
+            if isinstance(stored, Failure):
+                outcome = BufferError(label, f"the run could not be stored: {stored.detail}")
+            else:
+                outcome = BufferDispatched(label, len(start.items))
         else:
             state = registry.create(
                 buffer_id=new_run_id(),
@@ -44,6 +69,8 @@ def buffer_handler(pump: PrimitiveHost, registry: BufferRegistry) -> Any:
             label = start.buffer_id or state.buffer_id
             if start.collect:
                 outcome = await _fan_out_and_in(pump, registry, state, start, label)
+                if metadata.from_id == DETACHED:
+                    return None  # a run whose caller was told it is dispatched: nobody waits for its outcome
             else:
                 pump.run_background(
                     _fan_out_and_in(pump, registry, state, start, label), name=f"buffer {state.buffer_id}"
