@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -54,11 +55,13 @@ few enough that Redis, which runs a script alone, is never held for long."""
 """Connections one daemon opens to Redis at most; further calls wait (bounded) for a free one."""
 
 _COMMIT = """
--- One call commits a batch: ARGV = prefix, group, ttl (0: none), reply retention, then per commit:
+-- One call commits a batch: ARGV = prefix, group, ttl (0: none), reply retention, then one commit per
+-- argument, each a MessagePack array (one argument, not dozens: each argument costs the client and
+-- Redis alike, whatever its size):
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
 --   initiator ('' unless opening or continuing), owner (the client's identity, '' for none),
 --   continues (the new hop's thread when a client continues its conversation, else ''),
---   hops (the x ops' count), n (ops' argument count), and n op arguments:
+--   hops (the x ops' count), then the ops:
 --   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
 -- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
 -- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
@@ -72,11 +75,10 @@ local function set(key, value)
   if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
 end
 
-local function commit(at)
-  local stream, id, conv = ARGV[at], ARGV[at + 1], ARGV[at + 2]
-  local cap, capped, initiator, owner = tonumber(ARGV[at + 3]), ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
-  local continues, hops = ARGV[at + 7], tonumber(ARGV[at + 8])
-  local first, last = at + 10, at + 9 + tonumber(ARGV[at + 9])
+local function commit(c)
+  local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+  local continues, hops = c[8], c[9]
+  local first, last = 10, #c
   local conv_key = prefix .. 'conv:' .. conv
   local threads_key = prefix .. 'conv-threads:' .. conv
   local replies_key = prefix .. 'r:' .. conv
@@ -120,25 +122,25 @@ local function commit(at)
   local history, registered = {}, {}
   local i = first
   while i <= last do
-    local code = ARGV[i]
+    local code = c[i]
     if code == 'x' or code == 'q' then
       local key, count, offset
-      if code == 'x' then key, count, offset = ARGV[i + 1], tonumber(ARGV[i + 2]), i + 2
-      else key, count, offset = prefix .. 'dlq', tonumber(ARGV[i + 1]), i + 1 end
-      redis.call('XADD', key, '*', unpack(ARGV, offset + 1, offset + 2 * count))
+      if code == 'x' then key, count, offset = c[i + 1], tonumber(c[i + 2]), i + 2
+      else key, count, offset = prefix .. 'dlq', tonumber(c[i + 1]), i + 1 end
+      redis.call('XADD', key, '*', unpack(c, offset + 1, offset + 2 * count))
       i = offset + 2 * count + 1
     elseif code == 'y' then
-      redis.call('XADD', replies_key, '*', 'reply', ARGV[i + 1], 'type', ARGV[i + 2], 'at', ARGV[i + 3])
+      redis.call('XADD', replies_key, '*', 'reply', c[i + 1], 'type', c[i + 2], 'at', c[i + 3])
       if not ending then expire(replies_key) end
       i = i + 4
     elseif code == 'a' then
-      history[#history + 1] = ARGV[i + 1]
+      history[#history + 1] = c[i + 1]
       i = i + 2
     elseif code == 'r' then
       if not ending then
-        local chain_key, uuid_key = prefix .. 'reg:c:' .. ARGV[i + 1], prefix .. 'reg:u:' .. ARGV[i + 2]
-        set(chain_key, ARGV[i + 2])
-        set(uuid_key, ARGV[i + 1])
+        local chain_key, uuid_key = prefix .. 'reg:c:' .. c[i + 1], prefix .. 'reg:u:' .. c[i + 2]
+        set(chain_key, c[i + 2])
+        set(uuid_key, c[i + 1])
         registered[#registered + 1] = chain_key
         registered[#registered + 1] = uuid_key
       end
@@ -171,13 +173,12 @@ local function commit(at)
   return 1, 1
 end
 
-local answers, at, n = {}, 5, #ARGV
-while at <= n do
-  local written, ended = commit(at)
+local answers = {}
+for k = 5, #ARGV do
+  local written, ended = commit(cmsgpack.unpack(ARGV[k]))
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
   answers[#answers + 1] = ended
-  at = at + 10 + tonumber(ARGV[at + 9])
 end
 return answers
 """
@@ -208,7 +209,7 @@ class ClientReply:
 
 @dataclass(frozen=True, slots=True)
 class _Commit:
-    args: list[Any]
+    packed: bytes
     retention: int
 
 
@@ -339,21 +340,22 @@ class ClusterStore:
         """
         stream, entry_id = done if done is not None else ("", b"")
         initiator, capped, cap = opening if opening is not None else ("", "", -1)
-        ops = effects.arguments(self.keys)
-        args: list[Any] = [
-            stream,
-            entry_id,
-            conversation,
-            cap,
-            self.keys.stream(capped) if capped else "",
-            initiator,
-            owner or "",
-            continues,
-            len(effects.hops),
-            len(ops),
-            *ops,
-        ]
-        written, ended = await self._commits.submit(_Commit(args, max(1, round(retention))))
+        packed = msgpack.packb(
+            [
+                stream,
+                entry_id,
+                conversation,
+                cap,
+                self.keys.stream(capped) if capped else "",
+                initiator,
+                owner or "",
+                continues,
+                len(effects.hops),
+                *effects.arguments(self.keys),
+            ],
+            use_bin_type=False,  # Redis's cmsgpack reads the classic raw strings only, not bin
+        )
+        written, ended = await self._commits.submit(_Commit(packed, max(1, round(retention))))
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         if written == 3:
@@ -373,8 +375,7 @@ class ClusterStore:
     async def _commit_batch(self, batch: list[_Commit]) -> list[tuple[int, int]]:
         """One script call for ``batch``; the reply retention is the organism's, the same for every commit."""
         args: list[Any] = [self.keys.prefix, GROUP, self.ttl, max(commit.retention for commit in batch)]
-        for commit in batch:
-            args += commit.args
+        args += [commit.packed for commit in batch]
         answers: Any = await self._commit(args=args)
         return [(int(answers[i]), int(answers[i + 1])) for i in range(0, len(answers), 2)]
 
