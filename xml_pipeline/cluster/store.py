@@ -113,7 +113,7 @@ local function commit(c)
     if redis.call('EXISTS', conv_key, replies_key) > 0 then
       return 2, 0
     end
-    redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'started', redis.call('TIME')[1])
+    redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops)
     if owner ~= '' then set(owner_key, owner) end
     pending = hops
   end
@@ -169,7 +169,7 @@ local function commit(c)
   redis.call('UNLINK', unpack(keys))
   redis.call('XADD', replies_key, '*', 'end', '1')
   redis.call('EXPIRE', replies_key, retention)
-  if owner ~= '' or redis.call('EXISTS', owner_key) == 1 then redis.call('EXPIRE', owner_key, retention) end
+  redis.call('EXPIRE', owner_key, retention)  -- kept as long as the replies; a no-op without tokens
   return 1, 1
 end
 
