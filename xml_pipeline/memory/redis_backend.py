@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -61,9 +62,11 @@ DEFAULT_TTL = DEFAULT_REDIS_TTL
 SCAN_BATCH = 500
 
 _APPLY = """
--- ARGV: prefix, ttl (0: never expire), then ops:
+-- ARGV: prefix, ttl (0: never expire), then the ops as one MessagePack array (one argument instead of
+-- hundreds: each argument costs the client and Redis alike, whatever its size):
 --   a thread slot max_slots max_threads (a cap below 0: none) | r chain uuid | f uuid | d thread
 local prefix, ttl = ARGV[1], tonumber(ARGV[2])
+local ops = cmsgpack.unpack(ARGV[3])
 local now = tonumber(redis.call('TIME')[1])
 local expires_at = '+inf'
 if ttl > 0 then expires_at = now + ttl end
@@ -76,18 +79,18 @@ end
 local index_key = prefix .. 'buf-index'
 local uuid_prefix, chain_prefix, buffer_prefix = prefix .. 'reg:u:', prefix .. 'reg:c:', prefix .. 'buf:'
 local results, appended = {}, false
-local i, n = 3, #ARGV
+local i, n = 1, #ops
 while i <= n do
-  local code = ARGV[i]
+  local code = ops[i]
   if code == 'a' then
-    local thread = ARGV[i + 1]
+    local thread = ops[i + 1]
     local key = buffer_prefix .. thread
     if not appended then
       redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now)
       appended = true
     end
     local length = redis.call('LLEN', key)
-    local max_slots, max_threads = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    local max_slots, max_threads = tonumber(ops[i + 3]), tonumber(ops[i + 4])
     local result
     if length == 0 and max_threads >= 0 and redis.call('ZSCORE', index_key, thread) == false
         and redis.call('ZCARD', index_key) >= max_threads then
@@ -95,14 +98,14 @@ while i <= n do
     elseif length > 0 and max_slots >= 0 and length >= max_slots then
       result = -1
     else
-      result = redis.call('RPUSH', key, ARGV[i + 2]) - 1
+      result = redis.call('RPUSH', key, ops[i + 2]) - 1
       touch(key)
       redis.call('ZADD', index_key, expires_at, thread)
     end
     results[#results + 1] = result
     i = i + 5
   elseif code == 'r' then
-    local chain, uuid = ARGV[i + 1], ARGV[i + 2]
+    local chain, uuid = ops[i + 1], ops[i + 2]
     local chain_key = chain_prefix .. chain
     local previous = redis.call('GET', chain_key)
     if previous and previous ~= uuid then
@@ -113,7 +116,7 @@ while i <= n do
     results[#results + 1] = 1
     i = i + 3
   elseif code == 'f' then
-    local uuid = ARGV[i + 1]
+    local uuid = ops[i + 1]
     local uuid_key = uuid_prefix .. uuid
     local chain = redis.call('GET', uuid_key)
     local result = 0
@@ -128,7 +131,7 @@ while i <= n do
     results[#results + 1] = result
     i = i + 2
   elseif code == 'd' then
-    local thread = ARGV[i + 1]
+    local thread = ops[i + 1]
     results[#results + 1] = redis.call('UNLINK', buffer_prefix .. thread)
     redis.call('ZREM', index_key, thread)
     i = i + 2
@@ -279,7 +282,7 @@ class RedisBackend:
         """
         if not ops:
             return []
-        args: list[Any] = [self.prefix, self.ttl]
+        args: list[Any] = []
         for op in ops:
             if type(op) is AppendSlot:
                 args += ("a", op.thread_id, op.slot, _cap(op.max_slots), _cap(op.max_threads))
@@ -291,7 +294,8 @@ class RedisBackend:
                 args += ("d", op.thread_id)
             else:
                 raise TypeError(f"not a state op: {op!r}")
-        raw = self._run(self._apply, keys=[], args=args)
+        packed = msgpack.packb(args, use_bin_type=False)  # Redis's cmsgpack reads raw strings, not bin
+        raw = self._run(self._apply, keys=[], args=[self.prefix, self.ttl, packed])
         return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
 
     def _apply_one(self, op: StateOp) -> object:
