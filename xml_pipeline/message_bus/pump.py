@@ -99,6 +99,9 @@ class PumpStats:
     """Threads of this pump's open conversations, counted here: a status call or a
     metrics scrape never scans the shared store."""
     accepting: bool
+    uncollected_replies: int = 0
+    """Clients whose replies wait, kept by the engine, to be collected (in Redis for the durable one: 0 here)."""
+    uncollected_reply_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
