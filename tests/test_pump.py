@@ -14,6 +14,7 @@ from xml_pipeline.memory.memory_backend import InMemoryBackend
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies
 from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.routing import Router
 from xml_pipeline.message_bus.thread_registry import get_registry
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 from xml_pipeline.testing import ask, running
@@ -299,11 +300,11 @@ async def test_huh_is_a_valid_reply_payload() -> None:
 async def test_a_bug_in_the_pump_is_reported_and_logged_never_lost(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken_route(self: Pump, delivery: object, result: object) -> None:
+    async def broken_route(self: Router, delivery: object, result: object) -> None:
         raise KeyError("simulated bug")
 
     async with running(organism()) as pump:
-        monkeypatch.setattr(Pump, "_route", broken_route)
+        monkeypatch.setattr(Router, "route", broken_route)
         reply = await ask(pump, Ping("x"), to="echo")
         monkeypatch.undo()
         assert (await ask(pump, Ping("y"), to="echo")).payload == Pong("y")

@@ -26,18 +26,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
-from xml_pipeline.cluster.engine import Collected, DurableEngine, Refused
 from xml_pipeline.daemon.auth import DoorAuth, Unauthorized
+from xml_pipeline.daemon.dead_letter_view import DeadLetterView
 from xml_pipeline.daemon.door import ConnectionGuard
 from xml_pipeline.daemon.metrics import CONTENT_TYPE, PrometheusMetrics
 from xml_pipeline.daemon.observe_api import observe_routes
 from xml_pipeline.daemon.rate_limit import RateLimiter
-from xml_pipeline.daemon.submissions import SubmissionTable, SubmissionTableFull
 from xml_pipeline.memory.store_watch import StoreState
-from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
+from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.client_access import ClientAccess
-from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
-from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.engine import WAIT_MODES, Collection, Engine, Refused
 from xml_pipeline.observe.events import Observation
 from xml_pipeline.observe.setup import Observing
 
@@ -45,7 +43,6 @@ log = logging.getLogger("xml_pipeline.daemon")
 
 MAX_WAIT_SECONDS = 300.0
 DEFAULT_WAIT_SECONDS = 10.0
-WAIT_MODES = ("none", "first", "end")
 ACCESS = "xml_pipeline.access"
 """Where the request keeps what its client may do (set by the door's identify_client middleware)."""
 
@@ -73,10 +70,10 @@ STATUS_FOR_CODE = {
 class DaemonView(Protocol):
     """What the HTTP layer needs from the daemon."""
 
-    pump: Pump | DurableEngine
-    submissions: SubmissionTable
+    engine: Engine
     metrics: PrometheusMetrics
     observing: Observing
+    dead_letters: DeadLetterView | None
 
     @property
     def accepting(self) -> bool: ...
@@ -110,71 +107,34 @@ def _wait_parameters(request: web.Request, default_mode: str) -> tuple[str, floa
     return mode, timeout
 
 
-async def _collect(submission: Submission, mode: str, timeout: float) -> list[Reply]:
-    replies = submission.take_pending()
-    if mode == "none" or (mode == "first" and replies):
-        return replies
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                replies.append(await submission.next_reply(timeout))
-                if mode == "first":
-                    return replies + submission.take_pending()
-    except (TimeoutError, NoMoreReplies):
-        return replies
-
-
-def _replies_body(submission: Submission, replies: list[Reply]) -> dict[str, Any]:
+def _replies_body(thread: str, collection: Collection | None) -> dict[str, Any]:
+    """Every reply collected, none left behind: so the conversation is complete exactly when it has ended."""
+    ended = collection is not None and collection.ended
     return {
-        "thread": submission.thread_id,
-        "replies": [reply.envelope.decode() for reply in replies],
-        "ended": submission.closed,
-        "complete": submission.finished,
+        "thread": thread,
+        "replies": [reply.envelope.decode() for reply in collection.replies] if collection is not None else [],
+        "ended": ended,
+        "complete": ended,
     }
 
 
-def _refused(thread: str, error: SystemErrorPayload, envelope: bytes) -> web.Response:
+def _refused(refused: Refused) -> web.Response:
     """A message refused at the door: its SystemError, with the HTTP status its code maps to."""
-    status = STATUS_FOR_CODE.get(error.code, 400)
+    status = STATUS_FOR_CODE.get(refused.code, 400)
     return _json(
         {
-            "thread": thread,
+            "thread": refused.thread,
             "accepted": False,
-            "error": {"code": error.code.value, "message": error.message, "retry_allowed": error.retry_allowed},
-            "replies": [envelope.decode()],
+            "error": {
+                "code": refused.code.value,
+                "message": refused.detail,
+                "retry_allowed": refused.code.retry_allowed,
+            },
+            "replies": [refused.envelope.decode()],
         },
         status=status,
         headers={"Retry-After": "1"} if status == 503 else None,
     )
-
-
-async def _post_durable(
-    engine: DurableEngine, body: bytes | tuple[ErrorCode, str], access: ClientAccess, mode: str, timeout: float
-) -> web.Response:
-    """POST /messages on the durable engine: 202 means the message is stored in Redis."""
-    outcome = engine.refuse(*body) if isinstance(body, tuple) else await engine.accept(body, access=access)
-    if isinstance(outcome, Refused):
-        error = SystemErrorPayload(outcome.code, outcome.detail, outcome.code.retry_allowed, "")
-        return _refused(outcome.thread, error, outcome.envelope)
-    if mode == "none":
-        return _json({"thread": outcome.thread, "accepted": True}, status=202)
-    try:
-        collected = await engine.collect(outcome.thread, mode, timeout, owner=access.identity)
-    except (RedisError, OSError) as exc:
-        return _json(
-            {"thread": outcome.thread, "accepted": True, "error": f"stored, but its replies cannot be read now: {exc}"},
-            status=202,
-        )
-    return _json({"accepted": True, **_durable_body(outcome.thread, collected or Collected())})
-
-
-def _durable_body(thread: str, collected: Collected) -> dict[str, Any]:
-    return {
-        "thread": thread,
-        "replies": [reply.envelope.decode() for reply in collected.replies],
-        "ended": collected.ended,
-        "complete": collected.ended,
-    }
 
 
 def _over_socket(request: web.Request) -> bool:
@@ -266,58 +226,48 @@ def build_app(
         if isinstance(wait, web.Response):
             return wait
         body: bytes | tuple[ErrorCode, str]
-        engine = daemon.pump
-        full = None if isinstance(engine, DurableEngine) else daemon.submissions.full()
+        engine = daemon.engine
         if not daemon.accepting:  # refused as a SystemError, like every refusal at the door, and logged once
             body = (ErrorCode.SHUTTING_DOWN, "the daemon is stopping and accepts no new messages")
-        elif full is not None:
-            body = (ErrorCode.OVERLOAD, f"{full}; collect them or try again later")
         else:
             body = await read_body(request)
         access = _access(request)
         with Observation.joining(request.headers.get("traceparent")):
-            if isinstance(engine, DurableEngine):
-                return await _post_durable(engine, body, access, *wait)
-            submission = engine.reject(*body) if isinstance(body, tuple) else await engine.inject(body, access=access)
-        if submission.closed and submission.pending() and submission.pending()[0].is_error:
-            refusal = submission.take_pending()[0]
-            assert isinstance(refusal.payload, SystemErrorPayload)
-            return _refused(submission.thread_id, refusal.payload, refusal.envelope)
-        try:
-            daemon.submissions.add(submission, owner=access.identity)
-        except SubmissionTableFull as exc:
-            return _problem(503, f"too many replies are waiting to be collected: {exc}")
+            outcome = engine.refuse(*body) if isinstance(body, tuple) else await engine.accept(body, access=access)
+        if isinstance(outcome, Refused):
+            return _refused(outcome)
         mode, timeout = wait
         if mode == "none":
-            return _json({"thread": submission.thread_id, "accepted": True}, status=202)
-        replies = await _collect(submission, mode, timeout)
-        daemon.submissions.forget_if_finished(submission)
-        return _json({"accepted": True, **_replies_body(submission, replies)})
+            return _json({"thread": outcome.thread, "accepted": True}, status=202)
+        try:
+            collected = await engine.collect(outcome.thread, mode, timeout, owner=access.identity)
+        except (RedisError, OSError) as exc:
+            return _json(
+                {
+                    "thread": outcome.thread,
+                    "accepted": True,
+                    "error": f"stored, but its replies cannot be read now: {exc}",
+                },
+                status=202,
+            )
+        return _json({"accepted": True, **_replies_body(outcome.thread, collected)})
 
     async def get_replies(request: web.Request) -> web.Response:
         thread = request.match_info["thread"]
         wait = _wait_parameters(request, "first")
         if isinstance(wait, web.Response):
             return wait
-        engine = daemon.pump
-        if isinstance(engine, DurableEngine):
-            try:
-                collected = await engine.collect(thread, *wait, owner=_access(request).identity)
-            except (RedisError, OSError) as exc:
-                return _problem(503, f"the replies cannot be read now (redis: {exc}); ask again")
-            if collected is None:
-                return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
-            return _json(_durable_body(thread, collected))
-        submission = daemon.submissions.get(thread, owner=_access(request).identity)
-        if submission is None:
+        try:
+            collected = await daemon.engine.collect(thread, *wait, owner=_access(request).identity)
+        except (RedisError, OSError) as exc:
+            return _problem(503, f"the replies cannot be read now (redis: {exc}); ask again")
+        if collected is None:
             return _problem(404, f"no replies are kept for thread {thread} (unknown, collected, or expired)")
-        replies = await _collect(submission, *wait)
-        daemon.submissions.forget_if_finished(submission)
-        return _json(_replies_body(submission, replies))
+        return _json(_replies_body(thread, collected))
 
     async def healthz(request: web.Request) -> web.Response:
         """Answers from what the daemon already knows: never waits for the store or the pump."""
-        store = daemon.pump.store_watch.health
+        store = daemon.engine.store_watch.health
         if not daemon.accepting:
             return _json({"status": "stopping", "backend": store.as_dict()}, status=503)
         if store.state is not StoreState.OK:

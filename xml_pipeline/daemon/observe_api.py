@@ -25,10 +25,9 @@ from typing import Any, Protocol
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from xml_pipeline.cluster.engine import DurableEngine
-from xml_pipeline.cluster.hop import Hop
+from xml_pipeline.daemon.dead_letter_view import DeadLetterView
 from xml_pipeline.message_bus.client_access import ClientAccess
-from xml_pipeline.message_bus.pump import Pump
+from xml_pipeline.message_bus.engine import Engine
 from xml_pipeline.observe.hub import TooManyWatchers, tail_event
 from xml_pipeline.observe.setup import Observing
 from xml_pipeline.observe.trace import assemble
@@ -47,8 +46,10 @@ Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
 
 
 class ObservedDaemon(Protocol):
-    pump: Pump | DurableEngine
+    engine: Engine
     observing: Observing
+    dead_letters: DeadLetterView | None
+    """None unless the organism runs with delivery at-least-once: only then are there dead letters."""
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -128,9 +129,9 @@ def observe_routes(daemon: ObservedDaemon, access_of: Callable[[web.Request], Cl
         refused = _operators_only(access_of(request))
         if refused is not None:
             return refused
-        snapshot = observing.graph.snapshot(daemon.pump.listeners)
-        snapshot["organism"] = daemon.pump.organism.name
-        snapshot["durable"] = isinstance(daemon.pump, DurableEngine)
+        snapshot = observing.graph.snapshot(daemon.engine.listeners)
+        snapshot["organism"] = daemon.engine.organism.name
+        snapshot["durable"] = daemon.dead_letters is not None
         return _json(snapshot)
 
     async def conversations(request: web.Request) -> web.Response:
@@ -149,28 +150,12 @@ def observe_routes(daemon: ObservedDaemon, access_of: Callable[[web.Request], Cl
         refused = _operators_only(access_of(request))
         if refused is not None:
             return refused
-        engine = daemon.pump
-        if not isinstance(engine, DurableEngine):
+        if daemon.dead_letters is None:
             return _json({"mode": False, "dead_letters": []})
         try:
-            async with asyncio.timeout(engine.backend.socket_timeout):
-                rows: Any = await engine.store.client.xrange(engine.store.keys.dead_letters, count=DEAD_LETTERS_SHOWN)
+            letters = await daemon.dead_letters.latest(DEAD_LETTERS_SHOWN)
         except (RedisError, OSError, TimeoutError) as exc:
             return _json({"error": f"redis: {exc}"}, status=503)
-        letters = []
-        for entry_id, fields in rows:
-            hop = Hop.from_fields(fields)
-            letters.append(
-                {
-                    "id": entry_id.decode(),
-                    "listener": fields[b"listener"].decode(),
-                    "deliveries": int(fields[b"deliveries"]),
-                    "failed_at": float(fields[b"failed_at"]),
-                    "conversation": hop.conversation,
-                    "from": hop.sender,
-                    "xml": hop.payload_xml.decode("utf-8", "replace"),
-                }
-            )
         return _json({"mode": True, "dead_letters": letters})
 
     return [

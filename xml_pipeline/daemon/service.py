@@ -1,8 +1,8 @@
-"""The daemon: a pump, its HTTP doors, and what systemd and operators expect of a service.
+"""The daemon: an engine, its HTTP doors, and what systemd and operators expect of a service.
 
 Lifecycle::
 
-    start pump -> bind sockets -> READY=1 -> serve
+    start engine -> bind sockets -> READY=1 -> serve
       SIGHUP   -> RELOADING=1 -> re-read organism.yaml -> swap listeners (or keep the old) -> READY=1
       SIGTERM  -> STOPPING=1 -> refuse new messages -> drain (deadline) -> let clients
       SIGINT      collect their last replies (grace) -> close sockets -> exit 0
@@ -33,20 +33,23 @@ from xml_pipeline import __version__
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
 from xml_pipeline.daemon.auth import DoorAuth
+from xml_pipeline.daemon.dead_letter_view import DeadLetterView
 from xml_pipeline.daemon.door import ConnectionGuard, DoorLimits, default_max_connections
 from xml_pipeline.daemon.http_api import build_app
 from xml_pipeline.daemon.metrics import PrometheusMetrics
 from xml_pipeline.daemon.notify import SystemdNotifier
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.rate_limit import RateLimiter
-from xml_pipeline.daemon.submissions import SubmissionTable
 from xml_pipeline.daemon.tls import TlsSetupError, exposure_problem, server_context
 from xml_pipeline.daemon.tokens import TokenFileError
 from xml_pipeline.logs import set_level
 from xml_pipeline.memory.manager_backend import ManagerBackend
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
-from xml_pipeline.message_bus.pump import Pump, PumpStartError
+from xml_pipeline.message_bus.engine import Engine
+from xml_pipeline.message_bus.in_process import InProcessEngine
+from xml_pipeline.message_bus.metrics import PumpMetrics
+from xml_pipeline.message_bus.pump import PumpStartError
 from xml_pipeline.observe.setup import Observing
 from xml_pipeline.organism import Organism
 
@@ -143,15 +146,11 @@ class Daemon:
         self.options = options
         self.backend = backend
         self.notifier = SystemdNotifier()
-        self.pump: Pump | DurableEngine = _engine_for(organism, backend, serve)
-        self.metrics = PrometheusMetrics(self.pump.stats)
-        self.pump.metrics = self.metrics
-        self.observing = Observing(organism, backend, self.pump.observe)
-        self.submissions = SubmissionTable(
-            capacity=organism.limits.max_conversations,
-            retention_seconds=options.reply_retention,
-            max_bytes=organism.limits.max_reply_bytes,
-        )
+        self.metrics = PrometheusMetrics(lambda: self.engine.stats())
+        self.engine: Engine
+        self.dead_letters: DeadLetterView | None
+        self.engine, self.dead_letters = _engine_for(organism, backend, serve, options, self.metrics)
+        self.observing = Observing(organism, backend, self.engine.observe)
         self.door = ConnectionGuard(options.door)
         http = organism.settings.get("http", {})
         rate = http.get("rate_per_second")
@@ -173,25 +172,25 @@ class Daemon:
         return self._accepting
 
     def status(self) -> dict[str, Any]:
-        stats = self.pump.stats()
+        stats = self.engine.stats()
         return {
-            "organism": self.pump.organism.name,
+            "organism": self.engine.organism.name,
             "version": __version__,
             "pid": os.getpid(),
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "accepting": self._accepting,
             "socket": str(self.options.socket_path),
             "tcp": f"{self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else None,
-            "backend": self.pump.organism.settings.get("backend", {}).get("type", "memory"),
-            "backend_health": self.pump.store_watch.health.as_dict(),
+            "backend": self.engine.organism.settings.get("backend", {}).get("type", "memory"),
+            "backend_health": self.engine.store_watch.health.as_dict(),
             "state_manager_pid": self.backend.manager_pid if isinstance(self.backend, ManagerBackend) else None,
-            "worker_pids": self.pump.pool.worker_pids() if self.pump.pool is not None else [],
+            "worker_pids": self.engine.pool.worker_pids() if self.engine.pool is not None else [],
             "queue_depth": stats.queue_depth,
             "in_flight": stats.in_flight,
             "conversations": stats.conversations,
             "threads": stats.threads,
-            "uncollected_replies": self.submissions.uncollected(),
-            "uncollected_reply_bytes": self.submissions.held_bytes,
+            "uncollected_replies": stats.uncollected_replies,
+            "uncollected_reply_bytes": stats.uncollected_reply_bytes,
             "connections": self.door.counts(),
             "observe": self.observing.stats(),
             "listeners": [
@@ -205,16 +204,15 @@ class Daemon:
                     "timeout_seconds": listener.timeout_seconds,
                     "max_concurrency": listener.max_concurrency,
                 }
-                for listener in self.pump.listeners.values()
+                for listener in self.engine.listeners.values()
             ],
         }
 
-    # ------------------------------------------------------------------ lifecycle
     async def cluster_status(self) -> dict[str, Any] | None:
         """Every live daemon and each listener's backlog, for the durable mode; None otherwise."""
-        if isinstance(self.pump, DurableEngine):
-            return await self.pump.cluster_status()
-        return None
+        return await self.engine.cluster_status()
+
+    # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -222,7 +220,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._command, "stop")
         loop.add_signal_handler(signal.SIGHUP, self._command, "reload")
         try:
-            await self.pump.start()
+            await self.engine.start()
         except PumpStartError as exc:
             raise DaemonStartError(str(exc)) from None
         except (RedisError, OSError) as exc:
@@ -230,15 +228,15 @@ class Daemon:
         try:
             runner = await self._serve_http()
         except BaseException:
-            await self.pump.stop(drain_timeout=0)
+            await self.engine.stop(drain_timeout=0)
             raise
         await self.observing.start()  # what the engine reported meanwhile is buffered, bounded
         self._accepting = True
         where = str(self.options.socket_path) + (
             f" and {self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else ""
         )
-        log.info("daemon ready organism=%s pid=%d listening on %s", self.pump.organism.name, os.getpid(), where)
-        self.notifier.ready(status=f"serving {self.pump.organism.name}")
+        log.info("daemon ready organism=%s pid=%d listening on %s", self.engine.organism.name, os.getpid(), where)
+        self.notifier.ready(status=f"serving {self.engine.organism.name}")
         try:
             async with asyncio.TaskGroup() as group:
                 if self.notifier.watchdog_interval is not None:
@@ -273,7 +271,7 @@ class Daemon:
                 tick()
 
     def _watchdog_tick(self) -> None:
-        if self.pump.healthy:  # a dead dispatcher stops the pings, and systemd restarts us
+        if self.engine.healthy:  # a dead dispatcher stops the pings, and systemd restarts us
             self.notifier.watchdog()
 
     def _door_tick(self) -> None:
@@ -285,10 +283,9 @@ class Daemon:
             log.info("closed %d connection(s) that sent no complete request within %gs", closed, timeout)
 
     def _housekeeping_tick(self) -> None:
-        self.submissions.sweep()
         self.observing.sweep()
-        if not self.pump.healthy:
-            why = self.pump.store_watch.health.detail or "the pump stopped working"
+        if not self.engine.healthy:
+            why = self.engine.store_watch.health.detail or "the pump stopped working"
             log.critical("%s; exiting so that the service manager restarts the daemon", why)
             self._exit_code = 1
             self._command("stop")
@@ -306,13 +303,13 @@ class Daemon:
             self.metrics.reload(succeeded=False)
             self.notifier.ready(status=f"reload failed ({len(exc.problems)} problems); serving the previous organism")
             return
-        old = self.pump.organism
+        old = self.engine.organism
         for key in RESTART_ONLY_SETTINGS:
             if old.settings.get(key) != organism.settings.get(key):
                 log.warning("organism.%s changed; it takes effect at the next restart", key)
         if organism.limits != old.limits:
             log.warning("pump limits changed; they take effect at the next restart")
-        self.pump.reload(organism)
+        self.engine.reload(organism)
         set_level(str(organism.settings.get("log_level", "info")))
         self.metrics.reload(succeeded=True)
         log.info("reloaded organism=%s listeners=%d", organism.name, len(organism.listeners))
@@ -322,10 +319,9 @@ class Daemon:
         self._accepting = False
         self.notifier.stopping()
         log.info("stopping: draining in-flight work for up to %gs", self.options.drain_timeout)
-        report = await self.pump.stop(self.options.drain_timeout)
+        report = await self.engine.stop(self.options.drain_timeout)  # replies in memory stay collectable a while
         if report.cancelled:
             log.warning("stopping: %d message(s) were cut short and reported to their clients", report.cancelled)
-        await self._let_clients_collect()
         self.observing.hub.close()
         for server in self._servers:
             server.close()
@@ -337,21 +333,12 @@ class Daemon:
         self.notifier.close()
         log.info("stopped")
 
-    async def _let_clients_collect(self) -> None:
-        """Keep serving reply collection until nobody's replies are waiting, or the grace runs out."""
-        try:
-            async with asyncio.timeout(self.options.collect_grace):
-                while self.submissions.uncollected():
-                    await self.submissions.wait_for_collection()
-        except TimeoutError:
-            log.warning("stopping: %d client(s) did not collect their replies in time", self.submissions.uncollected())
-
     # ------------------------------------------------------------------ sockets
     async def _serve_http(self) -> web.AppRunner:
         """Serve the app on our own listening sockets, every connection under the door's guard."""
         app = build_app(
             self,
-            max_body_bytes=self.pump.limits.max_message_bytes + HTTP_BODY_SLACK,
+            max_body_bytes=self.engine.limits.max_message_bytes + HTTP_BODY_SLACK,
             door=self.door,
             auth=self.auth,
             rate_limiter=self.rate_limiter,
@@ -359,7 +346,7 @@ class Daemon:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
         await runner.setup()
         assert runner.server is not None
-        tls_settings = self.pump.organism.settings.get("tls")
+        tls_settings = self.engine.organism.settings.get("tls")
         try:
             tls = server_context(tls_settings) if tls_settings else None
         except TlsSetupError as exc:
@@ -390,19 +377,35 @@ class Daemon:
 BUILTIN_LISTENERS = frozenset({"system.sequence", "system.buffer"})
 
 
-def _engine_for(organism: Organism, backend: SharedBackend, serve: frozenset[str] | None) -> Pump | DurableEngine:
-    """The in-process pump, or with ``delivery: at-least-once`` the durable engine on Redis Streams."""
+def _engine_for(
+    organism: Organism,
+    backend: SharedBackend,
+    serve: frozenset[str] | None,
+    options: DaemonOptions,
+    metrics: PumpMetrics,
+) -> tuple[Engine, DeadLetterView | None]:
+    """The in-process engine; with ``delivery: at-least-once`` the durable one on Redis Streams and its dead letters."""
     settings = organism.settings.get("backend", {})
     if settings.get("delivery", "at-most-once") != "at-least-once":
         if serve is not None:
             raise DaemonStartError("--listeners needs delivery at-least-once: only then do daemons share the work")
-        return Pump(organism, backend=backend)
+        engine = InProcessEngine(
+            organism,
+            backend=backend,
+            metrics=metrics,
+            reply_retention_seconds=options.reply_retention,
+            collect_grace_seconds=options.collect_grace,
+        )
+        return engine, None
     if not isinstance(backend, RedisBackend):
         raise DaemonStartError("delivery at-least-once needs the redis backend")
     unknown = sorted((serve or frozenset()) - set(organism.listeners) - BUILTIN_LISTENERS)
     if unknown:
         raise DaemonStartError(f"--listeners names no listener of this organism: {', '.join(unknown)}")
-    return DurableEngine(organism, backend, DurableSettings.from_settings(settings, organism.settings, serve))
+    durable = DurableEngine(
+        organism, backend, DurableSettings.from_settings(settings, organism.settings, serve), metrics=metrics
+    )
+    return durable, DeadLetterView(durable)
 
 
 def _bind_unix_socket(path: Path) -> socket.socket:

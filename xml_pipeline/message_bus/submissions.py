@@ -1,11 +1,14 @@
 """Client submissions by thread, kept until their replies are collected or expire.
 
 An HTTP client posts a message and comes back for the replies, maybe after the
-conversation has ended. The table keeps each submission until the client has
-collected everything after the end, or until ``retention_seconds`` after the
-end. It is bounded, in submissions and in the bytes of replies not collected
-yet: when either is full, new messages are refused (503, ``overload``) rather
-than evicting replies nobody has read.
+conversation has ended. The in-process engine keeps each submission here until
+the client has collected everything after the end, or until
+``retention_seconds`` after the end. It is bounded, in submissions and in the
+bytes of replies not collected yet: when either is full, new messages are
+refused (503, ``overload``) rather than evicting replies nobody has read. The
+check comes before a message is taken, and a message taken always has its
+submission kept, so the table can pass its capacity by the few messages that
+were being taken at that moment, never by more.
 
 Each submission belongs to the client that posted it: with tokens, only that
 client can collect its replies; a request with another identity (or none) is
@@ -20,10 +23,6 @@ import time
 from xml_pipeline.message_bus.conversations import Submission
 
 
-class SubmissionTableFull(Exception):
-    pass
-
-
 class SubmissionTable:
     def __init__(self, *, capacity: int, retention_seconds: float, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.capacity = capacity
@@ -31,6 +30,8 @@ class SubmissionTable:
         self.max_bytes = max_bytes
         self.held_bytes = 0
         """Bytes of replies in the table's submissions that nobody has collected yet."""
+        self._holding = 0
+        """Submissions with replies nobody has collected yet, counted as they change so that reading is free."""
         self._by_thread: dict[str, Submission] = {}
         self._owners: dict[str, str | None] = {}
         self._collected = asyncio.Event()
@@ -39,17 +40,17 @@ class SubmissionTable:
         """Keep ``submission`` for client ``owner`` (its token's identity; None without a token)."""
         if submission.thread_id in self._by_thread:
             return
-        if len(self._by_thread) >= self.capacity:
-            self.sweep()
-            if len(self._by_thread) >= self.capacity:
-                raise SubmissionTableFull(f"{self.capacity} submissions are waiting to be collected")
         self._by_thread[submission.thread_id] = submission
         self._owners[submission.thread_id] = owner
         self.held_bytes += submission.pending_bytes
-        submission.keep_account(self._count)
+        self._holding += submission.pending_bytes > 0
+        submission.keep_account(lambda delta: self._count(submission, delta))
 
-    def _count(self, delta: int) -> None:
+    def _count(self, submission: Submission, delta: int) -> None:
+        """``submission`` now holds ``delta`` bytes more (an envelope is never empty, so bytes held mean replies)."""
         self.held_bytes += delta
+        after = submission.pending_bytes
+        self._holding += (after > 0) - (after - delta > 0)
 
     def full(self) -> str | None:
         """Why no new message may be taken now, if it may not: too many submissions, or too many bytes held."""
@@ -66,6 +67,7 @@ class SubmissionTable:
         self._owners.pop(thread, None)
         submission.keep_account(None)
         self.held_bytes -= submission.pending_bytes
+        self._holding -= submission.pending_bytes > 0
 
     def get(self, thread_id: str, owner: str | None = None) -> Submission | None:
         """The submission on ``thread_id`` if ``owner`` posted it."""
@@ -99,7 +101,7 @@ class SubmissionTable:
 
     def uncollected(self) -> int:
         """Submissions still holding replies nobody has read."""
-        return sum(1 for submission in self._by_thread.values() if submission.pending())
+        return self._holding
 
     def __len__(self) -> int:
         return len(self._by_thread)
