@@ -27,8 +27,9 @@ import redis
 from benchmarks.measure import Result, closed_loop, envelope, orders_organism, running
 from benchmarks.paired import Paired, interleaved
 from benchmarks.workload import sample_order
-from xml_pipeline.cluster.engine import Accepted, DurableEngine, DurableSettings
+from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.message_bus.engine import Accepted
 
 CLIENTS = 64
 

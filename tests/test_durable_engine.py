@@ -14,12 +14,13 @@ from tests.redis_server import RedisServer
 from tests.support import Ping, Pong, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode
 from xml_pipeline.cluster import engine as engine_module
-from xml_pipeline.cluster.engine import Accepted, DurableEngine, DurableSettings, Refused
+from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.store import ClusterStore
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
+from xml_pipeline.message_bus.engine import Accepted, Refused
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))

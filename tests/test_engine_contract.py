@@ -111,12 +111,7 @@ async def test_only_the_client_that_sent_a_message_may_collect_its_replies(engin
     assert len(collected.replies) == 1
 
 
-async def test_a_client_without_identity_may_not_collect_an_identified_clients_replies(
-    engine: Engine, request: pytest.FixtureRequest
-) -> None:
-    if request.node.callspec.params["engine"] == "durable":
-        reason = "the durable engine checks the owner only when the collecting client has an identity"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+async def test_a_client_without_identity_may_not_collect_an_identified_clients_replies(engine: Engine) -> None:
     thread = await accepted(engine, envelope(ping_xml("mine"), sender="alice"))
     assert await engine.collect(thread, "end", 10) is None
 

@@ -56,6 +56,7 @@ from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import Admitted, admit
 from xml_pipeline.message_bus.client_access import IN_PROCESS, ClientAccess
+from xml_pipeline.message_bus.engine import Accepted, Refused
 from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
@@ -95,19 +96,6 @@ class DurableSettings:
             reply_retention_seconds=float(organism.get("reply_retention_seconds", 300.0)),
             serve=serve,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    thread: str
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    code: ErrorCode
-    detail: str
-    thread: str
-    envelope: bytes
 
 
 @dataclass(slots=True)
@@ -454,8 +442,8 @@ class DurableEngine:
         Any daemon of the organism answers: replies live in Redis until
         collected, or ``reply_retention_seconds`` after the end.
         """
-        if owner is not None and await self.store.owner_of(conversation) != owner:
-            return None  # another client's conversation: as unknown as one that never was
+        if await self.store.owner_of(conversation) != owner:
+            return None  # another client's conversation (or one with an identity, asked without): unknown
         collected = Collected()
         seen: list[bytes] = []
         after = b"0"
@@ -710,6 +698,11 @@ class DurableEngine:
             "dead_letters": self.dead_letters,
         }
         await self.store.heartbeat(self.daemon_id, about, ttl_seconds=max(3, int(3 * self.settings.heartbeat_seconds)))
+
+    async def dead_letter_rows(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The first ``count`` entries of the dead-letter stream, as Redis keeps them."""
+        rows: Any = await self.store.client.xrange(self.store.keys.dead_letters, count=count)
+        return list(rows)
 
     async def cluster_status(self) -> dict[str, Any]:
         """Every live daemon, and the backlog of every listener, as ``status`` shows them."""

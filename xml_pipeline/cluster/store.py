@@ -303,6 +303,9 @@ class ClusterStore:
         self._initiators: Batcher[str, bytes | None] = Batcher(
             self._initiator_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
+        self._owners: Batcher[str, bytes | None] = Batcher(
+            self._owner_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
+        )
         self._unlinks: Batcher[str, None] = Batcher(
             self._unlink_batch, max_batch=COMMITS_PER_CALL, max_calls=1, wait_seconds=3 * socket_timeout
         )
@@ -453,9 +456,16 @@ class ClusterStore:
         return found
 
     async def owner_of(self, conversation: str) -> str | None:
-        """The identity of the client that opened ``conversation``, if it had one (and it is still kept)."""
-        owner: Any = await self.client.get(f"{self.keys.prefix}r-owner:{conversation}")
-        return None if owner is None else str(owner.decode())
+        """The identity of the client that opened ``conversation``, if it had one (and it is still kept).
+
+        Every collect asks, so the questions of one loop turn go as one ``MGET``.
+        """
+        owner = await self._owners.submit(f"{self.keys.prefix}r-owner:{conversation}")
+        return None if owner is None else owner.decode()
+
+    async def _owner_batch(self, keys: list[str]) -> list[bytes | None]:
+        owners: Any = await self.client.mget(keys)
+        return list(owners)
 
     async def conversation_known(self, conversation: str) -> bool:
         keys = self.keys

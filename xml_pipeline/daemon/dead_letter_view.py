@@ -20,9 +20,8 @@ class DeadLetterView:
 
     async def latest(self, count: int) -> list[dict[str, Any]]:
         """The first ``count`` dead letters as JSON rows; raises what redis raises, or TimeoutError."""
-        store = self._engine.store
         async with asyncio.timeout(self._engine.backend.socket_timeout):
-            rows: Any = await store.client.xrange(store.keys.dead_letters, count=count)
+            rows = await self._engine.dead_letter_rows(count)
         letters = []
         for entry_id, fields in rows:
             hop = Hop.from_fields(fields)

@@ -17,9 +17,9 @@ to the client that sent it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from xml_pipeline.cluster.engine import Accepted, Refused
 from xml_pipeline.memory.store_watch import StoreWatch
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.client_access import ClientAccess
@@ -30,6 +30,24 @@ from xml_pipeline.organism import Listener, Organism, PumpLimits
 from xml_pipeline.process_pool.pool import CpuPool
 
 __all__ = ["WAIT_MODES", "Accepted", "ClientEnvelope", "Collection", "Engine", "Refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The engine has the client's message (the durable one: stored in Redis); ``thread`` is its conversation."""
+
+    thread: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The message was not taken: why, and the SystemError envelope that says so to the client."""
+
+    code: ErrorCode
+    detail: str
+    thread: str
+    envelope: bytes
+
 
 WAIT_MODES = ("none", "first", "end")
 """How long a collect waits: not at all, for the first reply, or until the conversation ends."""

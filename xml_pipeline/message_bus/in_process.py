@@ -17,12 +17,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from xml_pipeline.cluster.engine import Accepted, Refused
 from xml_pipeline.memory.shared_backend import SharedBackend
 from xml_pipeline.memory.store_watch import StoreWatch
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.client_access import IN_PROCESS, ClientAccess
 from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
+from xml_pipeline.message_bus.engine import Accepted, Refused
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.pump import Pump, PumpStats, ShutdownReport
 from xml_pipeline.message_bus.submissions import SubmissionTable
