@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,21 +27,39 @@ from xml_pipeline.organism import Listener, Organism, PumpLimits
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
 
 
-@pytest.fixture
-async def engine(redis_server: RedisServer) -> AsyncIterator[DurableEngine]:
-    backend = RedisBackend(redis_server.url, prefix="door-edges:", fail_fast_seconds=None)
-    organism = Organism.of("edges", [Listener("echo", [Ping], echo, peers=[], ingress=True)])
-    durable = DurableEngine(organism, backend, DurableSettings(reply_retention_seconds=30))
+@contextlib.asynccontextmanager
+async def started(
+    redis_server: RedisServer,
+    prefix: str,
+    listeners: list[Listener],
+    *,
+    limits: PumpLimits | None = None,
+    settings: DurableSettings | None = None,
+) -> AsyncIterator[DurableEngine]:
+    """A durable engine on its own key prefix, stopped and its keys removed on the way out."""
+    backend = RedisBackend(redis_server.url, prefix=prefix, fail_fast_seconds=None)
+    organism = Organism.of(prefix.rstrip(":"), listeners, limits)
+    durable = DurableEngine(organism, backend, settings or DurableSettings(reply_retention_seconds=30))
     await durable.start()
     try:
         yield durable
     finally:
         await durable.stop(drain_timeout=5)
         client = redis.Redis.from_url(redis_server.url)
-        for key in client.scan_iter(match="door-edges:*"):
+        for key in client.scan_iter(match=f"{prefix}*"):
             client.unlink(key)
         client.close()
         backend.close()
+
+
+def echo_listener() -> Listener:
+    return Listener("echo", [Ping], echo, peers=[], ingress=True)
+
+
+@pytest.fixture
+async def engine(redis_server: RedisServer) -> AsyncIterator[DurableEngine]:
+    async with started(redis_server, "door-edges:", [echo_listener()]) as durable:
+        yield durable
 
 
 async def test_opening_a_conversation_twice_stores_it_once(engine: DurableEngine) -> None:
@@ -83,26 +102,19 @@ async def test_a_store_that_times_out_says_where_the_replies_would_be(
 
 async def test_consumers_of_gone_daemons_leave_the_group(redis_server: RedisServer) -> None:
     """Every daemon start adds a consumer; ones that hold nothing and stay silent are removed."""
-    backend = RedisBackend(redis_server.url, prefix="gone-consumers:", fail_fast_seconds=None)
-    organism = Organism.of("gone", [Listener("echo", [Ping], echo, peers=[], ingress=True)])
     settings = DurableSettings(reply_retention_seconds=30, forget_consumers_after_seconds=0)
-    durable = DurableEngine(organism, backend, settings)
     client = redis.Redis.from_url(redis_server.url)
-    stream = durable.store.keys.stream("echo")
     try:
-        await durable.start()
-        for ghost in ("ghost-1", "ghost-2"):  # daemons that joined once and were never seen again
-            assert client.xgroup_createconsumer(stream, "xml-pipeline", ghost) == 1
-        await durable._forget_gone_consumers()  # the reclaimer does this now and then
-        names = {c["name"].decode() for c in client.xinfo_consumers(stream, "xml-pipeline")}
-        assert not names & {"ghost-1", "ghost-2"}
-        assert names <= {durable.daemon_id}
+        async with started(redis_server, "gone-consumers:", [echo_listener()], settings=settings) as durable:
+            stream = durable.store.keys.stream("echo")
+            for ghost in ("ghost-1", "ghost-2"):  # daemons that joined once and were never seen again
+                assert client.xgroup_createconsumer(stream, "xml-pipeline", ghost) == 1
+            await durable._forget_gone_consumers()  # the reclaimer does this now and then
+            names = {c["name"].decode() for c in client.xinfo_consumers(stream, "xml-pipeline")}
+            assert not names & {"ghost-1", "ghost-2"}
+            assert names <= {durable.daemon_id}
     finally:
-        await durable.stop(drain_timeout=5)
-        for key in client.scan_iter(match="gone-consumers:*"):
-            client.unlink(key)
         client.close()
-        backend.close()
 
 
 async def test_the_commits_of_one_loop_turn_share_one_script_call(
@@ -129,24 +141,15 @@ async def test_a_full_backlog_refuses_the_openings_over_its_cap_and_stores_the_o
     redis_server: RedisServer,
 ) -> None:
     """Ten messages in one loop turn, room for four: one script call, four stored, six told `overload`."""
-    backend = RedisBackend(redis_server.url, prefix="full-backlog:", fail_fast_seconds=None)
-    organism = Organism.of("full", [Listener("echo", [Ping], echo, peers=[], ingress=True)], PumpLimits(queue_size=4))
-    durable = DurableEngine(organism, backend, DurableSettings(reply_retention_seconds=30, serve=frozenset()))
-    await durable.start()
-    client = redis.Redis.from_url(redis_server.url)
-    try:
+    settings = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    limits = PumpLimits(queue_size=4)
+    async with started(redis_server, "full-backlog:", [echo_listener()], limits=limits, settings=settings) as durable:
         outcomes = await asyncio.gather(*(durable.accept(envelope(ping_xml(f"m{i}"))) for i in range(10)))
         stored = [outcome for outcome in outcomes if isinstance(outcome, Accepted)]
         refused = [outcome for outcome in outcomes if isinstance(outcome, Refused)]
         assert len(stored) == 4
         assert {outcome.code for outcome in refused} == {ErrorCode.OVERLOAD}
-        assert client.xlen(durable.store.keys.stream("echo")) == 4
-    finally:
-        await durable.stop(drain_timeout=5)
-        for key in client.scan_iter(match="full-backlog:*"):
-            client.unlink(key)
-        client.close()
-        backend.close()
+        assert await durable.store.client.xlen(durable.store.keys.stream("echo")) == 4
 
 
 async def test_a_hop_this_daemon_made_is_handled_without_parsing_it_again(
@@ -200,26 +203,13 @@ class Gate:
 @pytest.fixture
 async def gated(redis_server: RedisServer) -> AsyncIterator[tuple[DurableEngine, Gate]]:
     gate = Gate()
-    backend = RedisBackend(redis_server.url, prefix="continue:", fail_fast_seconds=None)
-    organism = Organism.of(
-        "continue",
-        [
-            Listener("gate", [Ping], gate.handler, peers=[], ingress=True),
-            Listener("echo", [Ping], echo, peers=[], ingress=True),
-        ],
-    )
-    durable = DurableEngine(organism, backend, DurableSettings(reply_retention_seconds=30))
-    await durable.start()
+    listeners = [Listener("gate", [Ping], gate.handler, peers=[], ingress=True), echo_listener()]
     try:
-        yield durable, gate
+        async with started(redis_server, "continue:", listeners) as durable:
+            yield durable, gate
+            gate.opened.set()
     finally:
         gate.opened.set()
-        await durable.stop(drain_timeout=5)
-        client = redis.Redis.from_url(redis_server.url)
-        for key in client.scan_iter(match="continue:*"):
-            client.unlink(key)
-        client.close()
-        backend.close()
 
 
 async def test_a_client_continues_its_live_conversation_as_on_one_daemon(
