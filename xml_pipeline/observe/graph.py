@@ -31,21 +31,26 @@ class GraphStats(Sink):
         self._edges: dict[tuple[str, str], int] = {}
 
     def hop(self, event: HopEvent) -> None:
-        edge = (event.sender, event.to)
+        edge = (event[4], event[5])  # (sender, to)
         count = self._edges.get(edge)
-        if count is not None or len(self._edges) < MAX_ENTRIES:
-            self._edges[edge] = (count or 0) + 1
+        if count is not None:
+            self._edges[edge] = count + 1
+        elif len(self._edges) < MAX_ENTRIES:
+            self._edges[edge] = 1
 
     def handled(self, event: HandledEvent) -> None:
-        totals = self._totals(event.listener)
+        _, _, _, listener, _, seconds, _ = event
+        totals = self._listeners.get(listener) or self._totals(listener)
         if totals is None:
             return
         totals.handled += 1
-        totals.seconds += event.seconds
-        totals.slowest = max(totals.slowest, event.seconds)
+        totals.seconds += seconds
+        if seconds > totals.slowest:
+            totals.slowest = seconds
 
     def error(self, event: ErrorEvent) -> None:
-        totals = self._totals(event.listener) if event.listener else None
+        listener = event[3]
+        totals = self._totals(listener) if listener else None
         if totals is not None:
             totals.errors += 1
 

@@ -63,13 +63,13 @@ class EventHub(Sink):
         for watcher in self._watchers:
             if watcher.errors_only:
                 continue
-            if watcher.listener is not None and watcher.listener not in (event.sender, event.to):
+            if watcher.listener is not None and watcher.listener not in (event[4], event[5]):  # sender, to
                 continue
             watcher.offer(event)
 
     def error(self, event: ErrorEvent) -> None:
         for watcher in self._watchers:
-            if watcher.listener is not None and watcher.listener != event.listener:
+            if watcher.listener is not None and watcher.listener != event[3]:  # the listener
                 continue
             watcher.offer(event)
 
@@ -99,24 +99,26 @@ class EventHub(Sink):
 
 def tail_event(event: HopEvent | ErrorEvent) -> dict[str, Any]:
     """What ``GET /events`` sends for an event (JSON)."""
-    if isinstance(event, HopEvent):
+    if event[0] == "hop":
+        _, hop, parent, conversation, sender, to, thread, payload_type, _, at = event
         return {
             "kind": "hop",
-            "at": event.at,
-            "conversation": event.conversation,
-            "hop": event.hop,
-            "parent": event.parent,
-            "from": event.sender,
-            "to": event.to,
-            "thread": event.thread,
-            "type": event.payload_type,
+            "at": at,
+            "conversation": conversation,
+            "hop": hop,
+            "parent": parent,
+            "from": sender,
+            "to": to,
+            "thread": thread,
+            "type": payload_type,
         }
+    _, hop, conversation, listener, code, detail, at = event
     return {
         "kind": "error",
-        "at": event.at,
-        "conversation": event.conversation,
-        "hop": event.hop,
-        "listener": event.listener,
-        "code": event.code,
-        "detail": event.detail,
+        "at": at,
+        "conversation": conversation,
+        "hop": hop,
+        "listener": listener,
+        "code": code,
+        "detail": detail,
     }

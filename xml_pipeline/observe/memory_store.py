@@ -9,19 +9,23 @@
   by the next event, read or sweep, whichever comes first.
 
 Events are kept as the event objects the engines reported (no copy, no encoding
-on the hot path) and turned into records only when somebody reads them.
+on the hot path) and turned into records only when somebody reads them. An
+event costs an append and a size check; a new conversation, a look at the
+oldest finished trace (freed if due) and, when the count is reached, one
+eviction; the total of bytes is summed when asked for (measurement 8 of
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from xml_pipeline.observe.events import ErrorEvent, HandledEvent, HopEvent, Sink
-from xml_pipeline.observe.records import Record, end_record, error_record, handled_record, hop_record
+from xml_pipeline.observe.records import Record, end_record, event_record
 from xml_pipeline.observe.settings import ObserveSettings
 
 EVENT_BYTES = 256
@@ -34,18 +38,24 @@ class StoredTrace:
     dropped: int
 
 
-class _Trace:
-    __slots__ = ("dropped", "ended", "errors", "events", "first", "hops", "size", "started")
+class _Trace(list[HopEvent | HandledEvent | ErrorEvent]):
+    """The events kept of one conversation, oldest first, and the counts its bounds and summary need.
 
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.events: list[HopEvent | HandledEvent | ErrorEvent] = []
-        self.size = 0
-        self.dropped = 0
-        self.hops = 0
-        self.errors = 0
-        self.first = ("", "")
-        self.ended: float | None = None
+    A list itself, so that a new conversation costs no Python ``__init__``: :meth:`MemoryTraceStore._open`
+    sets the counts."""
+
+    __slots__ = ("dropped", "ended", "errors", "first", "hops", "size", "started")
+    started: float
+    """When its first event happened."""
+    size: int
+    """Bytes kept, as counted against ``trace_max_bytes``."""
+    dropped: int
+    hops: int
+    """Hops recorded, kept or dropped."""
+    errors: int
+    first: tuple[str, str]
+    """(sender, to) of its first client message."""
+    ended: float | None
 
 
 class MemoryTraceStore(Sink):
@@ -54,66 +64,89 @@ class MemoryTraceStore(Sink):
         self.max_conversations = settings.trace_max_conversations
         self.max_bytes = settings.trace_max_bytes
         self._clock = clock
-        self._traces: OrderedDict[str, _Trace] = OrderedDict()
-        self._finished: OrderedDict[str, float] = OrderedDict()
-        """Finished conversations, in the order they ended, with when their trace expires."""
-        self.size = 0
+        self._traces: dict[str, _Trace] = {}
+        """Every trace kept, oldest first (a dict keeps the order its keys were added in)."""
+        self._finished: deque[tuple[float, str]] = deque()
+        """(when its trace expires, conversation) of each finished trace kept, in the order they ended."""
+
+    @property
+    def size(self) -> int:
         """Bytes held by every trace, as counted against the bounds."""
+        return sum(trace.size for trace in self._traces.values())
 
     # ------------------------------------------------------------------ the sink
     def hop(self, event: HopEvent) -> None:
-        trace = self._add(event.conversation, event, len(event.payload_xml) + EVENT_BYTES)
+        _, _, parent, conversation, sender, to, _, _, payload_xml, at = event
+        trace = self._traces.get(conversation)
+        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
+            trace = self._open(conversation, at)
         trace.hops += 1
-        if not event.parent and not trace.first[0]:
-            trace.first = (event.sender, event.to)
+        if not parent and not trace.first[0]:
+            trace.first = (sender, to)
+        size = trace.size + len(payload_xml) + EVENT_BYTES
+        if size > self.max_bytes:
+            trace.dropped += 1
+        else:
+            trace.append(event)
+            trace.size = size
 
     def handled(self, event: HandledEvent) -> None:
-        self._add(event.conversation, event, EVENT_BYTES)
+        conversation, at = event[2], event[4]
+        trace = self._traces.get(conversation)
+        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
+            trace = self._open(conversation, at)
+        size = trace.size + EVENT_BYTES
+        if size > self.max_bytes:
+            trace.dropped += 1
+        else:
+            trace.append(event)
+            trace.size = size
 
     def error(self, event: ErrorEvent) -> None:
-        self._add(event.conversation, event, EVENT_BYTES + len(event.detail)).errors += 1
+        _, _, conversation, _, _, detail, at = event
+        trace = self._traces.get(conversation)
+        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
+            trace = self._open(conversation, at)
+        trace.errors += 1
+        size = trace.size + EVENT_BYTES + len(detail)
+        if size > self.max_bytes:
+            trace.dropped += 1
+        else:
+            trace.append(event)
+            trace.size = size
 
     def ended(self, conversation: str, at: float) -> None:
         trace = self._traces.get(conversation)
         if trace is None or trace.ended is not None:
             return
         trace.ended = at
-        self._finished[conversation] = self._clock() + self.retention
+        self._finished.append((self._clock() + self.retention, conversation))
 
-    def _add(self, conversation: str, event: HopEvent | HandledEvent | ErrorEvent, size: int) -> _Trace:
-        trace = self._traces.get(conversation)
-        if trace is None:
+    def _open(self, conversation: str, at: float) -> _Trace:
+        """A new conversation's trace, after freeing what is due and making room."""
+        if self._finished and self._finished[0][0] <= self._clock():
             self.expire()
-            if len(self._traces) >= self.max_conversations:
-                self._evict()
-            trace = self._traces[conversation] = _Trace(time.time())
-        if trace.size + size > self.max_bytes:
-            trace.dropped += 1
-        else:
-            trace.events.append(event)
-            trace.size += size
-            self.size += size
+        if len(self._traces) >= self.max_conversations:
+            self._evict()
+        trace = self._traces[conversation] = _Trace()
+        trace.started, trace.size, trace.dropped, trace.hops, trace.errors = at, 0, 0, 0, 0
+        trace.first, trace.ended = ("", ""), None
         return trace
 
     # ------------------------------------------------------------------ bounds
     def expire(self, now: float | None = None) -> None:
         """Free the finished traces whose retention has passed."""
         now = self._clock() if now is None else now
-        while self._finished:
-            conversation, until = next(iter(self._finished.items()))
-            if until > now:
-                return
-            self._forget(conversation)
+        finished = self._finished
+        while finished and finished[0][0] <= now:
+            self._traces.pop(finished.popleft()[1], None)
 
     def _evict(self) -> None:
-        oldest = next(iter(self._finished)) if self._finished else next(iter(self._traces))
-        self._forget(oldest)
-
-    def _forget(self, conversation: str) -> None:
-        self._finished.pop(conversation, None)
-        trace = self._traces.pop(conversation, None)
-        if trace is not None:
-            self.size -= trace.size
+        """Free the oldest finished trace, or the oldest of all when none has finished."""
+        if self._finished:
+            self._traces.pop(self._finished.popleft()[1], None)
+        else:
+            del self._traces[next(iter(self._traces))]
 
     # ------------------------------------------------------------------ reading
     async def trace(self, conversation: str) -> StoredTrace | None:
@@ -121,7 +154,7 @@ class MemoryTraceStore(Sink):
         trace = self._traces.get(conversation)
         if trace is None:
             return None
-        records = [_record(event) for event in trace.events]
+        records = [event_record(event) for event in trace]
         if trace.ended is not None:
             records.append(end_record(trace.ended))
         return StoredTrace(records, trace.dropped)
@@ -139,14 +172,6 @@ class MemoryTraceStore(Sink):
 
     def stats(self) -> dict[str, Any]:
         return {"traces": len(self._traces), "trace_bytes": self.size, "store": "memory"}
-
-
-def _record(event: HopEvent | HandledEvent | ErrorEvent) -> Record:
-    if isinstance(event, HopEvent):
-        return hop_record(event)
-    if isinstance(event, HandledEvent):
-        return handled_record(event)
-    return error_record(event)
 
 
 def _summary(conversation: str, trace: _Trace) -> dict[str, Any]:
