@@ -90,7 +90,15 @@ ErrorEvent = tuple[Literal["error"], str, str, str, str, str, float]
 class Sink:
     """Told of everything; override what you need. Calls come on the event loop's hot path: never block.
 
-    A method left as it is here is never called (the observation skips it)."""
+    A method left as it is here is never called (the observation skips it), nor
+    is a sink that is not :meth:`listening`."""
+
+    def listening(self) -> bool:
+        """Whether to be told of anything for now. A sink whose answer changes calls what it got in :meth:`attached`."""
+        return True
+
+    def attached(self, changed: Callable[[], None]) -> None:
+        """Attached to an observation, which asks :meth:`listening` again whenever ``changed()`` is called."""
 
     def hop(self, event: HopEvent) -> None:
         """A message was recorded on its way."""
@@ -180,13 +188,19 @@ class Observation:
         return self._watched
 
     def attach(self, sink: Sink) -> None:
-        """From now on ``sink`` is told of every event of the kinds it overrides (its methods as they are now)."""
+        """From now on ``sink`` is told, while it is listening, of the kinds of event it overrides."""
         self.sinks = (*self.sinks, sink)
         self._watched = True
-        self._on_hop = tuple(s.hop for s in self.sinks if _overrides(s, "hop"))
-        self._on_handled = tuple(s.handled for s in self.sinks if _overrides(s, "handled"))
-        self._on_error = tuple(s.error for s in self.sinks if _overrides(s, "error"))
-        self._on_ended = tuple(s.ended for s in self.sinks if _overrides(s, "ended"))
+        sink.attached(self._route)
+        self._route()
+
+    def _route(self) -> None:
+        """Who is told of what: per kind, the methods (bound now) of the listening sinks that override it."""
+        sinks = [sink for sink in self.sinks if sink.listening()]
+        self._on_hop = tuple(s.hop for s in sinks if _overrides(s, "hop"))
+        self._on_handled = tuple(s.handled for s in sinks if _overrides(s, "handled"))
+        self._on_error = tuple(s.error for s in sinks if _overrides(s, "error"))
+        self._on_ended = tuple(s.ended for s in sinks if _overrides(s, "ended"))
 
     def attach_spans(self, spans: SpanMaker) -> None:
         self.spans = spans
@@ -226,7 +240,8 @@ class Observation:
         span = traceparent = None
         if self.spans is not None and ref:
             span, traceparent = self.spans.start_handler(ref, listener, conversation)
-        _CAUSE.set((hop_id(ref), conversation, listener, _timer(), _wall_clock(), traceparent, span))
+        own = ref[36:52] if len(ref) == 55 else ref  # hop_id(ref), without a call
+        _CAUSE.set((own, conversation, listener, _timer(), _wall_clock(), traceparent, span))
 
     def handled(self, outcome: object) -> None:
         """The handler started by :meth:`handling` in this task is done; ``outcome`` is what it came to."""

@@ -6,14 +6,14 @@
   fixed allowance per event); later events of that conversation are counted
   as dropped, never kept, so memory is bounded by count times bytes.
 - **Time**: a finished trace is kept ``trace_retention_seconds``, then freed
-  by the next event, read or sweep, whichever comes first.
+  by the next read or sweep (the daemon sweeps every few seconds), whichever
+  comes first; or earlier, by the count.
 
 Events are kept as the event objects the engines reported (no copy, no encoding
 on the hot path) and turned into records only when somebody reads them. An
-event costs an append and a size check; a new conversation, a look at the
-oldest finished trace (freed if due) and, when the count is reached, one
-eviction; the total of bytes is summed when asked for (measurement 8 of
-docs/benchmarks.md).
+event costs an append and a size check, a new conversation at most one
+eviction; expiry waits for a read or sweep, and the total of bytes is summed
+when asked for (measurement 8 of docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,24 +38,32 @@ class StoredTrace:
     dropped: int
 
 
+class _Lost:
+    """What a trace did not keep (it had reached ``trace_max_bytes``), for its summary."""
+
+    __slots__ = ("errors", "events", "first", "hops")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.hops = 0
+        self.errors = 0
+        self.first: tuple[str, str] | None = None
+        """(sender, to) of a client message lost before any was kept."""
+
+
 class _Trace(list[HopEvent | HandledEvent | ErrorEvent]):
-    """The events kept of one conversation, oldest first, and the counts its bounds and summary need.
+    """The events kept of one conversation, oldest first, and what its bounds need.
 
-    A list itself, so that a new conversation costs no Python ``__init__``: :meth:`MemoryTraceStore._open`
-    sets the counts."""
+    A list itself, so that a new conversation costs no Python ``__init__`` (:meth:`MemoryTraceStore._open`
+    sets the rest). Its summary (hops, errors, who started it) is counted when read."""
 
-    __slots__ = ("dropped", "ended", "errors", "first", "hops", "size", "started")
+    __slots__ = ("ended", "lost", "size", "started")
     started: float
     """When its first event happened."""
     size: int
     """Bytes kept, as counted against ``trace_max_bytes``."""
-    dropped: int
-    hops: int
-    """Hops recorded, kept or dropped."""
-    errors: int
-    first: tuple[str, str]
-    """(sender, to) of its first client message."""
     ended: float | None
+    lost: _Lost | None
 
 
 class MemoryTraceStore(Sink):
@@ -76,28 +84,25 @@ class MemoryTraceStore(Sink):
 
     # ------------------------------------------------------------------ the sink
     def hop(self, event: HopEvent) -> None:
-        _, _, parent, conversation, sender, to, _, _, payload_xml, at = event
+        _, _, _, conversation, _, _, _, _, payload_xml, at = event
         trace = self._traces.get(conversation)
         if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
             trace = self._open(conversation, at)
-        trace.hops += 1
-        if not parent and not trace.first[0]:
-            trace.first = (sender, to)
         size = trace.size + len(payload_xml) + EVENT_BYTES
         if size > self.max_bytes:
-            trace.dropped += 1
+            _lose(trace, event)
         else:
             trace.append(event)
             trace.size = size
 
     def handled(self, event: HandledEvent) -> None:
-        conversation, at = event[2], event[4]
+        _, _, conversation, _, at, _, _ = event
         trace = self._traces.get(conversation)
-        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
+        if trace is None:
             trace = self._open(conversation, at)
         size = trace.size + EVENT_BYTES
         if size > self.max_bytes:
-            trace.dropped += 1
+            _lose(trace, event)
         else:
             trace.append(event)
             trace.size = size
@@ -105,12 +110,11 @@ class MemoryTraceStore(Sink):
     def error(self, event: ErrorEvent) -> None:
         _, _, conversation, _, _, detail, at = event
         trace = self._traces.get(conversation)
-        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
+        if trace is None:
             trace = self._open(conversation, at)
-        trace.errors += 1
         size = trace.size + EVENT_BYTES + len(detail)
         if size > self.max_bytes:
-            trace.dropped += 1
+            _lose(trace, event)
         else:
             trace.append(event)
             trace.size = size
@@ -123,14 +127,14 @@ class MemoryTraceStore(Sink):
         self._finished.append((self._clock() + self.retention, conversation))
 
     def _open(self, conversation: str, at: float) -> _Trace:
-        """A new conversation's trace, after freeing what is due and making room."""
-        if self._finished and self._finished[0][0] <= self._clock():
-            self.expire()
+        """A new conversation's trace, in the room of the oldest finished one (or the oldest) if it takes it."""
         if len(self._traces) >= self.max_conversations:
-            self._evict()
+            if self._finished:
+                self._traces.pop(self._finished.popleft()[1], None)
+            else:
+                del self._traces[next(iter(self._traces))]
         trace = self._traces[conversation] = _Trace()
-        trace.started, trace.size, trace.dropped, trace.hops, trace.errors = at, 0, 0, 0, 0
-        trace.first, trace.ended = ("", ""), None
+        trace.started, trace.size, trace.ended, trace.lost = at, 0, None, None
         return trace
 
     # ------------------------------------------------------------------ bounds
@@ -141,13 +145,6 @@ class MemoryTraceStore(Sink):
         while finished and finished[0][0] <= now:
             self._traces.pop(finished.popleft()[1], None)
 
-    def _evict(self) -> None:
-        """Free the oldest finished trace, or the oldest of all when none has finished."""
-        if self._finished:
-            self._traces.pop(self._finished.popleft()[1], None)
-        else:
-            del self._traces[next(iter(self._traces))]
-
     # ------------------------------------------------------------------ reading
     async def trace(self, conversation: str) -> StoredTrace | None:
         self.expire()
@@ -157,7 +154,7 @@ class MemoryTraceStore(Sink):
         records = [event_record(event) for event in trace]
         if trace.ended is not None:
             records.append(end_record(trace.ended))
-        return StoredTrace(records, trace.dropped)
+        return StoredTrace(records, trace.lost.events if trace.lost is not None else 0)
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         """The latest ``limit`` conversations traced, newest first."""
@@ -174,13 +171,38 @@ class MemoryTraceStore(Sink):
         return {"traces": len(self._traces), "trace_bytes": self.size, "store": "memory"}
 
 
+def _lose(trace: _Trace, event: HopEvent | HandledEvent | ErrorEvent) -> None:
+    """Count an event the trace has no room for."""
+    if trace.lost is None:
+        trace.lost = _Lost()
+    lost = trace.lost
+    lost.events += 1
+    if event[0] == "hop":
+        lost.hops += 1
+        _, _, parent, _, sender, to, _, _, _, _ = event
+        if not parent and lost.first is None and _first(trace) is None:
+            lost.first = (sender, to)
+    elif event[0] == "error":
+        lost.errors += 1
+
+
+def _first(trace: _Trace) -> tuple[str, str] | None:
+    """(sender, to) of the first client message kept."""
+    for event in trace:
+        if event[0] == "hop" and not event[2]:  # no parent
+            return event[4], event[5]
+    return None
+
+
 def _summary(conversation: str, trace: _Trace) -> dict[str, Any]:
+    lost = trace.lost or _Lost()
+    first = lost.first or _first(trace) or ("", "")
     return {
         "conversation": conversation,
         "started": trace.started,
         "ended": trace.ended,
-        "from": trace.first[0],
-        "to": trace.first[1],
-        "hops": trace.hops,
-        "errors": trace.errors,
+        "from": first[0],
+        "to": first[1],
+        "hops": lost.hops + sum(1 for event in trace if event[0] == "hop"),
+        "errors": lost.errors + sum(1 for event in trace if event[0] == "error"),
     }
