@@ -19,8 +19,7 @@ from xml_pipeline.daemon.client import DaemonClient
 from xml_pipeline.message.envelope import serialize_envelope
 from xml_pipeline.message.safe_xml import parse_untrusted
 from xml_pipeline.message_bus.thread_registry import new_thread_id
-from xml_pipeline.observe.events import HopEvent
-from xml_pipeline.observe.hub import EventHub
+from xml_pipeline.observe.hub import EventHub, tail_event
 
 HOPS_PER_GREETING = 6
 
@@ -95,10 +94,10 @@ def test_a_watcher_is_told_exactly_how_many_events_it_lost() -> None:
     hub = EventHub(buffer=10, max_watchers=2)
     watcher = hub.watch(None, errors_only=False)
     for index in range(25):
-        hub.hop(HopEvent(f"{index:016x}", "", "c", "console", "greeter", "t", "Greeting", b"", 0.0))
+        hub.hop(("hop", f"{index:016x}", "", "c", "console", "greeter", "t", "Greeting", b"", 0.0))
     events, dropped = watcher.take()
     assert (len(events), dropped) == (10, 15)
-    assert [event.hop for event in events] == [f"{index:016x}" for index in range(10)]
+    assert [tail_event(event)["hop"] for event in events] == [f"{index:016x}" for index in range(10)]
     hub.forget(watcher)
-    hub.hop(HopEvent("f" * 16, "", "c", "console", "greeter", "t", "Greeting", b"", 0.0))
+    hub.hop(("hop", "f" * 16, "", "c", "console", "greeter", "t", "Greeting", b"", 0.0))
     assert hub.stats() == {"watchers": 0, "tail_buffered": 0, "tail_dropped": 0}

@@ -165,6 +165,22 @@ async def test_the_memory_store_is_bounded_by_count_bytes_and_time(example_organ
     assert store.size == 0
 
 
+async def test_a_trace_summary_counts_what_the_trace_could_not_keep() -> None:
+    store = MemoryTraceStore(ObserveSettings(trace_max_bytes=1024))
+    store.hop(("hop", "a", "", "c", "console", "big", "t", "Big", b"x" * 2000, 1.0))  # too big: counted only
+    store.hop(("hop", "b", "", "c", "console", "small", "t", "Small", b"<Small/>", 2.0))
+    store.error(("error", "b", "c", "small", "handler-error", "boom", 3.0))
+    store.error(("error", "b", "c", "small", "handler-error", "x" * 2000, 4.0))  # too big: counted only
+    store.ended("c", 5.0)
+    (summary,) = await store.recent(10)
+    assert (summary["from"], summary["to"], summary["hops"], summary["errors"]) == ("console", "big", 2, 2)
+    assert (summary["started"], summary["ended"]) == (1.0, 5.0)
+    stored = await store.trace("c")
+    assert stored is not None
+    assert stored.dropped == 2
+    assert [record["k"] for record in stored.records] == ["hop", "error", "end"]
+
+
 @pytest.mark.parametrize("kind", ["manager", "redis"])
 async def test_every_backend_keeps_traces(
     kind: str, request: pytest.FixtureRequest, example_organism: Organism

@@ -28,24 +28,32 @@ class _Totals:
 class GraphStats(Sink):
     def __init__(self) -> None:
         self._listeners: dict[str, _Totals] = {}
-        self._edges: dict[tuple[str, str], int] = {}
+        self._edges: dict[str, dict[str, int]] = {}
+        """Messages by sender, then target: two lookups of strings cost less than hashing a new pair per hop."""
+        self._edge_count = 0
 
     def hop(self, event: HopEvent) -> None:
-        edge = (event.sender, event.to)
-        count = self._edges.get(edge)
-        if count is not None or len(self._edges) < MAX_ENTRIES:
-            self._edges[edge] = (count or 0) + 1
+        _, _, _, _, sender, to, _, _, _, _ = event
+        row = self._edges.get(sender)
+        if row is not None and to in row:
+            row[to] += 1
+        elif self._edge_count < MAX_ENTRIES:
+            self._edges.setdefault(sender, {})[to] = 1
+            self._edge_count += 1
 
     def handled(self, event: HandledEvent) -> None:
-        totals = self._totals(event.listener)
+        _, _, _, listener, _, seconds, _ = event
+        totals = self._listeners.get(listener) or self._totals(listener)
         if totals is None:
             return
         totals.handled += 1
-        totals.seconds += event.seconds
-        totals.slowest = max(totals.slowest, event.seconds)
+        totals.seconds += seconds
+        if seconds > totals.slowest:
+            totals.slowest = seconds
 
     def error(self, event: ErrorEvent) -> None:
-        totals = self._totals(event.listener) if event.listener else None
+        listener = event[3]
+        totals = self._totals(listener) if listener else None
         if totals is not None:
             totals.errors += 1
 
@@ -74,5 +82,9 @@ class GraphStats(Sink):
                     "slowest_seconds": totals.slowest,
                 }
             )
-        edges = [{"from": sender, "to": to, "messages": count} for (sender, to), count in sorted(self._edges.items())]
+        edges = [
+            {"from": sender, "to": to, "messages": count}
+            for sender, row in sorted(self._edges.items())
+            for to, count in sorted(row.items())
+        ]
         return {"at": time.time(), "listeners": nodes, "edges": edges}

@@ -3,14 +3,15 @@
 Each watcher has its own bounded buffer (``tail_buffer`` events). The engine
 only ever appends to it: a watcher that reads slowly, or not at all, loses the
 events that do not fit, and is told how many with the next ones it reads. The
-engine never waits for a watcher. With nobody watching, a report costs one
-check of an empty tuple.
+engine never waits for a watcher. With nobody watching, the hub is not
+listening, so the observation does not call it at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,18 +59,30 @@ class EventHub(Sink):
         self.max_watchers = max_watchers
         self._watchers: tuple[Watcher, ...] = ()
         self.closed = False
+        self._changed: list[Callable[[], None]] = []
+
+    def listening(self) -> bool:
+        return bool(self._watchers)
+
+    def attached(self, changed: Callable[[], None]) -> None:
+        self._changed.append(changed)
+
+    def _set_watchers(self, watchers: tuple[Watcher, ...]) -> None:
+        self._watchers = watchers
+        for changed in self._changed:
+            changed()
 
     def hop(self, event: HopEvent) -> None:
         for watcher in self._watchers:
             if watcher.errors_only:
                 continue
-            if watcher.listener is not None and watcher.listener not in (event.sender, event.to):
+            if watcher.listener is not None and watcher.listener not in (event[4], event[5]):  # sender, to
                 continue
             watcher.offer(event)
 
     def error(self, event: ErrorEvent) -> None:
         for watcher in self._watchers:
-            if watcher.listener is not None and watcher.listener != event.listener:
+            if watcher.listener is not None and watcher.listener != event[3]:  # the listener
                 continue
             watcher.offer(event)
 
@@ -77,7 +90,7 @@ class EventHub(Sink):
         if len(self._watchers) >= self.max_watchers:
             raise TooManyWatchers(f"{self.max_watchers} watchers are connected already")
         watcher = Watcher(listener, errors_only, self.buffer)
-        self._watchers = (*self._watchers, watcher)
+        self._set_watchers((*self._watchers, watcher))
         return watcher
 
     def close(self) -> None:
@@ -87,7 +100,7 @@ class EventHub(Sink):
             watcher.ready.set()
 
     def forget(self, watcher: Watcher) -> None:
-        self._watchers = tuple(w for w in self._watchers if w is not watcher)
+        self._set_watchers(tuple(w for w in self._watchers if w is not watcher))
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -99,24 +112,26 @@ class EventHub(Sink):
 
 def tail_event(event: HopEvent | ErrorEvent) -> dict[str, Any]:
     """What ``GET /events`` sends for an event (JSON)."""
-    if isinstance(event, HopEvent):
+    if event[0] == "hop":
+        _, hop, parent, conversation, sender, to, thread, payload_type, _, at = event
         return {
             "kind": "hop",
-            "at": event.at,
-            "conversation": event.conversation,
-            "hop": event.hop,
-            "parent": event.parent,
-            "from": event.sender,
-            "to": event.to,
-            "thread": event.thread,
-            "type": event.payload_type,
+            "at": at,
+            "conversation": conversation,
+            "hop": hop,
+            "parent": parent,
+            "from": sender,
+            "to": to,
+            "thread": thread,
+            "type": payload_type,
         }
+    _, hop, conversation, listener, code, detail, at = event
     return {
         "kind": "error",
-        "at": event.at,
-        "conversation": event.conversation,
-        "hop": event.hop,
-        "listener": event.listener,
-        "code": event.code,
-        "detail": event.detail,
+        "at": at,
+        "conversation": conversation,
+        "hop": hop,
+        "listener": listener,
+        "code": code,
+        "detail": detail,
     }

@@ -16,39 +16,37 @@ Record = dict[str, Any]
 
 
 def hop_record(event: HopEvent) -> Record:
+    _, hop, parent, _, sender, to, thread, payload_type, payload_xml, at = event
     return {
         "k": "hop",
-        "id": event.hop,
-        "parent": event.parent,
-        "from": event.sender,
-        "to": event.to,
-        "thread": event.thread,
-        "type": event.payload_type,
-        "at": event.at,
-        "xml": event.payload_xml.decode("utf-8", "replace"),
+        "id": hop,
+        "parent": parent,
+        "from": sender,
+        "to": to,
+        "thread": thread,
+        "type": payload_type,
+        "at": at,
+        "xml": payload_xml.decode("utf-8", "replace"),
     }
 
 
 def handled_record(event: HandledEvent) -> Record:
-    return {
-        "k": "handled",
-        "id": event.hop,
-        "listener": event.listener,
-        "at": event.at,
-        "seconds": event.seconds,
-        "error": event.error,
-    }
+    _, hop, _, listener, at, seconds, error = event
+    return {"k": "handled", "id": hop, "listener": listener, "at": at, "seconds": seconds, "error": error}
 
 
 def error_record(event: ErrorEvent) -> Record:
-    return {
-        "k": "error",
-        "id": event.hop,
-        "listener": event.listener,
-        "code": event.code,
-        "detail": event.detail,
-        "at": event.at,
-    }
+    _, hop, _, listener, code, detail, at = event
+    return {"k": "error", "id": hop, "listener": listener, "code": code, "detail": detail, "at": at}
+
+
+def event_record(event: HopEvent | HandledEvent | ErrorEvent) -> Record:
+    """The record of any event, by its kind."""
+    if event[0] == "hop":
+        return hop_record(event)
+    if event[0] == "handled":
+        return handled_record(event)
+    return error_record(event)
 
 
 def end_record(at: float) -> Record:

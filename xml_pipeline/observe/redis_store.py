@@ -136,17 +136,18 @@ class RedisTraceStore(Sink):
 
     # ------------------------------------------------------------------ the sink: encode and buffer, never wait
     def hop(self, event: HopEvent) -> None:
-        pending = self._buffer(event.conversation, encode(hop_record(event)))
+        _, _, parent, conversation, sender, to, _, _, _, _ = event
+        pending = self._buffer(conversation, encode(hop_record(event)))
         if pending is not None:
             pending.hops += 1
-            if not event.parent and not pending.first[0]:
-                pending.first = (event.sender, event.to)
+            if not parent and not pending.first[0]:
+                pending.first = (sender, to)
 
     def handled(self, event: HandledEvent) -> None:
-        self._buffer(event.conversation, encode(handled_record(event)))
+        self._buffer(event[2], encode(handled_record(event)))  # by conversation
 
     def error(self, event: ErrorEvent) -> None:
-        pending = self._buffer(event.conversation, encode(error_record(event)))
+        pending = self._buffer(event[2], encode(error_record(event)))  # by conversation
         if pending is not None:
             pending.errors += 1
 
