@@ -265,3 +265,30 @@ async def test_a_conversation_that_ended_between_the_look_and_the_store_is_not_c
     collected = await engine.collect(late.thread, "end", 10)
     assert collected is not None
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>late</text></Pong>"]
+
+
+async def test_a_continuation_retried_after_its_conversation_ended_is_not_refused_as_not_live(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """redis-py sends a script call again when the connection drops after Redis ran it. If the continued
+    conversation ended meanwhile, the repeat must still say "stored already": NotLive would make the door
+    open a new conversation with the same message, which then runs twice."""
+    engine, gate = gated
+    store: ClusterStore = engine.store
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    hop, effects = engine._router.continuing(
+        "console", engine.listeners["echo"], first.thread, Ping("more"), b"<Ping><text>more</text></Ping>"
+    )
+    cap = ("console", "echo", -1)
+    await store.commit(first.thread, effects, opening=cap, continues=hop.thread, retention=30)
+    gate.opened.set()
+    collected = await engine.collect(first.thread, "end", 10)
+    assert collected is not None
+    assert collected.ended
+    assert sorted(reply.payload_xml for reply in collected.replies) == [
+        b"<Pong><text>more</text></Pong>",
+        b"<Pong><text>slow</text></Pong>",
+    ]
+    # the same call again, as redis-py's Retry sends it
+    assert await store.commit(first.thread, effects, opening=cap, continues=hop.thread, retention=30) is False

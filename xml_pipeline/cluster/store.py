@@ -8,6 +8,8 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}conv-threads:{conv}   SET     the registry keys of the conversation's threads, to delete at the end
     {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
     {prefix}r-owner:{conv}        STRING  the identity of the client that opened it (with tokens only)
+    {prefix}cont:{thread}         STRING  a client's continuation stored on hop thread ``thread`` (expires
+                                          after the reply retention), so a retried store writes nothing twice
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
     {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
 
@@ -96,13 +98,16 @@ local function commit(c)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
   elseif continues ~= '' then
     -- A client's message on its own live conversation: only while it lives, and only its initiator's.
-    -- Idempotent as an opening is: a retry finds its hop's thread (continues) registered already.
+    -- Idempotent as an opening is: a retry finds its mark, which outlives the conversation (the hop it
+    -- stored may end it before the retry comes, and NotLive would then store the message again).
+    local mark = prefix .. 'cont:' .. continues
+    if redis.call('EXISTS', mark) == 1 then
+      return 2, 0
+    end
     if redis.call('HGET', conv_key, 'initiator') ~= initiator then
       return 3, 0
     end
-    if redis.call('EXISTS', prefix .. 'reg:u:' .. continues) == 1 then
-      return 2, 0
-    end
+    redis.call('SET', mark, '1', 'EX', retention)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   elseif initiator == '' then
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
