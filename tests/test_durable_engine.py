@@ -318,3 +318,27 @@ async def test_a_wait_gets_its_replies_while_more_conversations_than_one_read_co
     assert collected is not None
     assert collected.ended
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>behind</text></Pong>"]
+
+
+async def test_a_client_without_a_token_cannot_continue_the_conversation_of_a_client_with_one(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """On the socket a client needs no token and may send as any name: sending as "alice" on alice's live
+    thread must not add a hop to her conversation (whose replies she alone reads), but open one of its own."""
+    engine, gate = gated
+    alice = ClientAccess.authenticated("alice", frozenset({"gate", "echo"}))
+    first = await engine.accept(envelope(ping_xml("slow"), sender="alice", to="gate"), access=alice)
+    assert isinstance(first, Accepted)
+    posing = ClientAccess.anonymous()
+    forged = await engine.accept(
+        envelope(ping_xml("injected"), sender="alice", to="echo", thread=first.thread), access=posing
+    )
+    assert isinstance(forged, Accepted)
+    assert forged.thread != first.thread
+    gate.opened.set()
+    mine = await engine.collect(first.thread, "end", 10, owner="alice")
+    assert mine is not None
+    assert [reply.payload_xml for reply in mine.replies] == [b"<Pong><text>slow</text></Pong>"]
+    theirs = await engine.collect(forged.thread, "end", 10)
+    assert theirs is not None
+    assert [reply.payload_xml for reply in theirs.replies] == [b"<Pong><text>injected</text></Pong>"]

@@ -61,7 +61,8 @@ _COMMIT = """
 -- argument, each a MessagePack array (one argument, not dozens: each argument costs the client and
 -- Redis alike, whatever its size):
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
---   initiator ('' unless opening or continuing), owner (the client's identity, '' for none),
+--   initiator ('' unless opening or continuing), owner (the client's identity, '' for none; checked when
+--   continuing),
 --   continues (the new hop's thread when a client continues its conversation, else ''),
 --   hops (the x ops' count), then the ops:
 --   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
@@ -104,7 +105,9 @@ local function commit(c)
     if redis.call('EXISTS', mark) == 1 then
       return 2, 0
     end
-    if redis.call('HGET', conv_key, 'initiator') ~= initiator then
+    -- The same name is not the same client: one with a token continues only its own, one without
+    -- (on the socket, any name will do) only one opened without.
+    if redis.call('HGET', conv_key, 'initiator') ~= initiator or (redis.call('GET', owner_key) or '') ~= owner then
       return 3, 0
     end
     redis.call('SET', mark, '1', 'EX', retention)
@@ -340,7 +343,7 @@ class ClusterStore:
         the door, refused with BacklogFull when the target's stream is full.
         With ``continues`` (the thread of the new hop) it adds to the live
         conversation its initiator opened instead, refused with NotLive when
-        that conversation is over (or another's).
+        that conversation is over (or another's: another initiator, or another ``owner``).
         Returns False too when ``done`` was no longer pending (someone else
         finished it): then nothing was written. The commits of one loop turn
         go to Redis in one script call (:mod:`.batching`), each still all or
