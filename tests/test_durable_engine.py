@@ -15,6 +15,7 @@ from tests.redis_server import RedisServer
 from tests.support import Ping, Pong, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode
 from xml_pipeline.cluster import engine as engine_module
+from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.store import ClusterStore
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
@@ -22,6 +23,7 @@ from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Refused
+from xml_pipeline.message_bus.thread_registry import new_thread_id
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
@@ -265,3 +267,78 @@ async def test_a_conversation_that_ended_between_the_look_and_the_store_is_not_c
     collected = await engine.collect(late.thread, "end", 10)
     assert collected is not None
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>late</text></Pong>"]
+
+
+async def test_a_continuation_retried_after_its_conversation_ended_is_not_refused_as_not_live(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """redis-py sends a script call again when the connection drops after Redis ran it. If the continued
+    conversation ended meanwhile, the repeat must still say "stored already": NotLive would make the door
+    open a new conversation with the same message, which then runs twice."""
+    engine, gate = gated
+    store: ClusterStore = engine.store
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    hop, effects = engine._router.continuing(
+        "console", engine.listeners["echo"], first.thread, Ping("more"), b"<Ping><text>more</text></Ping>"
+    )
+    cap = ("console", "echo", -1)
+    await store.commit(first.thread, effects, opening=cap, continues=hop.thread, retention=30)
+    gate.opened.set()
+    collected = await engine.collect(first.thread, "end", 10)
+    assert collected is not None
+    assert collected.ended
+    assert sorted(reply.payload_xml for reply in collected.replies) == [
+        b"<Pong><text>more</text></Pong>",
+        b"<Pong><text>slow</text></Pong>",
+    ]
+    # the same call again, as redis-py's Retry sends it
+    assert await store.commit(first.thread, effects, opening=cap, continues=hop.thread, retention=30) is False
+
+
+async def test_a_wait_gets_its_replies_while_more_conversations_than_one_read_covers_are_awaited(
+    engine: DurableEngine,
+) -> None:
+    """One blocking read covers at most MAX_STREAMS_PER_READ reply streams; a wait beyond them (here the
+    1001st, behind a thousand clients waiting on threads that never answer) must still get its replies."""
+    idle = [
+        asyncio.create_task(engine._replies.wait(new_thread_id(), b"0", 30))
+        for _ in range(replies_module.MAX_STREAMS_PER_READ)
+    ]
+    try:
+        await asyncio.sleep(0)  # each wait registers before its first await
+        assert len(engine._replies._waiters) == len(idle)
+        accepted = await engine.accept(envelope(ping_xml("behind")))
+        assert isinstance(accepted, Accepted)
+        collected = await engine.collect(accepted.thread, "end", 5)
+    finally:
+        for task in idle:
+            task.cancel()
+        await asyncio.gather(*idle, return_exceptions=True)
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>behind</text></Pong>"]
+
+
+async def test_a_client_without_a_token_cannot_continue_the_conversation_of_a_client_with_one(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """On the socket a client needs no token and may send as any name: sending as "alice" on alice's live
+    thread must not add a hop to her conversation (whose replies she alone reads), but open one of its own."""
+    engine, gate = gated
+    alice = ClientAccess.authenticated("alice", frozenset({"gate", "echo"}))
+    first = await engine.accept(envelope(ping_xml("slow"), sender="alice", to="gate"), access=alice)
+    assert isinstance(first, Accepted)
+    posing = ClientAccess.anonymous()
+    forged = await engine.accept(
+        envelope(ping_xml("injected"), sender="alice", to="echo", thread=first.thread), access=posing
+    )
+    assert isinstance(forged, Accepted)
+    assert forged.thread != first.thread
+    gate.opened.set()
+    mine = await engine.collect(first.thread, "end", 10, owner="alice")
+    assert mine is not None
+    assert [reply.payload_xml for reply in mine.replies] == [b"<Pong><text>slow</text></Pong>"]
+    theirs = await engine.collect(forged.thread, "end", 10)
+    assert theirs is not None
+    assert [reply.payload_xml for reply in theirs.replies] == [b"<Pong><text>injected</text></Pong>"]

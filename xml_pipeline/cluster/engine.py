@@ -386,9 +386,10 @@ class DurableEngine:
 
         As on one daemon, a client continues a conversation by sending on its
         thread while the conversation lives, and only the client that opened
-        it can (with tokens, ``from`` is the identity). Any other thread opens
-        a new conversation. A conversation that ends between the look and the
-        store is not continued: the message opens a new one.
+        it can (with tokens, ``from`` is the identity, and a client without one
+        cannot continue a conversation opened with one, nor the reverse). Any
+        other thread opens a new conversation. A conversation that ends between
+        the look and the store is not continued: the message opens a new one.
         """
         sender, target = admitted.envelope.sender, admitted.listener
         cap = (sender, target.name, self.limits.queue_size)
@@ -398,7 +399,9 @@ class DurableEngine:
             hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
             self._keep_decoded(effects)
             try:
-                await self.store.commit(thread, effects, opening=cap, continues=hop.thread, retention=retention)
+                await self.store.commit(
+                    thread, effects, opening=cap, owner=access.identity, continues=hop.thread, retention=retention
+                )
                 return hop
             except NotLive:
                 pass

@@ -45,6 +45,8 @@ class ReplyWatcher:
         self._reader_id: int | None = None
         self._reading = False
         self._nudged = False
+        self._window = 0
+        """Which window of the awaited streams the next read covers, when one read cannot cover them all."""
 
     async def wait(self, conversation: str, after: bytes, timeout: float) -> list[Entry]:
         """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``."""
@@ -87,15 +89,22 @@ class ReplyWatcher:
                     async with asyncio.timeout(1.0):
                         await self._someone_waits.wait()
                 continue
+            # More awaited streams than one read covers: each read takes the next window of them, and blocks
+            # for its share of BLOCK_SECONDS, so every waiter is read within about BLOCK_SECONDS.
+            conversations = list(self._waiters)
+            windows = -(-len(conversations) // MAX_STREAMS_PER_READ)
+            start = self._window % windows * MAX_STREAMS_PER_READ
+            self._window += 1
             wanted = {
-                conversation: min(waiter.after for waiter in waiters)
-                for conversation, waiters in list(self._waiters.items())[:MAX_STREAMS_PER_READ]
+                conversation: min(waiter.after for waiter in self._waiters[conversation])
+                for conversation in conversations[start : start + MAX_STREAMS_PER_READ]
             }
+            block_ms = max(10, int(BLOCK_SECONDS * 1000 / windows))
             try:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())
                 self._reading, self._nudged = True, False
-                found = await self._store.replies_of(wanted, int(BLOCK_SECONDS * 1000), self._reader)
+                found = await self._store.replies_of(wanted, block_ms, self._reader)
             except (RedisError, OSError) as exc:
                 raise_if_cancelling()
                 log.warning("reading replies failed, trying again: %s", exc)

@@ -8,6 +8,8 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}conv-threads:{conv}   SET     the registry keys of the conversation's threads, to delete at the end
     {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
     {prefix}r-owner:{conv}        STRING  the identity of the client that opened it (with tokens only)
+    {prefix}cont:{thread}         STRING  a client's continuation stored on hop thread ``thread`` (expires
+                                          after the reply retention), so a retried store writes nothing twice
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
     {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
 
@@ -59,7 +61,8 @@ _COMMIT = """
 -- argument, each a MessagePack array (one argument, not dozens: each argument costs the client and
 -- Redis alike, whatever its size):
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
---   initiator ('' unless opening or continuing), owner (the client's identity, '' for none),
+--   initiator ('' unless opening or continuing), owner (the client's identity, '' for none; checked when
+--   continuing),
 --   continues (the new hop's thread when a client continues its conversation, else ''),
 --   hops (the x ops' count), then the ops:
 --   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
@@ -96,13 +99,18 @@ local function commit(c)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
   elseif continues ~= '' then
     -- A client's message on its own live conversation: only while it lives, and only its initiator's.
-    -- Idempotent as an opening is: a retry finds its hop's thread (continues) registered already.
-    if redis.call('HGET', conv_key, 'initiator') ~= initiator then
-      return 3, 0
-    end
-    if redis.call('EXISTS', prefix .. 'reg:u:' .. continues) == 1 then
+    -- Idempotent as an opening is: a retry finds its mark, which outlives the conversation (the hop it
+    -- stored may end it before the retry comes, and NotLive would then store the message again).
+    local mark = prefix .. 'cont:' .. continues
+    if redis.call('EXISTS', mark) == 1 then
       return 2, 0
     end
+    -- The same name is not the same client: one with a token continues only its own, one without
+    -- (on the socket, any name will do) only one opened without.
+    if redis.call('HGET', conv_key, 'initiator') ~= initiator or (redis.call('GET', owner_key) or '') ~= owner then
+      return 3, 0
+    end
+    redis.call('SET', mark, '1', 'EX', retention)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   elseif initiator == '' then
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
@@ -335,7 +343,7 @@ class ClusterStore:
         the door, refused with BacklogFull when the target's stream is full.
         With ``continues`` (the thread of the new hop) it adds to the live
         conversation its initiator opened instead, refused with NotLive when
-        that conversation is over (or another's).
+        that conversation is over (or another's: another initiator, or another ``owner``).
         Returns False too when ``done`` was no longer pending (someone else
         finished it): then nothing was written. The commits of one loop turn
         go to Redis in one script call (:mod:`.batching`), each still all or
