@@ -342,3 +342,23 @@ async def test_a_client_without_a_token_cannot_continue_the_conversation_of_a_cl
     theirs = await engine.collect(forged.thread, "end", 10)
     assert theirs is not None
     assert [reply.payload_xml for reply in theirs.replies] == [b"<Pong><text>injected</text></Pong>"]
+
+
+async def test_the_owner_of_a_live_conversation_is_kept_as_long_as_the_conversation(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """Every step of a conversation refreshes its keys' time to live; its owner's too, or a conversation
+    longer than ``redis_ttl`` would lose its owner and its replies would be anyone's."""
+    engine, gate = gated
+    alice = ClientAccess.authenticated("alice", frozenset({"gate", "echo"}))
+    first = await engine.accept(envelope(ping_xml("slow"), sender="alice", to="gate"), access=alice)
+    assert isinstance(first, Accepted)
+    owner_key = f"{engine.store.keys.prefix}r-owner:{first.thread}"
+    assert await engine.store.client.expire(owner_key, 5)  # as if most of redis_ttl had passed
+    more = await engine.accept(envelope(ping_xml("more"), sender="alice", to="echo", thread=first.thread), access=alice)
+    assert more == Accepted(first.thread)
+    early = await engine.collect(first.thread, "first", 10, owner="alice")  # the step above was committed
+    assert early is not None
+    assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
+    assert await engine.store.client.ttl(owner_key) > 5
+    gate.opened.set()

@@ -120,6 +120,11 @@ async def test_an_unknown_thread_has_nothing_to_collect(engine: Engine) -> None:
     assert await engine.collect(str(uuid.uuid4()), "first", 0.2) is None
 
 
+async def test_a_wait_on_an_unknown_thread_is_answered_at_once_not_after_its_timeout(engine: Engine) -> None:
+    async with asyncio.timeout(5):  # far less than the 60 s asked for
+        assert await engine.collect(str(uuid.uuid4()), "end", 60) is None
+
+
 async def test_a_message_the_admission_refuses_is_answered_with_its_system_error(engine: Engine) -> None:
     outcome = await engine.accept(envelope(ping_xml(), sender="alice", to="nobody"), access=ALICE)
     assert isinstance(outcome, Refused)

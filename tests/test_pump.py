@@ -203,6 +203,35 @@ async def test_client_may_continue_its_live_conversation() -> None:
         assert (await first.next_reply(5)).payload == Pong("slow")
 
 
+async def test_the_same_name_with_and_without_a_token_is_not_the_same_client() -> None:
+    """On the socket a client needs no token and may send as any name: as "alice" on alice's live thread it
+    opens a conversation of its own instead of adding to hers, and alice with her token cannot continue
+    one opened as "alice" without a token either."""
+    gate = Gate()
+    alice = ClientAccess.authenticated("alice", frozenset({"gate", "open-echo"}))
+    posing = ClientAccess.anonymous()
+    listeners = [
+        Listener("gate", [Ping], gate.handler, ingress=True),
+        Listener("open-echo", [Ping], echo, ingress=True),
+    ]
+    async with running(Organism.of("posing", listeners)) as pump:
+        hers = await pump.inject(envelope(ping_xml("slow"), sender="alice", to="gate"), access=alice)
+        forged = await pump.inject(
+            envelope(ping_xml("injected"), sender="alice", to="open-echo", thread=hers.thread_id), access=posing
+        )
+        assert forged is not hers
+        assert (await forged.next_reply(5)).payload == Pong("injected")
+        anonymous = await pump.inject(envelope(ping_xml("held"), sender="alice", to="gate"), access=posing)
+        claimed = await pump.inject(
+            envelope(ping_xml("mine?"), sender="alice", to="open-echo", thread=anonymous.thread_id), access=alice
+        )
+        assert claimed is not anonymous
+        assert (await claimed.next_reply(5)).payload == Pong("mine?")
+        gate.opened.set()
+        assert [reply.payload.text for reply in await hers.collect(5)] == ["slow"]
+        assert [reply.payload.text for reply in await anonymous.collect(5)] == ["held"]
+
+
 async def test_only_the_client_that_started_a_conversation_may_continue_it() -> None:
     """A continuation shares the conversation's replies, so another identity on the same thread starts its own.
 

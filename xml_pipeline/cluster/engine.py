@@ -445,8 +445,9 @@ class DurableEngine:
         Any daemon of the organism answers: replies live in Redis until
         collected, or ``reply_retention_seconds`` after the end.
         """
-        if await self.store.owner_of(conversation) != owner:
-            return None  # another client's conversation (or one with an identity, asked without): unknown
+        opened_by, known = await self.store.look(conversation)
+        if not known or opened_by != owner:
+            return None  # unknown at once; another client's (or one with an identity, asked without): as unknown
         collected = Collected()
         seen: list[bytes] = []
         after = b"0"

@@ -168,6 +168,7 @@ local function commit(c)
       expire(threads_key)
     end
     expire(conv_key)
+    expire(owner_key)  -- as long as the conversation lives (a no-op without tokens)
     return 1, 0
   end
   local keys = redis.call('SMEMBERS', threads_key)
@@ -197,6 +198,19 @@ _INITIATORS = """
 local found = {}
 for i, key in ipairs(ARGV) do
   found[i] = redis.call('HGET', key, 'initiator') or ''
+end
+return found
+"""
+
+
+_LOOK = """
+-- ARGV: prefix, then conversation ids; answers per id: the owner's identity ('' for none), and 1 when the
+-- conversation is known (live, or its replies still kept), else 0.
+local prefix, found = ARGV[1], {}
+for i = 2, #ARGV do
+  local conv = ARGV[i]
+  found[#found + 1] = redis.call('GET', prefix .. 'r-owner:' .. conv) or ''
+  found[#found + 1] = redis.call('EXISTS', prefix .. 'conv:' .. conv, prefix .. 'r:' .. conv) > 0 and 1 or 0
 end
 return found
 """
@@ -311,8 +325,9 @@ class ClusterStore:
         self._initiators: Batcher[str, bytes | None] = Batcher(
             self._initiator_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
-        self._owners: Batcher[str, bytes | None] = Batcher(
-            self._owner_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
+        self._look_script = self.client.register_script(_LOOK)
+        self._looks: Batcher[str, tuple[bytes, int]] = Batcher(
+            self._look_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
         self._unlinks: Batcher[str, None] = Batcher(
             self._unlink_batch, max_batch=COMMITS_PER_CALL, max_calls=1, wait_seconds=3 * socket_timeout
@@ -463,17 +478,16 @@ class ClusterStore:
             found[conversation] = [(entry_id, _client_reply(fields)) for entry_id, fields in rows]
         return found
 
-    async def owner_of(self, conversation: str) -> str | None:
-        """The identity of the client that opened ``conversation``, if it had one (and it is still kept).
-
-        Every collect asks, so the questions of one loop turn go as one ``MGET``.
+    async def look(self, conversation: str) -> tuple[str | None, bool]:
+        """Who opened ``conversation`` (their identity, None without a token) and whether it is known at all:
+        live, or its replies still kept. Every collect asks, so the questions of one loop turn go as one call.
         """
-        owner = await self._owners.submit(f"{self.keys.prefix}r-owner:{conversation}")
-        return None if owner is None else owner.decode()
+        owner, known = await self._looks.submit(conversation)
+        return (owner.decode() or None), bool(known)
 
-    async def _owner_batch(self, keys: list[str]) -> list[bytes | None]:
-        owners: Any = await self.client.mget(keys)
-        return list(owners)
+    async def _look_batch(self, conversations: list[str]) -> list[tuple[bytes, int]]:
+        answers: Any = await self._look_script(args=[self.keys.prefix, *conversations])
+        return [(answers[i], int(answers[i + 1])) for i in range(0, len(answers), 2)]
 
     async def conversation_known(self, conversation: str) -> bool:
         keys = self.keys

@@ -24,9 +24,12 @@ class CallChains:
     def __len__(self) -> int:
         return len(self._threads)
 
-    def continued_by(self, thread: str, sender: str) -> Conversation | None:
+    def continued_by(self, thread: str, sender: str, identity: str | None) -> Conversation | None:
         """The live conversation whose ``thread`` is ``sender``'s own, with a client still listening; else None.
 
+        The same name is not the same client: a client with a token
+        (``identity``) continues only its own conversations, and one without
+        (on the socket any name will do) only those opened without a token.
         Only this pump's conversations can be continued (their mailbox is
         here), so its own index is all it needs to look at.
         """
@@ -34,7 +37,7 @@ class CallChains:
         if known is None:
             return None
         conversation, chain = known
-        if chain[-1] != sender or conversation.submission is None:
+        if chain[-1] != sender or conversation.submission is None or conversation.identity != identity:
             return None
         return conversation
 

@@ -152,3 +152,5 @@ class Conversation:
     writes each new thread to the shared registry for handlers to read."""
     on_end: Callable[[], None] | None = None
     """For conversations a listener started: told when the conversation ends, answered or not."""
+    identity: str | None = None
+    """The token identity of the client that opened it, None without one: only that client continues it."""

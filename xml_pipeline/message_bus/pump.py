@@ -412,7 +412,9 @@ class Pump:
             admitted.envelope,
         )
         sender, thread = envelope.sender, envelope.thread
-        conversation, delivery_thread, registrations = self._assign_thread(sender, listener.name, thread)
+        conversation, delivery_thread, registrations = self._assign_thread(
+            sender, listener.name, thread, access.identity
+        )
         if conversation is None:
             return self._refuse(
                 Refusal(
@@ -456,17 +458,19 @@ class Pump:
         return self._refuse(Refusal(code, detail))
 
     def _assign_thread(
-        self, sender: str, to: str, thread: str
+        self, sender: str, to: str, thread: str, identity: str | None
     ) -> tuple[Conversation | None, str, list[RegisterThread]]:
         """Continue the sender's own live thread, or start a new conversation (None when none may start)."""
-        conversation = self._chains.continued_by(thread, sender)
+        conversation = self._chains.continued_by(thread, sender, identity)
         if conversation is not None:
             delivery_thread, registrations = self._chains.extend(thread, to)
             return conversation, delivery_thread, registrations
         if self._lifecycle.full:
             return None, thread, []
         conversation_id = new_thread_id()
-        conversation = Conversation(conversation_id, sender, Submission(conversation_id, self.limits.mailbox_size))
+        conversation = Conversation(
+            conversation_id, sender, Submission(conversation_id, self.limits.mailbox_size), identity=identity
+        )
         delivery_thread, registrations = self._lifecycle.open(conversation, to)
         return conversation, delivery_thread, registrations
 
