@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 import redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tests.durable_support import started
 from tests.redis_server import RedisServer
 from tests.support import Ping, Pong, echo, envelope, ping_xml
 from xml_pipeline import ErrorCode
@@ -19,39 +19,13 @@ from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.store import ClusterStore
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
-from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Refused
 from xml_pipeline.message_bus.thread_registry import new_thread_id
-from xml_pipeline.organism import Listener, Organism, PumpLimits
+from xml_pipeline.organism import Listener, PumpLimits
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
-
-
-@contextlib.asynccontextmanager
-async def started(
-    redis_server: RedisServer,
-    prefix: str,
-    listeners: list[Listener],
-    *,
-    limits: PumpLimits | None = None,
-    settings: DurableSettings | None = None,
-) -> AsyncIterator[DurableEngine]:
-    """A durable engine on its own key prefix, stopped and its keys removed on the way out."""
-    backend = RedisBackend(redis_server.url, prefix=prefix, fail_fast_seconds=None)
-    organism = Organism.of(prefix.rstrip(":"), listeners, limits)
-    durable = DurableEngine(organism, backend, settings or DurableSettings(reply_retention_seconds=30))
-    await durable.start()
-    try:
-        yield durable
-    finally:
-        await durable.stop(drain_timeout=5)
-        client = redis.Redis.from_url(redis_server.url)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.unlink(key)
-        client.close()
-        backend.close()
 
 
 def echo_listener() -> Listener:

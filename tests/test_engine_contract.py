@@ -13,13 +13,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-import redis
 
+from tests.durable_support import started
 from tests.redis_server import RedisServer
 from tests.support import Ping, Pong, echo, envelope, forwarder, ping_xml
 from xml_pipeline import ErrorCode
-from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
-from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Engine, Refused
 from xml_pipeline.message_bus.in_process import InProcessEngine
@@ -49,19 +47,9 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
             await local.stop(drain_timeout=5)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
-    prefix = f"contract-{uuid.uuid4().hex[:8]}:"
-    backend = RedisBackend(server.url, prefix=prefix, fail_fast_seconds=None)
-    durable: Engine = DurableEngine(contract_organism(), backend, DurableSettings(reply_retention_seconds=30))
-    await durable.start()
-    try:
+    listeners = list(contract_organism().listeners.values())
+    async with started(server, f"contract-{uuid.uuid4().hex[:8]}:", listeners) as durable:
         yield durable
-    finally:
-        await durable.stop(drain_timeout=5)
-        client = redis.Redis.from_url(server.url)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.unlink(key)
-        client.close()
-        backend.close()
 
 
 async def accepted(engine: Engine, raw: bytes, access: ClientAccess = ALICE) -> str:
