@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import uuid
 from collections import Counter
@@ -410,6 +411,30 @@ def _wait_for_all_runs(runs: Path, count: int, timeout: float = 90) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"only {len(runs_of(runs))} of {count} items were handled")
+
+
+async def test_send_whose_daemon_dies_during_the_wait_says_where_another_daemon_has_its_replies(
+    redis_for_cluster: RedisServer, tmp_path: Path
+) -> None:
+    """``send`` stores first and then waits, so a killed daemon leaves it knowing the thread to ask elsewhere."""
+    runs = tmp_path / "runs.log"
+    with short_directory() as directory:
+        organism = cluster_organism(directory, redis_for_cluster.url)
+        env = {RUNS_FILE: str(runs)}
+        with running_daemon(organism, env=env) as first, running_daemon(organism, env=env) as second:
+            sending = asyncio.create_task(
+                asyncio.to_thread(
+                    cli, "send", "--socket", str(first.socket_path), "slow", "<Ping><text>x</text></Ping>"
+                )
+            )
+            await asyncio.to_thread(_wait_for_all_runs, runs, 1)
+            first.process.kill()
+            sent = await sending
+            assert sent.returncode == 4, sent.stderr
+            match = re.search(r"accepted on thread ([0-9a-f-]{36})", sent.stderr)
+            assert match is not None, sent.stderr
+            [replies] = await collect_all([second.socket_path], [match.group(1)], timeout=60)
+            assert texts_of([replies]) == ["x"]
 
 
 def _metric(daemon: DaemonProcess, series: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,11 +20,12 @@ from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.store import ClusterStore
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
+from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Refused
 from xml_pipeline.message_bus.thread_registry import new_thread_id
-from xml_pipeline.organism import Listener, PumpLimits
+from xml_pipeline.organism import Listener, Organism, PumpLimits
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
 
@@ -336,3 +338,69 @@ async def test_the_owner_of_a_live_conversation_is_kept_as_long_as_the_conversat
     assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
     assert await engine.store.client.ttl(owner_key) > 5
     gate.opened.set()
+
+
+@contextlib.asynccontextmanager
+async def door_and_worker(
+    redis_server: RedisServer, prefix: str, gate: Gate, *, collect_grace_seconds: float
+) -> AsyncIterator[tuple[DurableEngine, DurableEngine]]:
+    """Two daemons of one organism: a door that handles nothing, and a worker that handles ``gate``."""
+    async with started(
+        redis_server, prefix, [Listener("gate", [Ping], gate.handler, peers=[], ingress=True)]
+    ) as worker:
+        backend = RedisBackend(redis_server.url, prefix=prefix, fail_fast_seconds=None)
+        door = DurableEngine(
+            Organism.of("door", [Listener("gate", [Ping], gate.handler, peers=[], ingress=True)]),
+            backend,
+            DurableSettings(reply_retention_seconds=30, serve=frozenset()),
+            collect_grace_seconds=collect_grace_seconds,
+        )
+        await door.start()
+        try:
+            yield door, worker
+        finally:
+            gate.opened.set()
+            await door.stop(drain_timeout=5)  # a second stop of a stopped engine changes nothing
+            backend.close()
+
+
+async def test_a_stopping_daemon_lets_its_waiting_clients_collect_replies_handled_elsewhere(
+    redis_server: RedisServer,
+) -> None:
+    gate = Gate()
+    async with door_and_worker(redis_server, "grace:", gate, collect_grace_seconds=5) as (door, _):
+        accepted = await door.accept(envelope(ping_xml("late"), to="gate"))
+        assert isinstance(accepted, Accepted)
+        waiting = asyncio.create_task(door.collect(accepted.thread, "end", 30))
+        await asyncio.sleep(0)  # the collect has begun: the door now counts it
+        stopping = asyncio.create_task(door.stop(drain_timeout=5))
+        await asyncio.sleep(0)
+        gate.opened.set()  # the worker finishes while the door stops
+        async with asyncio.timeout(10):
+            collected = await waiting
+            await stopping
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>late</text></Pong>"]
+
+
+async def test_past_the_grace_a_waiting_client_hears_what_came_and_collects_the_rest_elsewhere(
+    redis_server: RedisServer,
+) -> None:
+    gate = Gate()
+    async with door_and_worker(redis_server, "grace-over:", gate, collect_grace_seconds=0.2) as (door, worker):
+        accepted = await door.accept(envelope(ping_xml("later"), to="gate"))
+        assert isinstance(accepted, Accepted)
+        waiting = asyncio.create_task(door.collect(accepted.thread, "end", 30))
+        await asyncio.sleep(0)
+        async with asyncio.timeout(10):  # not the 30 s the client asked for: the door answers as it stops
+            await door.stop(drain_timeout=5)
+            so_far = await waiting
+        assert so_far is not None
+        assert not so_far.ended
+        assert so_far.replies == []
+        gate.opened.set()
+        rest = await worker.collect(accepted.thread, "end", 10)
+    assert rest is not None
+    assert rest.ended
+    assert [reply.payload_xml for reply in rest.replies] == [b"<Pong><text>later</text></Pong>"]

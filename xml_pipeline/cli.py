@@ -27,7 +27,7 @@ from xml_pipeline import __version__
 from xml_pipeline.cli_tokens import token
 from xml_pipeline.cluster.dead_letters import DeadLetters
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address, read_organism_section
-from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable, DoorRefused
+from xml_pipeline.daemon.client import DaemonClient, DaemonUnreachable, DoorRefused, Response
 from xml_pipeline.daemon.paths import default_socket_path
 from xml_pipeline.daemon.service import Daemon, DaemonOptions, DaemonStartError
 from xml_pipeline.logs import configure_logging
@@ -265,26 +265,57 @@ def send(
     """
     envelope = _envelope_to_send(target, payload, envelope_file, sender, thread)
     client = _client_for(organism, socket_path, tcp, token, tls_ca)
-    try:
-        answer = client.send(envelope, wait="first" if first else "end", timeout=timeout)
-    except DaemonUnreachable as exc:
-        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
-    except DoorRefused as exc:
-        _fail(str(exc), EXIT_ERROR_REPLY)
-    try:
-        body = answer.json()
-    except ValueError:
-        _fail(f"the daemon answered HTTP {answer.status}: {answer.body[:200]!r}", EXIT_ERROR_REPLY)
+    status, body = _sent(client, envelope, "first" if first else "end", timeout)
     for reply in body.get("replies", []):
         click.echo(reply)
     if not body.get("accepted", False):
-        _fail(_refusal_line(answer.status, body.get("error")), EXIT_ERROR_REPLY)
+        _fail(_refusal_line(status, body.get("error")), EXIT_ERROR_REPLY)
     replies = body.get("replies", [])
     click.echo(f"thread {body['thread']}: {len(replies)} repl{'y' if len(replies) == 1 else 'ies'}", err=True)
     if any("<SystemError>" in reply for reply in replies):
         sys.exit(EXIT_ERROR_REPLY)
     if (first and not replies) or (not first and not body.get("ended")):
         _fail(f"no {'reply' if first else 'end of the conversation'} within {timeout:g}s", EXIT_TIMEOUT)
+
+
+def _sent(client: DaemonClient, envelope: bytes, wait: str, timeout: float) -> tuple[int, dict[str, Any]]:
+    """Store the message, then wait for its replies: the HTTP status and JSON, shaped as ``POST ?wait=`` gives it.
+
+    Two requests, so that the thread is known before the wait: a daemon that
+    dies during the wait leaves a client that can say where the replies are
+    (with ``delivery: at-least-once``, any other daemon of the organism has them).
+    """
+    try:
+        answer = client.send(envelope, wait="none", timeout=timeout)
+    except DaemonUnreachable as exc:
+        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
+    stored = _json_of(answer)
+    if not stored.get("accepted", False):
+        return answer.status, stored
+    thread = str(stored["thread"])
+    try:
+        answer = client.replies(thread, wait=wait, timeout=timeout)
+    except DaemonUnreachable as exc:
+        _fail(
+            f"{exc}; the message was accepted on thread {thread}: collect its replies with"
+            f" GET /threads/{thread}/replies (from another daemon of the organism with delivery at-least-once)",
+            EXIT_UNREACHABLE,
+        )
+    except DoorRefused as exc:
+        _fail(f"{exc} (the message was accepted on thread {thread})", EXIT_ERROR_REPLY)
+    if answer.status != 200:
+        problem = _json_of(answer).get("error")
+        _fail(f"the message was accepted on thread {thread}, but its replies: {problem}", EXIT_ERROR_REPLY)
+    return answer.status, {"accepted": True, **_json_of(answer)}
+
+
+def _json_of(answer: Response) -> dict[str, Any]:
+    try:
+        return dict(answer.json())
+    except ValueError:
+        _fail(f"the daemon answered HTTP {answer.status}: {answer.body[:200]!r}", EXIT_ERROR_REPLY)
 
 
 def _refusal_line(status: int, error: Any) -> str:

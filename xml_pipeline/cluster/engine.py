@@ -128,6 +128,7 @@ class DurableEngine:
         *,
         metrics: PumpMetrics | None = None,
         daemon_id: str | None = None,
+        collect_grace_seconds: float = 5.0,
     ) -> None:
         self.organism = organism
         self.limits = organism.limits
@@ -150,6 +151,10 @@ class DurableEngine:
         self._outputs = OutputPreparer(self._xml_limits)
         self._router = Router(lambda: self._listeners, self._outputs, self.buffer, self._note_error, self.observe)
         self._held: dict[str, dict[bytes, _Held]] = {name: {} for name in self._listeners}
+        self.collect_grace_seconds = collect_grace_seconds
+        self._collecting = 0
+        """Client collects in progress, which stopping lets finish (up to the grace)."""
+        self._collect_done = asyncio.Event()
         self._decoded = DecodedPayloads(capacity=max(1024, 2 * self.limits.max_in_flight))
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._freed = asyncio.Event()
@@ -315,6 +320,7 @@ class DurableEngine:
         except TimeoutError:
             drained = False
         cut_short = sum(len(entries) for entries in self._held.values())
+        await self._let_clients_collect()
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -331,6 +337,26 @@ class DurableEngine:
             log.warning("stopping: %d hop(s) left pending; a live daemon will handle them again", cut_short)
         log.info("durable engine stopped daemon=%s drained=%s", self.daemon_id, drained)
         return ShutdownReport(drained=drained, cancelled=cut_short)
+
+    async def _let_clients_collect(self) -> None:
+        """Clients waiting here for replies get them for up to ``collect_grace_seconds`` (the hops may be
+        handled by other daemons meanwhile); then each wait ends with what it has, before Redis is let go."""
+        try:
+            async with asyncio.timeout(self.collect_grace_seconds):
+                while self._collecting:
+                    self._collect_done.clear()
+                    await self._collect_done.wait()
+        except TimeoutError:
+            log.warning(
+                "stopping: %d client(s) still waiting for replies; they can collect them from another daemon",
+                self._collecting,
+            )
+        self._replies.stop_waiting()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BLOCK_SECONDS * 2):  # each released wait answers with what it has
+                while self._collecting:
+                    self._collect_done.clear()
+                    await self._collect_done.wait()
 
     async def _every(self, interval: float, work: Any) -> None:
         while True:
@@ -445,6 +471,14 @@ class DurableEngine:
         Any daemon of the organism answers: replies live in Redis until
         collected, or ``reply_retention_seconds`` after the end.
         """
+        self._collecting += 1
+        try:
+            return await self._collect(conversation, mode, timeout, owner)
+        finally:
+            self._collecting -= 1
+            self._collect_done.set()
+
+    async def _collect(self, conversation: str, mode: str, timeout: float, owner: str | None) -> Collected | None:
         opened_by, known = await self.store.look(conversation)
         if not known or opened_by != owner:
             return None  # unknown at once; another client's (or one with an identity, asked without): as unknown
@@ -467,6 +501,8 @@ class DurableEngine:
             if collected.ended or mode == "none" or (mode == "first" and collected.replies) or remaining <= 0:
                 break
             entries = await self._replies.wait(conversation, after, remaining)
+            if not entries and self._replies.stopped:
+                break  # the daemon is stopping: what came so far, and the rest from another daemon
         if not seen and not await self.store.conversation_known(conversation):
             return None
         await self.store.forget_replies(conversation, seen, ended=collected.ended)

@@ -45,11 +45,31 @@ class ReplyWatcher:
         self._reader_id: int | None = None
         self._reading = False
         self._nudged = False
+        self._stopped = False
         self._window = 0
         """Which window of the awaited streams the next read covers, when one read cannot cover them all."""
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop_waiting(self) -> None:
+        """The daemon is stopping: every wait ends now with what it has, and later ones at once.
+
+        Its clients hear what came so far (their conversation not yet ended),
+        instead of a connection dropped with the daemon; the rest stays in
+        Redis for them to collect from another daemon.
+        """
+        self._stopped = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.arrived.done():
+                    waiter.arrived.set_result([])
+
     async def wait(self, conversation: str, after: bytes, timeout: float) -> list[Entry]:
         """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``."""
+        if self._stopped:
+            return []
         waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future())
         self._waiters.setdefault(conversation, []).append(waiter)
         self._someone_waits.set()

@@ -123,6 +123,10 @@ class DaemonClient:
         query = urlencode({"wait": wait, "timeout": f"{timeout:g}"})
         return self.request("POST", f"/messages?{query}", body=envelope, timeout=timeout + 5)
 
+    def replies(self, thread: str, *, wait: str, timeout: float) -> Response:
+        query = urlencode({"wait": wait, "timeout": f"{timeout:g}"})
+        return self.request("GET", f"/threads/{thread}/replies?{query}", timeout=timeout + 5)
+
     def stream(self, path: str, *, timeout: float) -> Iterator[bytes]:
         """The lines of a streamed answer (``GET /events``) as they come; ``timeout`` bounds each wait for one.
 

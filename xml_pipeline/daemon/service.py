@@ -403,7 +403,11 @@ def _engine_for(
     if unknown:
         raise DaemonStartError(f"--listeners names no listener of this organism: {', '.join(unknown)}")
     durable = DurableEngine(
-        organism, backend, DurableSettings.from_settings(settings, organism.settings, serve), metrics=metrics
+        organism,
+        backend,
+        DurableSettings.from_settings(settings, organism.settings, serve),
+        metrics=metrics,
+        collect_grace_seconds=options.collect_grace,
     )
     return durable, DeadLetterView(durable)
 
