@@ -162,3 +162,27 @@ def test_ordinary_aliases_still_load() -> None:
         base_dir=ROOT,
     )
     assert organism.listeners["a"].peers == organism.listeners["b"].peers == frozenset({"b"})
+
+
+def _problems_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_organism_text(text)
+    return [problem.message for problem in caught.value.problems]
+
+
+LISTENERS_TEXT = (
+    "listeners:\n  - {name: greeter, payload_class: workers.hello.Greeting, handler: workers.hello.greet, peers: []}\n"
+)
+
+
+def test_a_bad_redis_url_is_reported_once_as_bad_not_also_as_missing() -> None:
+    problems = _problems_of("organism: {name: x}\nbackend: {type: redis, redis_url: 'http://x:1/'}\n" + LISTENERS_TEXT)
+    assert len(problems) == 1, problems
+    assert "redis_url" in problems[0]
+    assert "needs backend.redis_url" not in problems[0]
+
+
+def test_durable_only_keys_off_durable_mode_name_just_the_keys_written() -> None:
+    text = "organism: {name: x}\nbackend: {type: redis, redis_url: 'redis://x:1/0', max_deliveries: 5}\n"
+    problems = _problems_of(text + LISTENERS_TEXT)
+    assert problems == ["max_deliveries only applies to delivery at-least-once"]

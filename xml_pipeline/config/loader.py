@@ -134,6 +134,13 @@ def _redis_url(value: Any) -> str | None:
     return "must be a redis://, rediss:// (TLS) or unix:// URL"
 
 
+def _keys_written(node: yaml.Node) -> set[str]:
+    """The keys a mapping node names, whether or not their values were good."""
+    if not isinstance(node, yaml.MappingNode):
+        return set()
+    return {key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
 def _only_for_redis(backend: dict[str, Any]) -> str:
     if backend.get("delivery") == "at-least-once":
         return (
@@ -478,17 +485,19 @@ def load_organism_text(text: str, path: str = "organism.yaml", base_dir: Path | 
         if "listeners" not in entries:
             reader.problem(root, "the 'listeners' section is missing")
         backend = sections["backend"]
-        if backend.get("type") == "redis" and "redis_url" not in backend:
+        written = _keys_written(entries["backend"][1]) if "backend" in entries else set()
+        if backend.get("type") == "redis" and "redis_url" not in written:  # (a bad one is reported as such)
             reader.problem(
                 entries["backend"][1], "backend.type redis needs backend.redis_url, e.g. redis://127.0.0.1:6379/0"
             )
         redis_only = {"redis_url", "redis_prefix", "redis_ttl", "redis_timeout_seconds", "delivery"}
         if backend.get("type") != "redis" and backend.keys() & redis_only:
             reader.problem(entries["backend"][1], _only_for_redis(backend))
-        durable_only = {"max_deliveries", "claim_grace_seconds"}
-        if backend.get("delivery", "at-most-once") != "at-least-once" and backend.keys() & durable_only:
+        durable_only = backend.keys() & {"max_deliveries", "claim_grace_seconds"}
+        if backend.get("delivery", "at-most-once") != "at-least-once" and durable_only:
+            verb = "applies" if len(durable_only) == 1 else "apply"
             reader.problem(
-                entries["backend"][1], f"{', '.join(sorted(durable_only))} only apply to delivery at-least-once"
+                entries["backend"][1], f"{', '.join(sorted(durable_only))} only {verb} to delivery at-least-once"
             )
         auth = sections["auth"]
         if "tokens_file" in auth:
