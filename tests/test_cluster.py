@@ -138,6 +138,12 @@ def texts_of(replies: list[list[str]]) -> list[str | None]:
     return found
 
 
+async def kill_9(daemon: DaemonProcess) -> int:
+    """SIGKILL ``daemon`` and wait (bounded) until it is gone; its exit status."""
+    daemon.process.kill()
+    return await asyncio.to_thread(daemon.process.wait, 10)
+
+
 def runs_of(runs: Path) -> Counter[str]:
     return Counter(line.split()[0] for line in runs.read_text().splitlines()) if runs.exists() else Counter()
 
@@ -190,8 +196,7 @@ async def test_kill_9_of_one_daemon_with_500_in_flight_loses_nothing(
         victim = group[0]
         victim_pid = str(victim.process.pid)
         await asyncio.to_thread(_wait_for_runs_by, runs, victim_pid)
-        victim.process.kill()
-        assert await asyncio.to_thread(victim.process.wait, 10) == -signal.SIGKILL
+        assert await kill_9(victim) == -signal.SIGKILL
         replies = await collect_all(sockets[1:], threads)
         assert texts_of(replies) == texts
         ran = runs_of(runs)
@@ -230,8 +235,7 @@ async def test_every_daemon_killed_then_one_started_handles_every_accepted_messa
         with daemons(organism, 2, runs) as group:
             threads = await post_all([daemon.socket_path for daemon in group], "slow", texts)
             for daemon in group:
-                daemon.process.kill()
-                await asyncio.to_thread(daemon.process.wait, 10)
+                await kill_9(daemon)
         with running_daemon(organism, env={RUNS_FILE: str(runs)}) as survivor:
             replies = await collect_all([survivor.socket_path], threads)
             assert await asyncio.to_thread(survivor.stop) == 0
@@ -341,8 +345,7 @@ async def test_a_1000_item_buffer_survives_a_daemon_killed_midway(
         ):
             [thread] = await post_all([coordinator.socket_path], "fanout", ["slow"], count=1000)
             await asyncio.to_thread(_wait_for_runs_by, runs, str(helper.process.pid))
-            helper.process.kill()
-            await asyncio.to_thread(helper.process.wait, 10)
+            await kill_9(helper)
             [replies] = await collect_all([coordinator.socket_path], [thread], timeout=120)
             [summary] = texts_of([replies])
             assert summary == "1000/1000 ok; in order: True; failures: []"
@@ -364,8 +367,7 @@ async def test_a_buffer_whose_coordinating_daemon_dies_runs_again_on_another(
         ):
             [thread] = await post_all([first.socket_path], "fanout", ["slow"], count=300)
             await asyncio.to_thread(_wait_for_runs_by, runs, str(workers.process.pid))
-            first.process.kill()
-            await asyncio.to_thread(first.process.wait, 10)
+            await kill_9(first)
             with running_daemon(organism, "--listeners", "fanout,system.buffer", env=env) as second:
                 [replies] = await collect_all([second.socket_path], [thread], timeout=120)
                 assert await asyncio.to_thread(second.stop) == 0
@@ -392,8 +394,7 @@ async def test_a_collect_false_buffer_survives_its_coordinating_daemon(
             [replies] = await collect_all([first.socket_path], [thread], timeout=60)
             assert texts_of([replies]) == ["dispatched 300"]
             await asyncio.to_thread(_wait_for_runs_by, runs, str(workers.process.pid))
-            first.process.kill()
-            await asyncio.to_thread(first.process.wait, 10)
+            await kill_9(first)
             with running_daemon(organism, "--listeners", "system.buffer", env=env) as second:
                 await asyncio.to_thread(_wait_for_all_runs, runs, 300)
                 assert await asyncio.to_thread(second.stop) == 0
@@ -428,7 +429,7 @@ async def test_send_whose_daemon_dies_during_the_wait_says_where_another_daemon_
                 )
             )
             await asyncio.to_thread(_wait_for_all_runs, runs, 1)
-            first.process.kill()
+            await kill_9(first)
             sent = await sending
             assert sent.returncode == 4, sent.stderr
             match = re.search(r"accepted on thread ([0-9a-f-]{36})", sent.stderr)
