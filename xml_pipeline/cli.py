@@ -285,12 +285,8 @@ def _sent(client: DaemonClient, envelope: bytes, wait: str, timeout: float) -> t
     dies during the wait leaves a client that can say where the replies are
     (with ``delivery: at-least-once``, any other daemon of the organism has them).
     """
-    try:
+    with _reaching_daemon():
         answer = client.send(envelope, wait="none", timeout=timeout)
-    except DaemonUnreachable as exc:
-        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
-    except DoorRefused as exc:
-        _fail(str(exc), EXIT_ERROR_REPLY)
     stored = _json_of(answer)
     if not stored.get("accepted", False):
         return answer.status, stored
@@ -309,6 +305,17 @@ def _sent(client: DaemonClient, envelope: bytes, wait: str, timeout: float) -> t
         problem = _json_of(answer).get("error")
         _fail(f"the message was accepted on thread {thread}, but its replies: {problem}", EXIT_ERROR_REPLY)
     return answer.status, {"accepted": True, **_json_of(answer)}
+
+
+@contextlib.contextmanager
+def _reaching_daemon() -> Iterator[None]:
+    """A call to the daemon: no daemon there, or a refusal at its door, ends the command plainly."""
+    try:
+        yield
+    except DaemonUnreachable as exc:
+        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
+    except DoorRefused as exc:
+        _fail(str(exc), EXIT_ERROR_REPLY)
 
 
 def _json_of(answer: Response) -> dict[str, Any]:
@@ -361,12 +368,8 @@ def status(
 ) -> None:
     """Show what the running daemon is doing: listeners, queue, in-flight work, threads, uptime."""
     client = _client_for(organism, socket_path, tcp, token, tls_ca)
-    try:
+    with _reaching_daemon():
         data = client.status()
-    except DaemonUnreachable as exc:
-        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
-    except DoorRefused as exc:
-        _fail(str(exc), EXIT_ERROR_REPLY)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -432,12 +435,8 @@ def trace(
     if not THREAD_ID.match(thread):
         _fail(f"{thread!r} is not a thread id (a UUID)", EXIT_USAGE)
     client = _client_for(organism, socket_path, tcp, token, tls_ca)
-    try:
+    with _reaching_daemon():
         answer = client.trace(thread, with_xml=with_xml)
-    except DaemonUnreachable as exc:
-        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
-    except DoorRefused as exc:
-        _fail(str(exc), EXIT_ERROR_REPLY)
     body = answer.json()
     if answer.status != 200:
         _fail(str(body.get("error")), EXIT_ERROR_REPLY)
@@ -472,12 +471,9 @@ def tail(
     query = urlencode({key: value for key, value in filters.items() if value})
     client = _client_for(organism, socket_path, tcp, token, tls_ca)
     try:
-        for event in _server_sent_events(client.stream(f"/events?{query}", timeout=TAIL_READ_SECONDS)):
-            click.echo(json.dumps(event, ensure_ascii=False) if as_json else _tail_line(event))
-    except DaemonUnreachable as exc:
-        _fail(f"{exc}; is it running? (xml-pipeline run)", EXIT_UNREACHABLE)
-    except DoorRefused as exc:
-        _fail(str(exc), EXIT_ERROR_REPLY)
+        with _reaching_daemon():
+            for event in _server_sent_events(client.stream(f"/events?{query}", timeout=TAIL_READ_SECONDS)):
+                click.echo(json.dumps(event, ensure_ascii=False) if as_json else _tail_line(event))
     except TimeoutError:
         _fail(f"the daemon sent nothing for {TAIL_READ_SECONDS:g}s, not even a keep-alive", EXIT_UNREACHABLE)
     except KeyboardInterrupt:
