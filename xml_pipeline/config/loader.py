@@ -550,17 +550,22 @@ def _relative_to(base_dir: Path | None, configured: str) -> Path:
     return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
+def _plain_document(path: str | Path) -> Any:
+    """organism.yaml as plain YAML values, for readers that must not import any handler."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [Problem(None, f"not valid YAML: {exc}")]) from None
+
+
 def read_token_setup(path: str | Path) -> tuple[Path, dict[str, bool]]:
     """The tokens file organism.yaml names, and its listeners (name -> open to clients), importing nothing.
 
     ``xml-pipeline token`` uses it: editing tokens must work while a handler does not import.
     """
-    try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [Problem(None, f"not valid YAML: {exc}")]) from None
+    document = _plain_document(path)
     auth = document.get("auth") if isinstance(document, dict) else None
     if not isinstance(auth, dict) or not isinstance(auth.get("tokens_file"), str):
         raise ConfigError(str(path), [Problem(None, "there is no auth section naming a tokens_file")])
@@ -590,12 +595,7 @@ def read_organism_section(path: str | Path) -> dict[str, Any]:
 
     Clients such as ``xml-pipeline send`` use it to find the daemon's socket.
     """
-    try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc.strerror or exc}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [Problem(None, f"not valid YAML: {exc}")]) from None
+    document = _plain_document(path)
     section = document.get("organism") if isinstance(document, dict) else None
     if not isinstance(section, dict) or not isinstance(section.get("name"), str):
         raise ConfigError(str(path), [Problem(None, "the 'organism' section with a 'name' is missing")])
