@@ -85,39 +85,27 @@ class MemoryTraceStore(Sink):
     # ------------------------------------------------------------------ the sink
     def hop(self, event: HopEvent) -> None:
         _, _, _, conversation, _, _, _, _, payload_xml, at = event
-        trace = self._traces.get(conversation)
-        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
-            trace = self._open(conversation, at)
-        size = trace.size + len(payload_xml) + EVENT_BYTES
-        if size > self.max_bytes:
-            _lose(trace, event)
-        else:
-            trace.append(event)
-            trace.size = size
+        self._keep(conversation, at, event, EVENT_BYTES + len(payload_xml))
 
     def handled(self, event: HandledEvent) -> None:
         _, _, conversation, _, at, _, _ = event
-        trace = self._traces.get(conversation)
-        if trace is None:
-            trace = self._open(conversation, at)
-        size = trace.size + EVENT_BYTES
-        if size > self.max_bytes:
-            _lose(trace, event)
-        else:
-            trace.append(event)
-            trace.size = size
+        self._keep(conversation, at, event, EVENT_BYTES)
 
     def error(self, event: ErrorEvent) -> None:
         _, _, conversation, _, _, detail, at = event
+        self._keep(conversation, at, event, EVENT_BYTES + len(detail))
+
+    def _keep(self, conversation: str, at: float, event: HopEvent | HandledEvent | ErrorEvent, size: int) -> None:
+        """Add ``event`` (counted as ``size`` bytes) to its conversation's trace, or count it lost past the bound."""
         trace = self._traces.get(conversation)
-        if trace is None:
+        if trace is None:  # not `or`: a trace that kept nothing yet is an empty list
             trace = self._open(conversation, at)
-        size = trace.size + EVENT_BYTES + len(detail)
-        if size > self.max_bytes:
+        total = trace.size + size
+        if total > self.max_bytes:
             _lose(trace, event)
         else:
             trace.append(event)
-            trace.size = size
+            trace.size = total
 
     def ended(self, conversation: str, at: float) -> None:
         trace = self._traces.get(conversation)
