@@ -46,7 +46,7 @@ async def test_opening_a_conversation_twice_stores_it_once(engine: DurableEngine
     listener = engine.listeners["echo"]
     hop, effects = engine._router.opening("console", listener, Ping("once"), b"<Ping><text>once</text></Ping>")
     for _ in range(2):
-        await store.commit(hop.conversation, effects, opening=("console", "echo", -1), retention=30)
+        await store.commit(hop.conversation, effects, opening=("console", "echo", -1))
     assert await store.client.xlen(store.keys.stream("echo")) <= 1  # the first may already be handled
     collected = await engine.collect(hop.conversation, "end", 10)
     assert collected is not None
@@ -259,7 +259,7 @@ async def test_a_continuation_retried_after_its_conversation_ended_is_not_refuse
         "console", engine.listeners["echo"], first.thread, Ping("more"), b"<Ping><text>more</text></Ping>"
     )
     cap = ("console", "echo", -1)
-    await store.commit(first.thread, effects, opening=cap, continues=hop.thread, retention=30)
+    await store.commit(first.thread, effects, opening=cap, continues=hop.thread)
     gate.opened.set()
     collected = await engine.collect(first.thread, "end", 10)
     assert collected is not None
@@ -269,7 +269,7 @@ async def test_a_continuation_retried_after_its_conversation_ended_is_not_refuse
         b"<Pong><text>slow</text></Pong>",
     ]
     # the same call again, as redis-py's Retry sends it
-    assert await store.commit(first.thread, effects, opening=cap, continues=hop.thread, retention=30) is False
+    assert await store.commit(first.thread, effects, opening=cap, continues=hop.thread) is False
 
 
 async def test_a_wait_gets_its_replies_while_more_conversations_than_one_read_covers_are_awaited(

@@ -138,7 +138,11 @@ class DurableEngine:
         self.backend = backend
         self.daemon_id = daemon_id or f"{socket.gethostname()}-{os.getpid()}-{new_thread_id()[:8]}"
         self.store = ClusterStore(
-            backend.spec.url, backend.prefix, backend.ttl, socket_timeout=backend.socket_timeout + 2 * BLOCK_SECONDS
+            backend.spec.url,
+            backend.prefix,
+            backend.ttl,
+            socket_timeout=backend.socket_timeout + 2 * BLOCK_SECONDS,
+            reply_retention=settings.reply_retention_seconds,
         )
         self.registry = ThreadRegistry(backend)
         self.buffer = ContextBuffer(
@@ -255,7 +259,6 @@ class DurableEngine:
                 hop.conversation,
                 effects,
                 opening=(initiator, target.name, -1),
-                retention=self.settings.reply_retention_seconds,
             )
         except (RedisError, OSError) as exc:
             return Failure(ErrorCode.BACKEND_UNAVAILABLE, f"redis is unreachable: {exc}")
@@ -419,15 +422,12 @@ class DurableEngine:
         """
         sender, target = admitted.envelope.sender, admitted.listener
         cap = (sender, target.name, self.limits.queue_size)
-        retention = self.settings.reply_retention_seconds
         thread = admitted.envelope.thread
         if THREAD_ID.match(thread) and await self.store.initiator_of(thread) == sender:
             hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
             self._keep_decoded(effects)
             try:
-                await self.store.commit(
-                    thread, effects, opening=cap, owner=access.identity, continues=hop.thread, retention=retention
-                )
+                await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
                 return hop
             except NotLive:
                 pass
@@ -436,7 +436,7 @@ class DurableEngine:
         hop, effects = self._router.opening(sender, target, admitted.payload, admitted.payload_xml)
         self._keep_decoded(effects)
         try:
-            await self.store.commit(hop.conversation, effects, opening=cap, owner=access.identity, retention=retention)
+            await self.store.commit(hop.conversation, effects, opening=cap, owner=access.identity)
         except RedisTimeoutError as exc:
             raise _MaybeStored(hop.conversation) from exc
         return hop
@@ -553,7 +553,6 @@ class DurableEngine:
                 hop.conversation,
                 effects,
                 done=(self.store.keys.stream(listener_name), entry_id),
-                retention=self.settings.reply_retention_seconds,
             )
             if ended:
                 self.observe.ended(hop.conversation)
@@ -721,7 +720,6 @@ class DurableEngine:
             hop.conversation,
             effects,
             done=(self.store.keys.stream(listener), entry_id),
-            retention=self.settings.reply_retention_seconds,
         ):
             self.observe.ended(hop.conversation)
         self.dead_letters += 1

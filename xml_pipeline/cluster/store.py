@@ -229,12 +229,6 @@ class ClientReply:
     payload_xml: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class _Commit:
-    packed: bytes
-    retention: int
-
-
 class BacklogFull(Exception):
     """The target's stream already holds as many hops as the organism allows."""
 
@@ -302,9 +296,11 @@ class PendingEntry:
 class ClusterStore:
     """The async Redis client of one daemon, and the few operations the engine needs."""
 
-    def __init__(self, url: str, prefix: str, ttl: int, *, socket_timeout: float) -> None:
+    def __init__(self, url: str, prefix: str, ttl: int, *, socket_timeout: float, reply_retention: float) -> None:
         self.keys = Keys(prefix)
         self.ttl = ttl
+        self.reply_retention = max(1, round(reply_retention))
+        """Seconds an ended conversation's replies are kept for its client (the organism's setting)."""
         # A connection Redis closed (a restart) is retried on a fresh one. Retrying a commit is safe: one
         # that did run has acknowledged its hop, and its repeat then changes nothing.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -318,7 +314,7 @@ class ClusterStore:
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._commit = self.client.register_script(_COMMIT)
-        self._commits: Batcher[_Commit, tuple[int, int]] = Batcher(
+        self._commits: Batcher[bytes, tuple[int, int]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
         self._initiators_script = self.client.register_script(_INITIATORS)
@@ -350,7 +346,6 @@ class ClusterStore:
         opening: tuple[str, str, int] | None = None,
         owner: str | None = None,
         continues: str = "",
-        retention: float,
     ) -> bool:
         """Write ``effects`` and finish ``done`` (stream, entry id) in one step; True when the conversation ended.
 
@@ -381,7 +376,7 @@ class ClusterStore:
             ],
             use_bin_type=False,  # Redis's cmsgpack reads the classic raw strings only, not bin
         )
-        written, ended = await self._commits.submit(_Commit(packed, max(1, round(retention))))
+        written, ended = await self._commits.submit(packed)
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         if written == 3:
@@ -398,10 +393,9 @@ class ClusterStore:
         answers: Any = await self._initiators_script(args=keys)
         return [answer or None for answer in answers]
 
-    async def _commit_batch(self, batch: list[_Commit]) -> list[tuple[int, int]]:
-        """One script call for ``batch``; the reply retention is the organism's, the same for every commit."""
-        args: list[Any] = [self.keys.prefix, GROUP, self.ttl, max(commit.retention for commit in batch)]
-        args += [commit.packed for commit in batch]
+    async def _commit_batch(self, batch: list[bytes]) -> list[tuple[int, int]]:
+        """One script call for ``batch``, each commit packed already."""
+        args: list[Any] = [self.keys.prefix, GROUP, self.ttl, self.reply_retention, *batch]
         answers: Any = await self._commit(args=args)
         return [(int(answers[i]), int(answers[i + 1])) for i in range(0, len(answers), 2)]
 
