@@ -320,24 +320,44 @@ async def test_a_client_without_a_token_cannot_continue_the_conversation_of_a_cl
     assert [reply.payload_xml for reply in theirs.replies] == [b"<Pong><text>injected</text></Pong>"]
 
 
-async def test_the_owner_of_a_live_conversation_is_kept_as_long_as_the_conversation(
+async def test_a_live_conversation_keeps_its_state_and_owner_until_its_end_then_only_the_replies_expire(
     gated: tuple[DurableEngine, Gate],
 ) -> None:
-    """Every step of a conversation refreshes its keys' time to live; its owner's too, or a conversation
-    longer than ``redis_ttl`` would lose its owner and its replies would be anyone's."""
+    """No key of a live conversation expires, however long it lives (a TTL would only lose the state of a
+    conversation whose hop waits in a long backlog, and its owner, making its replies anyone's); the end
+    deletes them, and what it leaves for the client (replies, owner) expires after the reply retention."""
     engine, gate = gated
     alice = ClientAccess.authenticated("alice", frozenset({"gate", "echo"}))
     first = await engine.accept(envelope(ping_xml("slow"), sender="alice", to="gate"), access=alice)
     assert isinstance(first, Accepted)
-    owner_key = f"{engine.store.keys.prefix}r-owner:{first.thread}"
-    assert await engine.store.client.expire(owner_key, 5)  # as if most of redis_ttl had passed
     more = await engine.accept(envelope(ping_xml("more"), sender="alice", to="echo", thread=first.thread), access=alice)
     assert more == Accepted(first.thread)
     early = await engine.collect(first.thread, "first", 10, owner="alice")  # the step above was committed
     assert early is not None
     assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
-    assert await engine.store.client.ttl(owner_key) > 5
+    client, prefix = engine.store.client, engine.store.keys.prefix
+
+    async def conversation_keys() -> list[bytes]:
+        """Keys of conversation state (not streams, heartbeats or continuation marks, which expire by design)."""
+        kinds = ("conv", "buf", "reg", "r", "r-owner")
+        return [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in kinds]
+
+    live = await conversation_keys()
+    assert {"conv", "buf", "reg", "r"} == {_kind(key, prefix) for key in live}
+    assert {key: await client.ttl(key) for key in live} == dict.fromkeys(live, -1)  # none expires while live
+    assert await engine.collect(first.thread, "first", 0, owner="mallory") is None  # the owner is kept meanwhile
+
     gate.opened.set()
+    rest = await engine.collect(first.thread, "end", 10, owner="alice")
+    assert rest is not None
+    assert rest.ended
+    [left] = await conversation_keys()  # the replies were collected: only who may ask for them is left
+    assert _kind(left, prefix) == "r-owner"
+    assert 0 < await client.ttl(left) <= engine.store.reply_retention
+
+
+def _kind(key: bytes, prefix: str) -> str:
+    return key.decode().removeprefix(prefix).split(":")[0]
 
 
 @contextlib.asynccontextmanager

@@ -535,7 +535,7 @@ def _dead_letters(organism: str) -> Iterator[DeadLetters]:
     if backend.get("delivery") != "at-least-once":
         _fail(f"{organism}: dead letters exist only with backend.delivery at-least-once", EXIT_USAGE)
     config = BackendConfig.from_settings(backend)
-    letters = DeadLetters(config.redis_url, config.redis_prefix, config.redis_ttl)
+    letters = DeadLetters(config.redis_url, config.redis_prefix)
     try:
         yield letters
     except RedisError as exc:

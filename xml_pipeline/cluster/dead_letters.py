@@ -18,15 +18,15 @@ from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.store import Keys
 
 _REPLAY = """
--- KEYS: dlq, target stream, conversation hash. ARGV: dlq entry id, initiator, ttl (0: none), field value pairs
+-- KEYS: dlq, target stream, conversation hash. ARGV: dlq entry id, initiator, field value pairs
+-- (the conversation's hash has no TTL, as every live conversation's: see store.py)
 local moved = redis.call('XDEL', KEYS[1], ARGV[1])
 if moved == 0 then return nil end
 local fields = {}
-for k = 4, #ARGV do fields[k - 3] = ARGV[k] end
+for k = 3, #ARGV do fields[k - 2] = ARGV[k] end
 local entry = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('HSETNX', KEYS[3], 'initiator', ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'pending', 1)
-if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
 return entry
 """
 
@@ -41,9 +41,8 @@ class DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, url: str, prefix: str, ttl: int = 86_400) -> None:
+    def __init__(self, url: str, prefix: str) -> None:
         self.keys = Keys(prefix)
-        self.ttl = ttl
         self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._replay = self._client.register_script(_REPLAY)
 
@@ -59,7 +58,7 @@ class DeadLetters:
         letter = _letter(*rows[0])
         hop = letter.hop
         keys = [self.keys.dead_letters, self.keys.stream(letter.listener), self.keys.conversation(hop.conversation)]
-        new_id = self._replay(keys=keys, args=[entry_id, hop.initiator, self.ttl, *hop.fields()])
+        new_id = self._replay(keys=keys, args=[entry_id, hop.initiator, *hop.fields()])
         return None if new_id is None else new_id.decode()
 
     def purge(self) -> int:

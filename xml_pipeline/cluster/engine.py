@@ -140,7 +140,6 @@ class DurableEngine:
         self.store = ClusterStore(
             backend.spec.url,
             backend.prefix,
-            backend.ttl,
             socket_timeout=backend.socket_timeout + 2 * BLOCK_SECONDS,
             reply_retention=settings.reply_retention_seconds,
         )

@@ -4,10 +4,11 @@ Keys, under the organism's prefix (shared with the thread registry and the
 context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
 
     {prefix}s:{listener}          STREAM  hops waiting for or being handled by ``listener``
-    {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed)
-    {prefix}conv-threads:{conv}   SET     the registry keys of the conversation's threads, to delete at the end
+    {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed), owner (the
+                                          identity of the client that opened it, with tokens only), and one
+                                          field per registry key of its threads, to delete at the end
     {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
-    {prefix}r-owner:{conv}        STRING  the identity of the client that opened it (with tokens only)
+    {prefix}r-owner:{conv}        STRING  after the end, the owner, kept as long as the replies
     {prefix}cont:{thread}         STRING  a client's continuation stored on hop thread ``thread`` (expires
                                           after the reply retention), so a retried store writes nothing twice
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
@@ -26,7 +27,11 @@ has nothing left to do. A hop that is no longer pending when its commit runs
 loop turn travel in one script call, each still all or nothing on its own.
 
 Acknowledged entries are deleted at once, so a stream holds only work not yet
-done, and its length is the listener's backlog.
+done, and its length is the listener's backlog. A live conversation's keys
+(its hash, history and registry keys) carry no TTL: the pending count ends
+every conversation, and the end deletes them. What has no end of its own
+expires: replies and owner after the reply retention, continuation marks,
+heartbeats.
 """
 
 from __future__ import annotations
@@ -57,9 +62,9 @@ few enough that Redis, which runs a script alone, is never held for long."""
 """Connections one daemon opens to Redis at most; further calls wait (bounded) for a free one."""
 
 _COMMIT = """
--- One call commits a batch: ARGV = prefix, group, ttl (0: none), reply retention, then one commit per
--- argument, each a MessagePack array (one argument, not dozens: each argument costs the client and
--- Redis alike, whatever its size):
+-- One call commits a batch: ARGV = prefix, group, reply retention, then one commit per argument, each a
+-- MessagePack array (one argument, not dozens: each argument costs the client and Redis alike, whatever
+-- its size):
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
 --   initiator ('' unless opening or continuing), owner (the client's identity, '' for none; checked when
 --   continuing),
@@ -69,28 +74,25 @@ _COMMIT = """
 -- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
 -- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
 -- or not this initiator's: nothing written) or -1 (the capped stream was full).
-local prefix, group = ARGV[1], ARGV[2]
-local ttl, retention = tonumber(ARGV[3]), tonumber(ARGV[4])
-local function expire(key)
-  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-end
-local function set(key, value)
-  if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
-end
+--
+-- A live conversation's state has no TTL: it lasts exactly as long as the conversation, which the pending
+-- count ends (a hop is always committed or dead-lettered). A TTL could only expire the state of a
+-- conversation whose hop waits in a long backlog. Its hash holds, besides initiator, pending and owner,
+-- one field per registry key it wrote (named by the key itself), so the end deletes them in one UNLINK.
+local prefix, group, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function commit(c)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
   local continues, hops = c[8], c[9]
   local first, last = 10, #c
   local conv_key = prefix .. 'conv:' .. conv
-  local threads_key = prefix .. 'conv-threads:' .. conv
   local replies_key = prefix .. 'r:' .. conv
   local history_key = prefix .. 'buf:' .. conv
-  local owner_key = prefix .. 'r-owner:' .. conv
   if cap >= 0 and redis.call('XLEN', capped) >= cap then
     return -1, 0
   end
   local pending
+  local opening = initiator ~= '' and continues == ''
   if stream ~= '' then
     if redis.call('XACK', stream, group, id) == 0 then
       return 0, 0
@@ -107,27 +109,25 @@ local function commit(c)
     end
     -- The same name is not the same client: one with a token continues only its own, one without
     -- (on the socket, any name will do) only one opened without.
-    if redis.call('HGET', conv_key, 'initiator') ~= initiator or (redis.call('GET', owner_key) or '') ~= owner then
+    local found = redis.call('HMGET', conv_key, 'initiator', 'owner')
+    if found[1] ~= initiator or (found[2] or '') ~= owner then
       return 3, 0
     end
     redis.call('SET', mark, '1', 'EX', retention)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
-  elseif initiator == '' then
+  elseif not opening then
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
-  end
-  if initiator ~= '' and continues == '' then
+  else
     -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
     -- finds the conversation (or its replies) there already and writes nothing twice.
     if redis.call('EXISTS', conv_key, replies_key) > 0 then
       return 2, 0
     end
-    redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops)
-    if owner ~= '' then set(owner_key, owner) end
     pending = hops
   end
   -- A step that ends its conversation writes no history and no threads: the end deletes them.
   local ending = pending <= 0
-  local history, registered = {}, {}
+  local history, registered, named = {}, {}, {}
   local i = first
   while i <= last do
     local code = c[i]
@@ -139,7 +139,6 @@ local function commit(c)
       i = offset + 2 * count + 1
     elseif code == 'y' then
       redis.call('XADD', replies_key, '*', 'reply', c[i + 1], 'type', c[i + 2], 'at', c[i + 3])
-      if not ending then expire(replies_key) end
       i = i + 4
     elseif code == 'a' then
       history[#history + 1] = c[i + 1]
@@ -147,43 +146,58 @@ local function commit(c)
     elseif code == 'r' then
       if not ending then
         local chain_key, uuid_key = prefix .. 'reg:c:' .. c[i + 1], prefix .. 'reg:u:' .. c[i + 2]
-        set(chain_key, c[i + 2])
-        set(uuid_key, c[i + 1])
-        registered[#registered + 1] = chain_key
-        registered[#registered + 1] = uuid_key
+        local n = #registered
+        registered[n + 1], registered[n + 2] = chain_key, c[i + 2]
+        registered[n + 3], registered[n + 4] = uuid_key, c[i + 1]
+        n = #named
+        named[n + 1], named[n + 2], named[n + 3], named[n + 4] = chain_key, '', uuid_key, ''
       end
       i = i + 3
     else
       return redis.error_reply('unknown op ' .. tostring(code))
     end
   end
+  if opening then
+    if owner ~= '' then
+      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'owner', owner, unpack(named))
+    else
+      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, unpack(named))
+    end
+  elseif #named > 0 then
+    redis.call('HSET', conv_key, unpack(named))
+  end
   if not ending then
     if #history > 0 then
       redis.call('RPUSH', history_key, unpack(history))
-      expire(history_key)
     end
     if #registered > 0 then
-      -- The keys themselves, so the end deletes them without looking anything up.
-      redis.call('SADD', threads_key, unpack(registered))
-      expire(threads_key)
+      redis.call('MSET', unpack(registered))
     end
-    expire(conv_key)
-    expire(owner_key)  -- as long as the conversation lives (a no-op without tokens)
     return 1, 0
   end
-  local keys = redis.call('SMEMBERS', threads_key)
-  keys[#keys + 1] = threads_key
-  keys[#keys + 1] = history_key
-  keys[#keys + 1] = conv_key
+  local state = redis.call('HGETALL', conv_key)
+  local keys, keep_owner = {conv_key, history_key}, ''
+  local registry = prefix .. 'reg:'
+  for k = 1, #state, 2 do
+    local name = state[k]
+    if name == 'owner' then
+      keep_owner = state[k + 1]
+    elseif string.sub(name, 1, #registry) == registry then
+      keys[#keys + 1] = name
+    end
+  end
   redis.call('UNLINK', unpack(keys))
   redis.call('XADD', replies_key, '*', 'end', '1')
   redis.call('EXPIRE', replies_key, retention)
-  redis.call('EXPIRE', owner_key, retention)  -- kept as long as the replies; a no-op without tokens
+  if keep_owner ~= '' then
+    -- Who may collect the replies, kept as long as they are.
+    redis.call('SET', prefix .. 'r-owner:' .. conv, keep_owner, 'EX', retention)
+  end
   return 1, 1
 end
 
 local answers = {}
-for k = 5, #ARGV do
+for k = 4, #ARGV do
   local written, ended = commit(cmsgpack.unpack(ARGV[k]))
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
@@ -206,11 +220,18 @@ return found
 _LOOK = """
 -- ARGV: prefix, then conversation ids; answers per id: the owner's identity ('' for none), and 1 when the
 -- conversation is known (live, or its replies still kept), else 0.
+-- A live conversation keeps its owner in its hash; an ended one, beside its replies.
 local prefix, found = ARGV[1], {}
 for i = 2, #ARGV do
   local conv = ARGV[i]
-  found[#found + 1] = redis.call('GET', prefix .. 'r-owner:' .. conv) or ''
-  found[#found + 1] = redis.call('EXISTS', prefix .. 'conv:' .. conv, prefix .. 'r:' .. conv) > 0 and 1 or 0
+  local live = redis.call('HGET', prefix .. 'conv:' .. conv, 'owner')
+  if live then
+    found[#found + 1] = live
+    found[#found + 1] = 1
+  else
+    found[#found + 1] = redis.call('GET', prefix .. 'r-owner:' .. conv) or ''
+    found[#found + 1] = redis.call('EXISTS', prefix .. 'conv:' .. conv, prefix .. 'r:' .. conv) > 0 and 1 or 0
+  end
 end
 return found
 """
@@ -296,9 +317,8 @@ class PendingEntry:
 class ClusterStore:
     """The async Redis client of one daemon, and the few operations the engine needs."""
 
-    def __init__(self, url: str, prefix: str, ttl: int, *, socket_timeout: float, reply_retention: float) -> None:
+    def __init__(self, url: str, prefix: str, *, socket_timeout: float, reply_retention: float) -> None:
         self.keys = Keys(prefix)
-        self.ttl = ttl
         self.reply_retention = max(1, round(reply_retention))
         """Seconds an ended conversation's replies are kept for its client (the organism's setting)."""
         # A connection Redis closed (a restart) is retried on a fresh one. Retrying a commit is safe: one
@@ -395,7 +415,7 @@ class ClusterStore:
 
     async def _commit_batch(self, batch: list[bytes]) -> list[tuple[int, int]]:
         """One script call for ``batch``, each commit packed already."""
-        args: list[Any] = [self.keys.prefix, GROUP, self.ttl, self.reply_retention, *batch]
+        args: list[Any] = [self.keys.prefix, GROUP, self.reply_retention, *batch]
         answers: Any = await self._commit(args=args)
         return [(int(answers[i]), int(answers[i + 1])) for i in range(0, len(answers), 2)]
 
