@@ -18,6 +18,7 @@ from xml_pipeline import ErrorCode
 from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
+from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.store import ClusterStore
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -318,6 +319,38 @@ async def test_a_client_without_a_token_cannot_continue_the_conversation_of_a_cl
     theirs = await engine.collect(forged.thread, "end", 10)
     assert theirs is not None
     assert [reply.payload_xml for reply in theirs.replies] == [b"<Pong><text>injected</text></Pong>"]
+
+
+async def test_the_history_of_a_live_conversation_holds_each_hop_and_reply_with_its_payload(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """A payload travels to Redis once per commit and its history slot is built from it there: every slot
+    still reads back whole (sender, target, thread and payload), for hops and for replies alike."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    assert await engine.accept(envelope(ping_xml("more"), to="echo", thread=first.thread)) == Accepted(first.thread)
+    early = await engine.collect(first.thread, "first", 10)  # echo's reply is committed, the gate still holds
+    assert early is not None
+    assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
+    slots = engine.buffer.get_thread(first.thread)
+    assert [(slot.from_id, slot.to_id, slot.payload_xml) for slot in slots] == [
+        ("console", "gate", ping_xml("slow").encode()),
+        ("console", "echo", ping_xml("more").encode()),
+        ("echo", "console", b"<Pong><text>more</text></Pong>"),
+    ]
+    assert slots[0].hop_thread != slots[1].hop_thread  # each message its own thread
+    assert slots[2].hop_thread == first.thread  # the reply, on the client's thread
+    gate.opened.set()
+
+
+def test_a_hops_fields_are_named_in_order() -> None:
+    """The commit finds a hop's payload among its fields by position (:data:`Hop.FIELD_NAMES`)."""
+    hop = Hop("c", ("console", "echo"), ("c", "t"), "console", "tests.support:Ping", b"<Ping/>")
+    assert hop.fields()[::2] == list(Hop.FIELD_NAMES)
+    as_read = {str(name).encode(): value if isinstance(value, bytes) else value.encode() for name, value in
+               zip(hop.fields()[::2], hop.fields()[1::2], strict=True)}  # fmt: skip
+    assert Hop.from_fields(as_read) == hop
 
 
 async def test_a_live_conversation_keeps_its_state_and_owner_until_its_end_then_only_the_replies_expire(

@@ -8,7 +8,7 @@ asking Redis which thread a chain had. Listener names never contain ``/``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 _SEP = "/"
 
@@ -27,6 +27,9 @@ class Hop:
     """The hop's reference for whoever observes (:mod:`xml_pipeline.observe`), so any daemon continues its trace."""
     decoded: Any = field(default=None, compare=False, repr=False)
     """The payload as the daemon that made this hop decoded it; never stored (see :mod:`.decoded`)."""
+
+    FIELD_NAMES: ClassVar[tuple[str, ...]] = ("conv", "chain", "threads", "from", "type", "payload", "trace")
+    """The names of :meth:`fields`, in order."""
 
     @property
     def thread(self) -> str:

@@ -201,7 +201,7 @@ class Router:
             payload_type=hop.payload_type,
             payload_xml=hop.payload_xml,
         )
-        effects.history.append(slot.slot)
+        effects.history.append((slot.slot, hop.payload_xml))
         ref = self._observe.hop(hop.conversation, sender, to, hop.thread, hop.payload_type, hop.payload_xml)
         return replace(hop, trace=ref) if ref else hop
 

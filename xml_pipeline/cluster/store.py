@@ -56,21 +56,26 @@ from xml_pipeline.message.envelope import MESSAGE_END
 
 GROUP = "xml-pipeline"
 MAX_CONNECTIONS = 64
+"""Connections one daemon opens to Redis at most; further calls wait (bounded) for a free one."""
 COMMITS_PER_CALL = 128
 """Commits one script call carries at most: enough to pay a call's cost once per loop turn under load,
 few enough that Redis, which runs a script alone, is never held for long."""
-"""Connections one daemon opens to Redis at most; further calls wait (bounded) for a free one."""
+_PAYLOAD_VALUE = Hop.FIELD_NAMES.index("payload") * 2 + 1
+"""Where the payload's value lies in a hop's XADD fields."""
 
 _COMMIT = """
--- One call commits a batch: ARGV = prefix, group, reply retention, then one commit per argument, each a
--- MessagePack array (one argument, not dozens: each argument costs the client and Redis alike, whatever
--- its size):
+-- One call commits a batch: ARGV = prefix, group, reply retention, then each commit: a MessagePack array
+-- (one argument, not dozens: each argument costs the client and Redis alike, whatever its size) followed
+-- by its blobs, the payloads, as arguments of their own (so their bytes are neither unpacked nor sent
+-- twice: a hop's payload is also its history slot's). The array holds:
 --   input stream ('' at the door), input id, conversation, backlog cap (-1: none), capped stream,
 --   initiator ('' unless opening or continuing), owner (the client's identity, '' for none; checked when
 --   continuing),
 --   continues (the new hop's thread when a client continues its conversation, else ''),
---   hops (the x ops' count), then the ops:
---   x stream n field value ... | y envelope type payload-offset | a slot | r chain uuid | q n field value ...
+--   hops (the x ops' count), blobs (how many arguments follow the array), then the ops:
+--   x stream n field value ... (a number as value: that blob) | y envelope-blob type payload-offset |
+--   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) | r chain uuid |
+--   q n field value ...
 -- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
 -- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
 -- or not this initiator's: nothing written) or -1 (the capped stream was full).
@@ -81,10 +86,10 @@ _COMMIT = """
 -- one field per registry key it wrote (named by the key itself), so the end deletes them in one UNLINK.
 local prefix, group, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
-local function commit(c)
+local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
   local continues, hops = c[8], c[9]
-  local first, last = 10, #c
+  local first, last = 11, #c
   local conv_key = prefix .. 'conv:' .. conv
   local replies_key = prefix .. 'r:' .. conv
   local history_key = prefix .. 'buf:' .. conv
@@ -133,16 +138,25 @@ local function commit(c)
     local code = c[i]
     if code == 'x' or code == 'q' then
       local key, count, offset
-      if code == 'x' then key, count, offset = c[i + 1], tonumber(c[i + 2]), i + 2
+      if code == 'x' then
+        key, count, offset = c[i + 1], tonumber(c[i + 2]), i + 2
+        for v = offset + 2, offset + 2 * count, 2 do
+          if type(c[v]) == 'number' then c[v] = ARGV[base + c[v]] end
+        end
       else key, count, offset = prefix .. 'dlq', tonumber(c[i + 1]), i + 1 end
       redis.call('XADD', key, '*', unpack(c, offset + 1, offset + 2 * count))
       i = offset + 2 * count + 1
     elseif code == 'y' then
-      redis.call('XADD', replies_key, '*', 'reply', c[i + 1], 'type', c[i + 2], 'at', c[i + 3])
+      redis.call('XADD', replies_key, '*', 'reply', ARGV[base + c[i + 1]], 'type', c[i + 2], 'at', c[i + 3])
       i = i + 4
     elseif code == 'a' then
       history[#history + 1] = c[i + 1]
       i = i + 2
+    elseif code == 'p' then
+      if not ending then
+        history[#history + 1] = c[i + 1] .. string.sub(ARGV[base + c[i + 2]], c[i + 3], c[i + 4])
+      end
+      i = i + 5
     elseif code == 'r' then
       if not ending then
         local chain_key, uuid_key = prefix .. 'reg:c:' .. c[i + 1], prefix .. 'reg:u:' .. c[i + 2]
@@ -197,11 +211,14 @@ local function commit(c)
 end
 
 local answers = {}
-for k = 4, #ARGV do
-  local written, ended = commit(cmsgpack.unpack(ARGV[k]))
+local k = 4
+while k <= #ARGV do
+  local c = cmsgpack.unpack(ARGV[k])
+  local written, ended = commit(c, k)
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
   answers[#answers + 1] = ended
+  k = k + 1 + c[10]
 end
 return answers
 """
@@ -264,25 +281,40 @@ class Effects:
 
     hops: list[Hop] = field(default_factory=list)
     replies: list[ClientReply] = field(default_factory=list)
-    history: list[bytes] = field(default_factory=list)
+    history: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Slots, each with the payload it ends with (a hop's or a reply's), which then travels only once."""
     registrations: list[tuple[str, str]] = field(default_factory=list)
     dead_letters: list[list[bytes | str]] = field(default_factory=list)
 
-    def arguments(self, keys: Keys) -> list[bytes | str | int]:
+    def arguments(self, keys: Keys) -> tuple[list[bytes | str | int], list[bytes]]:
+        """The ops for the commit script, and the blobs (payloads) they refer to by number from 1."""
         args: list[bytes | str | int] = []
+        blobs: list[bytes] = []
+        where: dict[int, tuple[int, int, int]] = {}
+        """By the id of a payload object: its blob, and where in the blob it lies (1-based, inclusive)."""
         for chain, uuid in self.registrations:
             args += ["r", chain, uuid]
-        for slot in self.history:
-            args += ["a", slot]
         for hop in self.hops:
-            fields = hop.fields()
+            blobs.append(hop.payload_xml)
+            where[id(hop.payload_xml)] = (len(blobs), 1, len(hop.payload_xml))
+            fields: list[bytes | str | int] = [*hop.fields()]
+            fields[_PAYLOAD_VALUE] = len(blobs)
             args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
         for reply in self.replies:
+            blobs.append(reply.envelope)
             end = len(reply.envelope) - len(MESSAGE_END)
-            args += ["y", reply.envelope, reply.payload_type, f"{end - len(reply.payload_xml)}:{end}"]
+            start = end - len(reply.payload_xml)
+            where[id(reply.payload_xml)] = (len(blobs), start + 1, end)
+            args += ["y", len(blobs), reply.payload_type, f"{start}:{end}"]
+        for slot, payload in self.history:
+            found = where.get(id(payload))
+            if found is not None and payload and slot.endswith(payload):
+                args += ["p", slot[: len(slot) - len(payload)], *found]
+            else:
+                args += ["a", slot]
         for letter in self.dead_letters:
             args += ["q", len(letter) // 2, *letter]
-        return args
+        return args, blobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +366,7 @@ class ClusterStore:
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._commit = self.client.register_script(_COMMIT)
-        self._commits: Batcher[bytes, tuple[int, int]] = Batcher(
+        self._commits: Batcher[list[bytes], tuple[int, int]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
         self._initiators_script = self.client.register_script(_INITIATORS)
@@ -381,6 +413,7 @@ class ClusterStore:
         """
         stream, entry_id = done if done is not None else ("", b"")
         initiator, capped, cap = opening if opening is not None else ("", "", -1)
+        ops, blobs = effects.arguments(self.keys)
         packed = msgpack.packb(
             [
                 stream,
@@ -392,11 +425,12 @@ class ClusterStore:
                 owner or "",
                 continues,
                 len(effects.hops),
-                *effects.arguments(self.keys),
+                len(blobs),
+                *ops,
             ],
             use_bin_type=False,  # Redis's cmsgpack reads the classic raw strings only, not bin
         )
-        written, ended = await self._commits.submit(packed)
+        written, ended = await self._commits.submit([packed, *blobs])
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         if written == 3:
@@ -413,9 +447,11 @@ class ClusterStore:
         answers: Any = await self._initiators_script(args=keys)
         return [answer or None for answer in answers]
 
-    async def _commit_batch(self, batch: list[bytes]) -> list[tuple[int, int]]:
-        """One script call for ``batch``, each commit packed already."""
-        args: list[Any] = [self.keys.prefix, GROUP, self.reply_retention, *batch]
+    async def _commit_batch(self, batch: list[list[bytes]]) -> list[tuple[int, int]]:
+        """One script call for ``batch``, each commit packed already (its array, then its blobs)."""
+        args: list[Any] = [self.keys.prefix, GROUP, self.reply_retention]
+        for commit in batch:
+            args += commit
         answers: Any = await self._commit(args=args)
         return [(int(answers[i]), int(answers[i + 1])) for i in range(0, len(answers), 2)]
 
