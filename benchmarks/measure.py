@@ -22,7 +22,7 @@ from benchmarks import workload
 from benchmarks.floor import floor_rate
 from benchmarks.paired import Paired, Spread, Step, interleaved
 from benchmarks.shared_floor import SharedFloor
-from benchmarks.workload import Greeting, Order, Work, sample_order
+from benchmarks.workload import Greeting, Order, Receipt, Work, sample_order
 from xml_pipeline.config.loader import load_organism
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.memory.shared_backend import SharedBackend
@@ -79,6 +79,7 @@ def envelope(payload: Any, to: str) -> bytes:
 def orders_organism(*, cpu_bound: bool = False, workers: int = 1) -> Organism:
     listeners = [
         Listener("orders", [Order], workload.receipt, max_concurrency=1024),
+        Listener("relay", [Order, Receipt], workload.relay, peers=["orders"], max_concurrency=1024),
         Listener("greeter", [Greeting], workload.greet, max_concurrency=1024),
         Listener("cruncher", [Work], workload.crunch, cpu_bound=cpu_bound, max_concurrency=1024, timeout_seconds=120),
     ]

@@ -83,6 +83,13 @@ async def receipt(payload: Order, metadata: HandlerMetadata) -> HandlerResponse:
     return HandlerResponse.respond(Receipt(payload.order_id, round(total, 2), len(payload.lines)))
 
 
+async def relay(payload: Order | Receipt, metadata: HandlerMetadata) -> HandlerResponse:
+    """An order on to ``orders``, its receipt back to the caller: three hops per conversation, not one."""
+    if isinstance(payload, Order):
+        return HandlerResponse(payload, to="orders")
+    return HandlerResponse.respond(payload)
+
+
 async def greet(payload: Greeting, metadata: HandlerMetadata) -> HandlerResponse:
     return HandlerResponse.respond(Reply(f"hello {payload.name} x{payload.count}"))
 
