@@ -54,6 +54,22 @@ async def test_opening_a_conversation_twice_stores_it_once(engine: DurableEngine
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>once</text></Pong>"]
 
 
+async def test_a_step_that_ends_its_conversation_writes_its_reply_and_the_end_as_one_entry(
+    engine: DurableEngine,
+) -> None:
+    """One XADD fewer per conversation; a reader still sees the reply, then the end."""
+    accepted = await engine.accept(envelope(ping_xml("one")))
+    assert isinstance(accepted, Accepted)
+    seen = await engine._replies.wait(accepted.thread, b"0", 10)  # read without collecting
+    assert [reply.payload_xml if reply else None for _, reply in seen] == [b"<Pong><text>one</text></Pong>", None]
+    [(_, fields)] = await engine.store.client.xrange(engine.store.keys.replies(accepted.thread))
+    assert {b"reply", b"end"} <= set(fields)
+    collected = await engine.collect(accepted.thread, "first", 10)
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>one</text></Pong>"]
+
+
 async def test_only_the_client_that_sent_a_message_may_collect_its_replies(engine: DurableEngine) -> None:
     accepted = await engine.accept(envelope(ping_xml("mine"), sender="alice"), access=ALICE)
     assert isinstance(accepted, Accepted)

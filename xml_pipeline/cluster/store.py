@@ -7,7 +7,8 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed), owner (the
                                           identity of the client that opened it, with tokens only), and one
                                           field per registry key of its threads, to delete at the end
-    {prefix}r:{conversation}      STREAM  replies for the client, then an ``end`` entry
+    {prefix}r:{conversation}      STREAM  replies for the client, then the end (an entry of its own, or
+                                          the last reply's ``end`` field when one step wrote both)
     {prefix}r-owner:{conv}        STRING  after the end, the owner, kept as long as the replies
     {prefix}cont:{thread}         STRING  a client's continuation stored on hop thread ``thread`` (expires
                                           after the reply retention), so a retried store writes nothing twice
@@ -133,6 +134,7 @@ local function commit(c, base)
   -- A step that ends its conversation writes no history and no threads: the end deletes them.
   local ending = pending <= 0
   local history, registered, named = {}, {}, {}
+  local last_reply = nil  -- written after the loop: a step that ends its conversation adds the end to it
   local i = first
   while i <= last do
     local code = c[i]
@@ -147,7 +149,10 @@ local function commit(c, base)
       redis.call('XADD', key, '*', unpack(c, offset + 1, offset + 2 * count))
       i = offset + 2 * count + 1
     elseif code == 'y' then
-      redis.call('XADD', replies_key, '*', 'reply', ARGV[base + c[i + 1]], 'type', c[i + 2], 'at', c[i + 3])
+      if last_reply then
+        redis.call('XADD', replies_key, '*', unpack(last_reply))
+      end
+      last_reply = {'reply', ARGV[base + c[i + 1]], 'type', c[i + 2], 'at', c[i + 3]}
       i = i + 4
     elseif code == 'a' then
       history[#history + 1] = c[i + 1]
@@ -180,6 +185,9 @@ local function commit(c, base)
   elseif #named > 0 then
     redis.call('HSET', conv_key, unpack(named))
   end
+  if last_reply and not ending then
+    redis.call('XADD', replies_key, '*', unpack(last_reply))
+  end
   if not ending then
     if #history > 0 then
       redis.call('RPUSH', history_key, unpack(history))
@@ -201,7 +209,13 @@ local function commit(c, base)
     end
   end
   redis.call('UNLINK', unpack(keys))
-  redis.call('XADD', replies_key, '*', 'end', '1')
+  if last_reply then
+    last_reply[#last_reply + 1] = 'end'
+    last_reply[#last_reply + 1] = '1'
+    redis.call('XADD', replies_key, '*', unpack(last_reply))
+  else
+    redis.call('XADD', replies_key, '*', 'end', '1')
+  end
   redis.call('EXPIRE', replies_key, retention)
   if keep_owner ~= '' then
     -- Who may collect the replies, kept as long as they are.
@@ -509,7 +523,7 @@ class ClusterStore:
     async def replies(self, conversation: str, after: bytes) -> list[tuple[bytes, ClientReply | None]]:
         """Reply entries after ``after`` (without waiting): (id, reply), with None for the end marker."""
         answer: Any = await self.client.xread({self.keys.replies(conversation): after})
-        return [(entry_id, _client_reply(fields)) for _, rows in answer or [] for entry_id, fields in rows]
+        return [item for _, rows in answer or [] for entry_id, fields in rows for item in _entry(entry_id, fields)]
 
     def dedicated_client(self) -> aioredis.Redis:
         """A client that keeps one connection of the pool, so its CLIENT ID can be unblocked."""
@@ -525,7 +539,7 @@ class ClusterStore:
         prefix = self.keys.replies("")
         for stream, rows in answer or []:
             conversation = stream.decode().removeprefix(prefix)
-            found[conversation] = [(entry_id, _client_reply(fields)) for entry_id, fields in rows]
+            found[conversation] = [item for entry_id, fields in rows for item in _entry(entry_id, fields)]
         return found
 
     async def look(self, conversation: str) -> tuple[str | None, bool]:
@@ -585,13 +599,17 @@ class ClusterStore:
         await self.client.connection_pool.disconnect()
 
 
-def _client_reply(fields: dict[bytes, bytes]) -> ClientReply | None:
-    """A reply entry's reply, or None for the end marker."""
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> list[tuple[bytes, ClientReply | None]]:
+    """A reply entry as (id, reply) items, with None for the end: its reply, the end, or both, which a step
+    that ends its conversation writes as one entry."""
+    items: list[tuple[bytes, ClientReply | None]] = []
     envelope = fields.get(b"reply")
-    if envelope is None:
-        return None
-    start, _, end = fields[b"at"].partition(b":")
-    return ClientReply(envelope, fields[b"type"].decode(), envelope[int(start) : int(end)])
+    if envelope is not None:
+        start, _, end = fields[b"at"].partition(b":")
+        items.append((entry_id, ClientReply(envelope, fields[b"type"].decode(), envelope[int(start) : int(end)])))
+    if b"end" in fields:
+        items.append((entry_id, None))
+    return items
 
 
 def _text(value: bytes | str) -> str:
