@@ -70,6 +70,38 @@ async def test_a_step_that_ends_its_conversation_writes_its_reply_and_the_end_as
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>one</text></Pong>"]
 
 
+async def test_collecting_a_conversation_this_daemon_opened_asks_redis_nothing_about_it(
+    redis_server: RedisServer, engine: DurableEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon that stored a conversation knows it exists and whose it is; another daemon asks Redis."""
+    looked: list[str] = []
+    look = engine.store.look
+
+    async def counted(conversation: str) -> tuple[str | None, bool]:
+        looked.append(conversation)
+        return await look(conversation)
+
+    monkeypatch.setattr(engine.store, "look", counted)
+    accepted = await engine.accept(envelope(ping_xml("mine"), sender="alice"), access=ALICE)
+    assert isinstance(accepted, Accepted)
+    assert await engine.collect(accepted.thread, "first", 1, owner="bob") is None  # still alice's alone
+    collected = await engine.collect(accepted.thread, "end", 10, owner="alice")
+    assert collected is not None
+    assert collected.ended
+    assert looked == []
+    assert await engine.collect(accepted.thread, "end", 10, owner="alice") is None  # collected: gone, at once
+    assert looked == [accepted.thread]
+
+    async with started(redis_server, "door-edges:", [echo_listener()]) as other:
+        opened_elsewhere = await other.accept(envelope(ping_xml("theirs"), sender="alice"), access=ALICE)
+        assert isinstance(opened_elsewhere, Accepted)
+        assert await engine.collect(opened_elsewhere.thread, "end", 10, owner="bob") is None
+        found = await engine.collect(opened_elsewhere.thread, "end", 10, owner="alice")
+        assert found is not None
+        assert [reply.payload_xml for reply in found.replies] == [b"<Pong><text>theirs</text></Pong>"]
+    assert looked == [accepted.thread, opened_elsewhere.thread, opened_elsewhere.thread]
+
+
 async def test_only_the_client_that_sent_a_message_may_collect_its_replies(engine: DurableEngine) -> None:
     accepted = await engine.accept(envelope(ping_xml("mine"), sender="alice"), access=ALICE)
     assert isinstance(accepted, Accepted)

@@ -42,6 +42,7 @@ from xml_pipeline.cancelling import raise_if_cancelling
 from xml_pipeline.cluster.calls import DurableCaller
 from xml_pipeline.cluster.decoded import DecodedPayloads
 from xml_pipeline.cluster.hop import Hop
+from xml_pipeline.cluster.opened_here import OpenedHere
 from xml_pipeline.cluster.replies import ReplyWatcher
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
 from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, NotLive
@@ -143,6 +144,7 @@ class DurableEngine:
             socket_timeout=backend.socket_timeout + 2 * BLOCK_SECONDS,
             reply_retention=settings.reply_retention_seconds,
         )
+        self._opened_here = OpenedHere(settings.reply_retention_seconds)
         self.registry = ThreadRegistry(backend)
         self.buffer = ContextBuffer(
             backend, max_slots_per_thread=self.limits.max_slots_per_thread, max_threads=self.limits.max_conversations
@@ -427,6 +429,7 @@ class DurableEngine:
             self._keep_decoded(effects)
             try:
                 await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
+                self._opened_here.note(thread, access.identity)  # stored, and its owner matched
                 return hop
             except NotLive:
                 pass
@@ -438,6 +441,7 @@ class DurableEngine:
             await self.store.commit(hop.conversation, effects, opening=cap, owner=access.identity)
         except RedisTimeoutError as exc:
             raise _MaybeStored(hop.conversation) from exc
+        self._opened_here.note(hop.conversation, access.identity)
         return hop
 
     def refuse(self, code: ErrorCode, detail: str) -> Refused:
@@ -478,7 +482,11 @@ class DurableEngine:
             self._collect_done.set()
 
     async def _collect(self, conversation: str, mode: str, timeout: float, owner: str | None) -> Collected | None:
-        opened_by, known = await self.store.look(conversation)
+        remembered = self._opened_here.recall(conversation)
+        if remembered is not None:
+            opened_by, known = remembered.owner, True
+        else:
+            opened_by, known = await self.store.look(conversation)
         if not known or opened_by != owner:
             return None  # unknown at once; another client's (or one with an identity, asked without): as unknown
         collected = Collected()
@@ -505,6 +513,8 @@ class DurableEngine:
         if not seen and not await self.store.conversation_known(conversation):
             return None
         await self.store.forget_replies(conversation, seen, ended=collected.ended)
+        if collected.ended:
+            self._opened_here.forget(conversation)
         return collected
 
     # ------------------------------------------------------------------ consuming
