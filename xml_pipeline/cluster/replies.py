@@ -34,6 +34,9 @@ class _Waiter:
     conversation: str
     after: bytes
     arrived: asyncio.Future[list[Entry]]
+    first_read: int
+    """The first read this waiter may take entries from: one issued after it came. An earlier read (issued
+    for an earlier waiter of the same conversation) may hold entries collected and deleted since."""
 
 
 class ReplyWatcher:
@@ -47,6 +50,8 @@ class ReplyWatcher:
         self._nudged = False
         self._stopped = False
         self._window = 0
+        self._reads = 0
+        """Reads issued so far; the number of the read in progress, if one is."""
         """Which window of the awaited streams the next read covers, when one read cannot cover them all."""
 
     @property
@@ -70,7 +75,7 @@ class ReplyWatcher:
         """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``."""
         if self._stopped:
             return []
-        waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future(), self._reads + 1)
         self._waiters.setdefault(conversation, []).append(waiter)
         self._someone_waits.set()
         await self._nudge()
@@ -124,6 +129,8 @@ class ReplyWatcher:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())
                 self._reading, self._nudged = True, False
+                self._reads += 1
+                read = self._reads
                 found = await self._store.replies_of(wanted, block_ms, self._reader)
             except (RedisError, OSError) as exc:
                 raise_if_cancelling()
@@ -135,6 +142,8 @@ class ReplyWatcher:
                 self._reading = False
             for conversation, entries in found.items():
                 for waiter in self._waiters.get(conversation, []):
+                    if waiter.first_read > read:
+                        continue  # it came after this read was issued: the next read is its own
                     mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                     if mine and not waiter.arrived.done():
                         waiter.arrived.set_result(mine)
