@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -103,9 +104,13 @@ async def test_an_unreachable_store_fails_every_writer_of_the_batch(caplog: pyte
 
 
 async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_client_hears_the_end(
-    redis_server: RedisServer,
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """...and sends them on its event loop: the loop never waits out a round trip while it runs."""
     backend = RedisBackend(redis_server.url, prefix=f"batch-{uuid.uuid4().hex[:8]}:")
+    blocking: list[int] = []
+    apply = RedisBackend.apply
+    monkeypatch.setattr(RedisBackend, "apply", lambda self, ops: blocking.append(len(ops)) or apply(self, ops))
     organism = Organism.of("batching", [Listener("echo", [Ping], echo, max_concurrency=100)])
     async with running(organism, backend=backend) as pump:
         submissions = await asyncio.gather(*(pump.inject_payload(Ping(f"n{n}"), "echo") for n in range(50)))
@@ -115,6 +120,7 @@ async def test_a_pump_on_redis_batches_its_writes_and_cleans_up_before_the_clien
         assert [key for key in stored if ":reg:" in key or ":buf" in key] == []
         assert pump.state.ops_sent == 50 * 7  # two threads, two slots, forgotten: every write was made
         assert pump.state.batches <= 50  # ...in far fewer round trips than the 150 unbatched calls
+        assert blocking == []
     backend.close()
 
 
@@ -153,3 +159,82 @@ async def test_a_thread_whose_registration_failed_is_registered_when_the_client_
         assert (await conversation.next_reply(5)).payload.text == "console.who"  # registered, for handlers to see
         release.set()
         assert (await conversation.next_reply(5)).payload.text == "held"
+
+
+class HeldWriter:
+    """An event-loop writer whose batches wait until the test lets each one through."""
+
+    def __init__(self, backend: OverlappingBackend) -> None:
+        self.backend = backend
+        self.arrived: asyncio.Queue[tuple[list[object], asyncio.Event]] = asyncio.Queue()
+
+    async def apply(self, ops):  # type: ignore[no-untyped-def]
+        through = asyncio.Event()
+        await self.arrived.put((list(ops), through))
+        await through.wait()
+        return InMemoryBackend.apply(self.backend, ops)
+
+    async def next_batch(self) -> tuple[list[object], asyncio.Event]:
+        async with asyncio.timeout(5):
+            return await self.arrived.get()
+
+
+class OverlappingBackend(CountingBackend):
+    """Shared, with an event-loop writer: the batcher's sender writes through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = HeldWriter(self)
+
+    @contextlib.asynccontextmanager
+    async def writer(self):  # type: ignore[no-untyped-def]
+        yield self.held
+
+
+async def test_with_an_event_loop_writer_one_batch_travels_while_the_next_gathers_and_order_is_kept() -> None:
+    backend = OverlappingBackend()
+    batcher = StateBatcher(backend)
+    assert batcher.overlaps
+    async with asyncio.TaskGroup() as group:
+        sender = group.create_task(batcher.send_continuously())
+        first = group.create_task(batcher.run([AppendSlot("t", b"<one/>", None, None)]))
+        ops, through = await backend.held.next_batch()
+        assert ops == [AppendSlot("t", b"<one/>", None, None)]
+        # the loop is free while the batch travels: more writes come, and wait for the next batch
+        second = group.create_task(batcher.run([AppendSlot("t", b"<two/>", None, None)]))
+        third = group.create_task(batcher.run([AppendSlot("t", b"<three/>", None, None)]))
+        await asyncio.sleep(0)
+        assert backend.held.arrived.empty()  # one batch at a time
+        through.set()
+        assert await first == [0]
+        ops, through = await backend.held.next_batch()
+        assert [op.slot for op in ops] == [b"<two/>", b"<three/>"]  # type: ignore[attr-defined]
+        through.set()
+        assert [await second, await third] == [[1], [2]]
+        sender.cancel()
+    assert backend.buffer_get_thread("t") == [b"<one/>", b"<two/>", b"<three/>"]
+
+
+async def test_a_sender_stopped_with_a_batch_on_its_way_finishes_it_and_writes_what_came_meanwhile() -> None:
+    """A pump that stops leaves no state writes behind, and every caller hears how its writes went."""
+    backend = OverlappingBackend()
+    batcher = StateBatcher(backend)
+    cleaned: list[str] = []
+    sender = asyncio.create_task(batcher.send_continuously())
+    try:
+        writing = asyncio.create_task(batcher.run([RegisterThread("c/1", "u1")]))
+        _, through = await backend.held.next_batch()
+        batcher.run_later([RegisterThread("c/2", "u2")], then=lambda: cleaned.append("c/2"))
+        sender.cancel()
+        await asyncio.sleep(0)
+        assert not sender.done()  # it waits for the batch on its way
+        through.set()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        assert await writing == [None]  # written: its caller hears so
+        assert backend.registry_get_uuid("c/1") == "u1"
+        assert cleaned == ["c/2"]  # the write that came meanwhile, made the synchronous way
+        assert backend.registry_get_uuid("c/2") == "u2"
+        assert backend.batch_sizes == [1]  # the held batch went through the writer, this one through apply
+    finally:
+        sender.cancel()

@@ -33,12 +33,14 @@ than each wait out the socket timeout.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import redis
+import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -282,6 +284,10 @@ class RedisBackend:
         """
         if not ops:
             return []
+        raw = self._run(self._apply, keys=[], args=self._apply_args(ops))
+        return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
+
+    def _apply_args(self, ops: Sequence[StateOp]) -> list[Any]:
         args: list[Any] = []
         for op in ops:
             if type(op) is AppendSlot:
@@ -295,8 +301,27 @@ class RedisBackend:
             else:
                 raise TypeError(f"not a state op: {op!r}")
         packed = msgpack.packb(args, use_bin_type=False)  # Redis's cmsgpack reads raw strings, not bin
-        raw = self._run(self._apply, keys=[], args=[self.prefix, self.ttl, packed])
-        return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
+        return [self.prefix, self.ttl, packed]
+
+    @contextlib.asynccontextmanager
+    async def writer(self) -> AsyncIterator[AsyncStateWriter]:
+        """An event-loop client for :meth:`apply`, for as long as the block runs.
+
+        The pump's batch of state writes then travels while the pump goes on
+        with other messages, instead of holding its event loop for the round
+        trip and for Redis's work on the batch (about a quarter of its time).
+        """
+        client = aioredis.Redis.from_url(
+            self.spec.url,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
+        )
+        try:
+            yield AsyncStateWriter(self, client)
+        finally:
+            await client.aclose()
 
     def _apply_one(self, op: StateOp) -> object:
         outcome = self.apply([op])[0]
@@ -453,6 +478,27 @@ def glob_under(prefix: str, pattern: str) -> str:
     """
     literal = "".join("\\" + char if char in "*?[]\\" else char for char in prefix)
     return literal + pattern.removeprefix(prefix)
+
+
+class AsyncStateWriter:
+    """:meth:`RedisBackend.apply` on an event-loop client: the same script, errors and circuit."""
+
+    def __init__(self, backend: RedisBackend, client: aioredis.Redis) -> None:
+        self._backend = backend
+        self._script = client.register_script(_APPLY)
+
+    async def apply(self, ops: Sequence[StateOp]) -> list[object]:
+        if not ops:
+            return []
+        backend = self._backend
+        backend.circuit.check()
+        try:
+            raw: Any = await self._script(keys=[], args=backend._apply_args(ops))
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise backend._unreachable(exc) from None
+        except RedisError as exc:
+            raise BackendUnavailable(f"redis refused the operation: {exc}") from None
+        return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
 
 
 def _cap(limit: int | None) -> int:

@@ -255,6 +255,8 @@ class Pump:
             group.create_task(self._dispatcher.run(group, self._router), name="xml-pipeline-dispatcher")
             if self.store_watch.needed:
                 group.create_task(self.store_watch.run(), name="xml-pipeline-store-watch")
+            if self.state.overlaps:
+                group.create_task(self.state.send_continuously(), name="xml-pipeline-state-writes")
 
     def run_background(self, work: Coroutine[Any, Any, object], name: str) -> None:
         """Run ``work`` in the pump's task group: it ends with the pump, and its errors are logged."""
