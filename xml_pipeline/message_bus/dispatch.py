@@ -24,11 +24,13 @@ from xml_pipeline.message.payload_codec import payload_type_name
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.conversations import Conversation
+from xml_pipeline.message_bus.deadlines import Deadlines
 from xml_pipeline.message_bus.error_reports import ErrorReports
 from xml_pipeline.message_bus.instruments import Instruments
-from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
+from xml_pipeline.message_bus.invocation import call_in_worker, call_watched
 from xml_pipeline.message_bus.lifecycle import Lifecycle
 from xml_pipeline.message_bus.outcome import Failure
+from xml_pipeline.message_bus.slots import Slots
 from xml_pipeline.organism import Listener, PumpLimits
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
@@ -70,14 +72,15 @@ class Dispatcher:
         self._instruments = instruments
         self._pool = pool
         self._queue: asyncio.Queue[Delivery] | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
+        self._deadlines = Deadlines()
         self.running = 0
         """Handler calls running now."""
 
     def open(self) -> None:
         """Make the queue and the global slots (in the running loop, as the pump starts)."""
         self._queue = asyncio.Queue(self._limits.queue_size)
-        self._slots = asyncio.Semaphore(self._limits.max_in_flight)
+        self._slots = Slots(self._limits.max_in_flight)
 
     @property
     def depth(self) -> int:
@@ -135,19 +138,28 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ dispatching
     async def run(self, group: asyncio.TaskGroup, router: Router) -> None:
-        """Dispatch until cancelled, each handler in a task of ``group``; ``router`` takes what it returns."""
+        """Dispatch until cancelled, each handler in a task of ``group``; ``router`` takes what it returns.
+
+        Each wake-up takes every message that is ready, not one: a turn of the
+        loop that queued a hundred messages costs the dispatcher one wait.
+        """
         assert self._queue is not None
         assert self._slots is not None
         queue, slots = self._queue, self._slots
         while True:
             delivery = await queue.get()
-            if not delivery.listener.coordinator:
+            while True:
+                if not delivery.listener.coordinator and not slots.try_take():
+                    try:
+                        await slots.take()
+                    except asyncio.CancelledError:
+                        self._abandon(delivery)
+                        raise
+                group.create_task(self._handle(delivery, router))
                 try:
-                    await slots.acquire()
-                except asyncio.CancelledError:
-                    self._abandon(delivery)
-                    raise
-            group.create_task(self._handle(delivery, router))
+                    delivery = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
 
     async def _handle(self, delivery: Delivery, router: Router) -> None:
         conversation, name = delivery.conversation, delivery.listener.name
@@ -183,11 +195,9 @@ class Dispatcher:
         """Run the handler under its listener's limits; a Failure if it did not finish well."""
         listener = delivery.listener
         try:
-            if listener.slots.locked():  # only a wait needs a deadline; a free slot is taken at once
+            if not listener.slots.try_take():  # only a wait needs a deadline; a free slot is taken at once
                 async with asyncio.timeout(self._limits.enqueue_timeout_seconds):
-                    await listener.slots.acquire()
-            else:
-                await listener.slots.acquire()
+                    await listener.slots.take()
         except TimeoutError:
             waited = self._limits.enqueue_timeout_seconds
             return Failure(ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {waited:g}s")
@@ -214,7 +224,7 @@ class Dispatcher:
                         traceparent=observe.traceparent(),
                     )
                     return await call_in_worker(self._pool(), listener, task, self._xml_limits)
-                return await call_in_process(listener, delivery.payload, metadata)
+                return await call_watched(listener, delivery.payload, metadata, self._deadlines)
             finally:
                 self.running -= 1
                 self._instruments.metrics.handler_finished(listener.name, time.perf_counter() - started)

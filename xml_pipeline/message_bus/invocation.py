@@ -18,6 +18,7 @@ from xml_pipeline.imports import import_object
 from xml_pipeline.message.payload_codec import PayloadDecodeError, codec_for
 from xml_pipeline.message.safe_xml import XmlLimits, XmlRejected
 from xml_pipeline.message.system_payloads import ErrorCode
+from xml_pipeline.message_bus.deadlines import Deadlines
 from xml_pipeline.message_bus.outcome import Failure
 from xml_pipeline.organism import Listener
 from xml_pipeline.process_pool.pool import CpuPool, PayloadRefused, WorkerCrashed, WorkerStuck
@@ -40,6 +41,26 @@ async def call_in_process(listener: Listener, payload: Any, metadata: HandlerMet
         return handler_raised(listener, metadata, exc)
     except Exception as exc:
         return handler_raised(listener, metadata, exc)
+
+
+async def call_watched(listener: Listener, payload: Any, metadata: HandlerMetadata, deadlines: Deadlines) -> Any:
+    """:func:`call_in_process` with the deadline kept by ``deadlines`` (one timer for every call) instead of a
+    timer of its own: the same outcomes, for the in-process pump, which makes a call on every hop."""
+    task = asyncio.current_task()
+    assert task is not None
+    seconds = listener.timeout_seconds
+    watch = deadlines.watch(task, seconds)
+    try:
+        result = await listener.handler(payload, metadata)
+    except asyncio.CancelledError:
+        if deadlines.finish(watch, seconds, cancelled=True):
+            return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {seconds:g}s")
+        raise
+    except Exception as exc:
+        deadlines.finish(watch, seconds)
+        return handler_raised(listener, metadata, exc)
+    deadlines.finish(watch, seconds)
+    return result
 
 
 async def call_in_worker(pool: CpuPool, listener: Listener, task: Task, limits: XmlLimits) -> Any:
