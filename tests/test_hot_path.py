@@ -1,16 +1,22 @@
-"""The pump's hot-path parts on their own: slots, shared deadlines, thread ids."""
+"""The pump's hot-path parts: slots, shared deadlines, thread ids, handlers run in the dispatcher's turn."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import uuid
 
 import pytest
 
+from tests.support import Ping, Pong
+from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse
 from xml_pipeline.message_bus.deadlines import Deadlines
+from xml_pipeline.message_bus.eager import run_now
 from xml_pipeline.message_bus.slots import Slots
 from xml_pipeline.message_bus.thread_registry import new_thread_id
+from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.testing import ask, running
 
 
 async def test_a_released_slot_goes_to_the_longest_waiter_not_to_a_newcomer() -> None:
@@ -144,3 +150,78 @@ def test_thread_ids_read_ahead_are_never_handed_out_twice_even_across_a_fork() -
     for value in ids:
         parsed = uuid.UUID(value)
         assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
+
+
+_SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="")
+
+
+async def test_work_run_now_that_never_waits_needs_no_task() -> None:
+    done: list[str] = []
+
+    async def quick() -> None:
+        _SEEN.set("quick")
+        done.append(_SEEN.get())
+
+    async with asyncio.TaskGroup() as group:
+        before = len(asyncio.all_tasks())
+        run_now(quick(), group, "quick")
+        assert done == ["quick"]
+        assert len(asyncio.all_tasks()) == before
+    assert _SEEN.get() == ""  # it ran in a context of its own, as a task's
+
+
+async def test_work_run_now_that_waits_is_carried_on_by_a_task_in_its_own_context() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    done: list[str] = []
+
+    async def slow() -> None:
+        _SEEN.set("slow")
+        done.append(await gate + _SEEN.get())
+
+    async with asyncio.TaskGroup() as group:
+        run_now(slow(), group, "slow")
+        assert done == []
+        gate.set_result("opened by ")
+    assert done == ["opened by slow"]
+
+
+async def test_a_carrier_cancelled_before_its_first_step_cancels_the_work_where_it_waits() -> None:
+    reached: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            reached.append("cancelled at its wait")
+            raise
+
+    async def failing_group() -> None:
+        async with asyncio.TaskGroup() as group:
+            run_now(slow(), group, "slow")
+            raise RuntimeError("the group fails before the carrier's first step, so it is cancelled")
+
+    with pytest.raises(ExceptionGroup):
+        await failing_group()
+    assert reached == ["cancelled at its wait"]
+
+
+async def test_an_eager_listener_whose_handler_awaits_after_all_still_answers() -> None:
+    async def slow_echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        await asyncio.sleep(0.01)
+        return HandlerResponse.respond(Pong(payload.text))
+
+    organism = Organism.of("eager", [Listener("slow", [Ping], slow_echo, eager=True)])
+    async with running(organism) as pump:
+        replies = await asyncio.gather(*(ask(pump, Ping(f"n{i}"), to="slow") for i in range(20)))
+    assert sorted(reply.payload.text for reply in replies) == sorted(f"n{i}" for i in range(20))
+
+
+async def test_an_eager_listener_that_raises_is_reported_like_any_other() -> None:
+    async def broken(payload: Ping, metadata: HandlerMetadata) -> None:
+        raise RuntimeError("broken at once")
+
+    organism = Organism.of("eager", [Listener("broken", [Ping], broken, eager=True)])
+    async with running(organism) as pump:
+        reply = await ask(pump, Ping("x"), to="broken")
+    assert reply.error_code is ErrorCode.HANDLER_ERROR
+    assert "broken at once" in reply.payload.message

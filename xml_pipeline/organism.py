@@ -50,6 +50,7 @@ class Listener:
         system: bool = False,
         accepts_any: bool = False,
         coordinator: bool = False,
+        eager: bool = False,
     ) -> None:
         if not LISTENER_NAME.match(name):
             raise ValueError(f"{name!r} is not a valid listener name")
@@ -72,6 +73,9 @@ class Listener:
         """Takes any payload dataclass from other listeners (collectors of answers)."""
         self.coordinator = coordinator
         """Waits on other listeners' work, so it holds no global in-flight slot while it runs."""
+        self.eager = eager
+        """Its handler returns without awaiting (the pump's own collectors of answers): the dispatcher runs it
+        in its own turn, without a task or a deadline (:mod:`xml_pipeline.message_bus.eager`)."""
         self.codecs_by_tag: dict[str, PayloadCodec[Any]] = {}
         self.codecs_by_class: dict[type, PayloadCodec[Any]] = {}
         for cls in payload_classes:

@@ -25,9 +25,10 @@ from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.conversations import Conversation
 from xml_pipeline.message_bus.deadlines import Deadlines
+from xml_pipeline.message_bus.eager import run_now
 from xml_pipeline.message_bus.error_reports import ErrorReports
 from xml_pipeline.message_bus.instruments import Instruments
-from xml_pipeline.message_bus.invocation import call_in_worker, call_watched
+from xml_pipeline.message_bus.invocation import call_at_once, call_in_worker, call_watched
 from xml_pipeline.message_bus.lifecycle import Lifecycle
 from xml_pipeline.message_bus.outcome import Failure
 from xml_pipeline.message_bus.slots import Slots
@@ -111,9 +112,8 @@ class Dispatcher:
         if not self._queue.full():  # only a wait needs a deadline; room is taken at once
             self._queue.put_nowait(delivery)
             return None
-        try:
-            async with asyncio.timeout(self._limits.enqueue_timeout_seconds):
-                await self._queue.put(delivery)
+        try:  # wait_for, not asyncio.timeout: an eager handler's failure may be routed in the dispatcher's turn
+            await asyncio.wait_for(self._queue.put(delivery), self._limits.enqueue_timeout_seconds)
         except asyncio.CancelledError:
             self._lifecycle.finish_one(conversation)
             raise
@@ -155,19 +155,28 @@ class Dispatcher:
                     except asyncio.CancelledError:
                         self._abandon(delivery)
                         raise
-                group.create_task(self._handle(delivery, router))
+                listener = delivery.listener
+                if listener.eager and listener.slots.try_take():
+                    run_now(self._handle(delivery, router, eager=True), group, listener.name)
+                else:
+                    group.create_task(self._handle(delivery, router))
                 try:
                     delivery = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     break
 
-    async def _handle(self, delivery: Delivery, router: Router) -> None:
+    async def _handle(self, delivery: Delivery, router: Router, *, eager: bool = False) -> None:
+        """Handle one message: its handler under the limits, then its result routed.
+
+        ``eager``: the listener's slot is taken and the handler returns without
+        awaiting (:attr:`Listener.eager`), so this runs in the dispatcher's turn.
+        """
         conversation, name = delivery.conversation, delivery.listener.name
         try:
             assert self._slots is not None
             self._instruments.metrics.message_in(name)
             try:
-                outcome = await self._invoke(delivery)
+                outcome = await self._invoke(delivery, eager)
             finally:
                 if not delivery.listener.coordinator:
                     self._slots.release()
@@ -191,11 +200,13 @@ class Dispatcher:
         finally:
             self._lifecycle.finish_one(conversation)
 
-    async def _invoke(self, delivery: Delivery) -> Any:
+    async def _invoke(self, delivery: Delivery, eager: bool) -> Any:
         """Run the handler under its listener's limits; a Failure if it did not finish well."""
         listener = delivery.listener
         try:
-            if not listener.slots.try_take():  # only a wait needs a deadline; a free slot is taken at once
+            if (
+                not eager and not listener.slots.try_take()
+            ):  # only a wait needs a deadline; a free slot is taken at once
                 async with asyncio.timeout(self._limits.enqueue_timeout_seconds):
                     await listener.slots.take()
         except TimeoutError:
@@ -224,6 +235,8 @@ class Dispatcher:
                         traceparent=observe.traceparent(),
                     )
                     return await call_in_worker(self._pool(), listener, task, self._xml_limits)
+                if eager:
+                    return await call_at_once(listener, delivery.payload, metadata)
                 return await call_watched(listener, delivery.payload, metadata, self._deadlines)
             finally:
                 self.running -= 1

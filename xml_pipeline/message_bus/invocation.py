@@ -63,6 +63,15 @@ async def call_watched(listener: Listener, payload: Any, metadata: HandlerMetada
     return result
 
 
+async def call_at_once(listener: Listener, payload: Any, metadata: HandlerMetadata) -> Any:
+    """Run an eager listener's handler (:attr:`Listener.eager`), which returns without awaiting, so it needs
+    no deadline: its result, or a Failure if it raised."""
+    try:
+        return await listener.handler(payload, metadata)
+    except Exception as exc:
+        return handler_raised(listener, metadata, exc)
+
+
 async def call_in_worker(pool: CpuPool, listener: Listener, task: Task, limits: XmlLimits) -> Any:
     """Run a cpu_bound handler in the pool: the same outcomes as :func:`call_in_process`."""
     try:

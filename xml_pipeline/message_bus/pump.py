@@ -280,6 +280,7 @@ class Pump:
         description: str = "",
         accepts_any: bool = False,
         coordinator: bool = False,
+        eager: bool = False,
     ) -> Listener:
         """Add a listener while running, e.g. a short-lived collector of replies."""
         return register_generic(
@@ -295,6 +296,7 @@ class Pump:
                 system=name.startswith("system."),
                 accepts_any=accepts_any,
                 coordinator=coordinator,
+                eager=eager,
             ),
         )
 

@@ -48,6 +48,7 @@ class Collector:
             accepts_any=True,
             max_concurrency=max(self._concurrency, 1),
             description="ephemeral collector of answers",
+            eager=True,  # _receive never awaits: each answer is taken in the dispatcher's turn, with no task
         )
         return self
 
