@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Any
 
 
 class Watch:
@@ -27,7 +28,7 @@ class Watch:
 
     __slots__ = ("_cancelling", "_task", "at", "expired", "finished")
 
-    def __init__(self, task: asyncio.Task[object], at: float) -> None:
+    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
         self._task = task
         self._cancelling = task.cancelling()
         self.at = at
@@ -59,7 +60,7 @@ class Deadlines:
         """Entries held (finished ones not dropped yet included): bounded by the calls in flight."""
         return sum(len(line) for line in self._lines.values())
 
-    def watch(self, task: asyncio.Task[object], seconds: float) -> Watch:
+    def watch(self, task: asyncio.Task[Any], seconds: float) -> Watch:
         """Start the deadline of a call that runs in ``task``; :meth:`finish` it when the call is over."""
         loop = task.get_loop()
         entry = Watch(task, loop.time() + seconds)

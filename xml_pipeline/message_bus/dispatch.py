@@ -54,6 +54,8 @@ class Delivery:
     conversation: Conversation
     hop: str = ""
     """Its reference for whoever observes (:mod:`xml_pipeline.observe`)."""
+    task: asyncio.Task[None] | None = None
+    """The task its handler runs in, once the dispatcher has made it (what a deadline cancels)."""
 
 
 class Dispatcher:
@@ -159,7 +161,7 @@ class Dispatcher:
                 if listener.eager and listener.slots.try_take():
                     run_now(self._handle(delivery, router, eager=True), group, listener.name)
                 else:
-                    group.create_task(self._handle(delivery, router))
+                    delivery.task = group.create_task(self._handle(delivery, router))
                 try:
                     delivery = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -237,7 +239,8 @@ class Dispatcher:
                     return await call_in_worker(self._pool(), listener, task, self._xml_limits)
                 if eager:
                     return await call_at_once(listener, delivery.payload, metadata)
-                return await call_watched(listener, delivery.payload, metadata, self._deadlines)
+                assert delivery.task is not None
+                return await call_watched(listener, delivery.payload, metadata, self._deadlines, delivery.task)
             finally:
                 self.running -= 1
                 self._instruments.metrics.handler_finished(listener.name, time.perf_counter() - started)

@@ -43,11 +43,11 @@ async def call_in_process(listener: Listener, payload: Any, metadata: HandlerMet
         return handler_raised(listener, metadata, exc)
 
 
-async def call_watched(listener: Listener, payload: Any, metadata: HandlerMetadata, deadlines: Deadlines) -> Any:
-    """:func:`call_in_process` with the deadline kept by ``deadlines`` (one timer for every call) instead of a
-    timer of its own: the same outcomes, for the in-process pump, which makes a call on every hop."""
-    task = asyncio.current_task()
-    assert task is not None
+async def call_watched(
+    listener: Listener, payload: Any, metadata: HandlerMetadata, deadlines: Deadlines, task: asyncio.Task[None]
+) -> Any:
+    """:func:`call_in_process` in ``task`` (the current one), with the deadline kept by ``deadlines`` (one timer
+    for every call) instead of a timer of its own: the same outcomes, for the in-process pump's every hop."""
     seconds = listener.timeout_seconds
     watch = deadlines.watch(task, seconds)
     try:
