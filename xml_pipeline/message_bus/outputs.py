@@ -50,6 +50,17 @@ class OutputPreparer:
             )
         return self._prepared(codec, payload, sender, target.name, validate=True)
 
+    def checked(self, payload: Any, element: etree._Element, sender: str, to: str) -> Prepared | Failure:
+        """A payload decoded from ``element``, which the target's schema passed, held to the limits only.
+
+        The caller vouches that ``payload`` is fresh (nobody else holds it) and
+        was decoded from ``element`` after validation, as :meth:`for_listener`
+        would have made it; only the size and depth bounds remain to check.
+        """
+        payload_xml = etree.tostring(element)
+        beyond = self.beyond_limits(payload_xml, element, sender, to)
+        return beyond if beyond is not None else (payload, payload_xml)
+
     def for_client(self, payload: Any, sender: str, to: str) -> Prepared | Failure:
         """The same for a reply to a client, which has no schema of its own to meet."""
         try:

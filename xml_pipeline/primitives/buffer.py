@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
+
+from lxml import etree
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.message_bus.buffer_registry import BufferItemResult, BufferRegistry, BufferState, new_run_id
 from xml_pipeline.message_bus.outcome import Failure
-from xml_pipeline.primitives.decoding import decode_for, encode
-from xml_pipeline.primitives.host import Caller, PrimitiveHost
+from xml_pipeline.primitives.decoding import checked_for, encode
+from xml_pipeline.primitives.host import Caller, CallsChecked, PrimitiveHost
 from xml_pipeline.primitives.payloads import (
     MAX_DEADLINE_SECONDS,
     BufferComplete,
@@ -105,31 +108,32 @@ async def _fan_out_and_in(
     indices: Iterator[int] = iter(range(state.total_items))
     timed_out = False
 
-    async def one(collector: Caller, index: int) -> None:
+    async def one(send: Send, index: int) -> None:
         try:
-            payload = decode_for(target, start.items[index], limits)
+            payload, element = checked_for(target, start.items[index], limits)
         except ValueError as exc:
             registry.store_result(
                 state.buffer_id, index, "", success=False, error=f"item is not a valid payload: {exc}"
             )
             return
-        answer = await collector.call(start.target, payload)
+        answer = await send(payload, element)
         if isinstance(answer, FAILURES):
             registry.store_result(state.buffer_id, index, "", success=False, error=describe_failure(answer))
         else:
             registry.store_result(state.buffer_id, index, encode(answer))
 
-    async def worker(collector: Caller) -> None:
+    async def worker(send: Send) -> None:
         for index in indices:  # shared iterator: each index is taken by exactly one worker
-            await one(collector, index)
+            await one(send, index)
 
     workers = min(start.max_in_flight, state.total_items)
     try:
         with pump.caller("buffer", state.buffer_id, concurrency=workers) as collector:
+            send = _sender(collector, start.target)
             try:
                 async with asyncio.timeout(start.timeout_seconds), asyncio.TaskGroup() as group:
                     for _ in itertools.repeat(None, workers):
-                        group.create_task(worker(collector))
+                        group.create_task(worker(send))
             except TimeoutError:
                 timed_out = True
         final = registry.get(state.buffer_id)
@@ -144,6 +148,21 @@ async def _fan_out_and_in(
         results=[BufferItem(item.index, item.success, item.result, item.error or "") for item in items],
         timed_out=timed_out,
     )
+
+
+Send = Callable[[Any, etree._Element], Awaitable[Any]]
+"""Sends one item's payload, decoded from the element its target's schema passed, and awaits the answer."""
+
+
+def _sender(caller: Caller, target: str) -> Send:
+    """How items go to ``target``: checked here already, a caller that can take them so checks them no more."""
+    if isinstance(caller, CallsChecked):
+        return functools.partial(caller.call_checked, target)
+
+    async def send(payload: Any, element: etree._Element) -> Any:
+        return await caller.call(target, payload)
+
+    return send
 
 
 def _missing(index: int, timeout: float) -> BufferItemResult:

@@ -15,6 +15,8 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from lxml import etree
+
 from xml_pipeline.handler import HandlerMetadata
 from xml_pipeline.message.system_payloads import SystemErrorPayload
 from xml_pipeline.message_bus.pump import Pump
@@ -72,6 +74,13 @@ class Collector:
 
         Callers bound the wait with their run's deadline.
         """
+        return await self._call(target, payload, None)
+
+    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> Any:
+        """:meth:`call` for ``payload`` decoded from ``element`` after ``target``'s schema passed it."""
+        return await self._call(target, payload, element)
+
+    async def _call(self, target: str, payload: Any, checked: etree._Element | None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         conversation_ids: list[str] = []
 
@@ -83,7 +92,7 @@ class Collector:
             if not future.done():
                 future.set_result(NO_ANSWER)
 
-        failure = await self.pump.start_internal(self.name, target, payload, started, ended)
+        failure = await self.pump.start_internal(self.name, target, payload, started, ended, checked=checked)
         if failure is not None:
             for conversation_id in conversation_ids:
                 self._waiting.pop(conversation_id, None)
