@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 from lxml import etree
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
-from xml_pipeline.message_bus.buffer_registry import BufferItemResult, BufferRegistry, BufferState, new_run_id
+from xml_pipeline.message_bus.buffer_registry import BufferRegistry, BufferState, new_run_id
 from xml_pipeline.message_bus.outcome import Failure
 from xml_pipeline.primitives.decoding import checked_for, encode
 from xml_pipeline.primitives.host import Caller, CallsChecked, PrimitiveHost
@@ -108,19 +108,25 @@ async def _fan_out_and_in(
     indices: Iterator[int] = iter(range(state.total_items))
     timed_out = False
 
+    # Each item's outcome as it is recorded. The registry holds the same, for other processes to see; this run
+    # is the only one that records them, each index once, so it need not read them back at the end.
+    results: list[BufferItem | None] = [None] * state.total_items
+
+    def record(index: int, result: str, error: str = "") -> None:
+        registry.store_result(state.buffer_id, index, result, success=not error, error=error or None)
+        results[index] = BufferItem(index, not error, result, error)
+
     async def one(send: Send, index: int) -> None:
         try:
             payload, element = checked_for(target, start.items[index], limits)
         except ValueError as exc:
-            registry.store_result(
-                state.buffer_id, index, "", success=False, error=f"item is not a valid payload: {exc}"
-            )
+            record(index, "", f"item is not a valid payload: {exc}")
             return
         answer = await send(payload, element)
         if isinstance(answer, FAILURES):
-            registry.store_result(state.buffer_id, index, "", success=False, error=describe_failure(answer))
+            record(index, "", describe_failure(answer))
         else:
-            registry.store_result(state.buffer_id, index, encode(answer))
+            record(index, encode(answer))
 
     async def worker(send: Send) -> None:
         for index in indices:  # shared iterator: each index is taken by exactly one worker
@@ -136,16 +142,15 @@ async def _fan_out_and_in(
                         group.create_task(worker(send))
             except TimeoutError:
                 timed_out = True
-        final = registry.get(state.buffer_id)
     finally:
         registry.remove(state.buffer_id)
-    results = final.results if final is not None else {}
-    items = [results.get(index) or _missing(index, start.timeout_seconds) for index in range(state.total_items)]
+    missing = f"no answer within the buffer's {start.timeout_seconds:g}s deadline"
+    items = [item or BufferItem(index, False, "", missing) for index, item in enumerate(results)]
     return BufferComplete(
         buffer_id=label,
         total=state.total_items,
         successful=sum(1 for item in items if item.success),
-        results=[BufferItem(item.index, item.success, item.result, item.error or "") for item in items],
+        results=items,
         timed_out=timed_out,
     )
 
@@ -163,7 +168,3 @@ def _sender(caller: Caller, target: str) -> Send:
         return await caller.call(target, payload)
 
     return send
-
-
-def _missing(index: int, timeout: float) -> BufferItemResult:
-    return BufferItemResult(index, "", success=False, error=f"no answer within the buffer's {timeout:g}s deadline")
