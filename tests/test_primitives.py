@@ -397,3 +397,20 @@ async def test_a_checked_buffer_item_is_still_held_to_the_depth_bound_of_an_outg
     assert isinstance(result, BufferComplete)
     assert not result.results[0].success
     assert "deeper than the limit of 5" in result.results[0].error
+
+
+async def test_a_primitives_outcome_is_written_and_checked_but_not_decoded_again(
+    pump: Pump, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = codec_for(BufferComplete)
+    decoded: list[object] = []
+    from_element = codec.from_element
+
+    def counted(element: Any) -> BufferComplete:
+        decoded.append(element)
+        return from_element(element)
+
+    monkeypatch.setattr(codec, "from_element", counted)
+    reply = await ask(pump, BufferStart(target="add1", items=[xml(Count(1))]), to="system.buffer")
+    assert isinstance(reply.payload, BufferComplete)
+    assert decoded == []  # the buffer made it and keeps nothing of it: the client gets it without a copy
