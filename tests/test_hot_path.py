@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import Ping, Pong
 from xml_pipeline import ErrorCode, HandlerMetadata, HandlerResponse
+from xml_pipeline.message_bus.conversations import NoMoreReplies, Reply, Submission
 from xml_pipeline.message_bus.deadlines import Deadlines
 from xml_pipeline.message_bus.eager import run_now
 from xml_pipeline.message_bus.slots import Slots
@@ -225,3 +226,46 @@ async def test_an_eager_listener_that_raises_is_reported_like_any_other() -> Non
         reply = await ask(pump, Ping("x"), to="broken")
     assert reply.error_code is ErrorCode.HANDLER_ERROR
     assert "broken at once" in reply.payload.message
+
+
+def reply(text: str) -> Reply:
+    return Reply(sender="echo", to="console", thread="t", payload=Pong(text), envelope=text.encode())
+
+
+async def test_a_wait_for_a_reply_times_out_and_leaves_nothing_behind() -> None:
+    submission = Submission("t", capacity=10)
+    with pytest.raises(TimeoutError):
+        await submission.next_reply(0.01)
+    assert submission._waiters == []
+    submission.deliver(reply("late"))
+    assert (await submission.next_reply(0.01)).payload == Pong("late")
+
+
+async def test_two_readers_each_get_one_reply_and_the_end_wakes_the_rest() -> None:
+    submission = Submission("t", capacity=10)
+    readers = [asyncio.create_task(submission.next_reply(5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    submission.deliver(reply("one"))
+    await asyncio.sleep(0)
+    submission.deliver(reply("two"))
+    await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.sleep(0)
+    submission.close()
+    outcomes = await asyncio.gather(*readers, return_exceptions=True)
+    got = sorted(outcome.payload.text for outcome in outcomes if isinstance(outcome, Reply))
+    assert got == ["one", "two"]
+    assert sum(isinstance(outcome, NoMoreReplies) for outcome in outcomes) == 1
+    assert submission._waiters == []
+
+
+async def test_a_cancelled_reader_does_not_take_a_reply_from_another() -> None:
+    submission = Submission("t", capacity=10)
+    cancelled = asyncio.create_task(submission.next_reply(5))
+    waiting = asyncio.create_task(submission.next_reply(5))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    submission.deliver(reply("kept"))
+    assert (await waiting).payload == Pong("kept")
+    assert cancelled.cancelled()
+    assert submission._waiters == []
