@@ -81,24 +81,35 @@ class Collector:
         return await self._call(target, payload, element)
 
     async def _call(self, target: str, payload: Any, checked: etree._Element | None) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        conversation_ids: list[str] = []
-
-        def started(conversation_id: str) -> None:
-            conversation_ids.append(conversation_id)
-            self._waiting[conversation_id] = future
-
-        def ended() -> None:
-            if not future.done():
-                future.set_result(NO_ANSWER)
-
-        failure = await self.pump.start_internal(self.name, target, payload, started, ended, checked=checked)
+        call = _Call(self._waiting)
+        failure = await self.pump.start_internal(self.name, target, payload, call.started, call.ended, checked=checked)
         if failure is not None:
-            for conversation_id in conversation_ids:
-                self._waiting.pop(conversation_id, None)
+            call.forget()
             return SystemErrorPayload(failure.code, failure.detail, failure.code.retry_allowed, target)
         try:
-            return await future
+            return await call.answer
         finally:
-            for conversation_id in conversation_ids:
-                self._waiting.pop(conversation_id, None)
+            call.forget()
+
+
+class _Call:
+    """One call of a collector: its conversation, once started, and the answer it waits for."""
+
+    __slots__ = ("answer", "conversation", "waiting")
+
+    def __init__(self, waiting: dict[str, asyncio.Future[Any]]) -> None:
+        self.waiting = waiting
+        self.answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.conversation: str | None = None
+
+    def started(self, conversation: str) -> None:
+        self.conversation = conversation
+        self.waiting[conversation] = self.answer
+
+    def ended(self) -> None:
+        if not self.answer.done():
+            self.answer.set_result(NO_ANSWER)
+
+    def forget(self) -> None:
+        if self.conversation is not None:
+            self.waiting.pop(self.conversation, None)
