@@ -178,19 +178,6 @@ def _refuse_foreign_declaration_and_dtd(root: etree._Element) -> None:
         raise XmlRejected(ErrorCode.FORBIDDEN_DTD, "DOCTYPE and entity declarations are not accepted")
 
 
-def _may_declare(raw: bytes) -> bool:
-    """Whether ``raw`` can hold an encoding declaration or a DTD, which ``docinfo`` must then be asked about.
-
-    Bytes that passed :func:`_refuse_foreign_encoding` are UTF-8 (ASCII
-    included) unless they start with UTF-16's byte order mark: any other
-    encoding needs an XML declaration (``<?``) to be read as such. In UTF-8 a
-    declaration is the ASCII bytes ``<?`` and a DOCTYPE the bytes ``<!``, so
-    bytes with neither are UTF-8 without a DTD, and the costlier look at the
-    parsed document's ``docinfo`` (made on every message) can be skipped.
-    """
-    return raw.startswith(_UTF16_BOMS) or b"<?" in raw or b"<!" in raw
-
-
 @dataclass(frozen=True, slots=True)
 class Parsed:
     root: etree._Element
@@ -220,8 +207,7 @@ def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
         root, repairs = _repaired(raw)
     except ValueError as exc:  # e.g. a str with an encoding declaration
         raise XmlRejected(ErrorCode.MALFORMED_XML, f"not parseable: {exc}") from None
-    if _may_declare(raw):
-        _refuse_foreign_declaration_and_dtd(root)
+    _refuse_foreign_declaration_and_dtd(root)
     if _could_be_deeper(raw, limits.max_depth) and _deeper_than(limits.max_depth)(root):
         raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}")
     return Parsed(root, repairs)
