@@ -269,3 +269,29 @@ async def test_a_cancelled_reader_does_not_take_a_reply_from_another() -> None:
     assert (await waiting).payload == Pong("kept")
     assert cancelled.cancelled()
     assert submission._waiters == []
+
+
+def test_deadlines_still_fire_for_a_pump_started_again_in_another_loop() -> None:
+    deadlines = Deadlines()
+    outcomes: list[bool] = []
+
+    async def call(seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watch = deadlines.watch(task, seconds)
+        try:
+            await asyncio.sleep(seconds * 4)
+        except asyncio.CancelledError:
+            outcomes.append(deadlines.finish(watch, seconds, cancelled=True))
+            return
+        outcomes.append(deadlines.finish(watch, seconds))
+
+    async def first_loop() -> None:  # leaves its timer armed for a far deadline, then its loop ends
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines.finish(deadlines.watch(task, 0.001), 0.001)
+        deadlines.finish(deadlines.watch(task, 30), 30)
+
+    asyncio.run(first_loop())
+    asyncio.run(call(0.05))
+    assert outcomes == [True]

@@ -55,6 +55,7 @@ class Deadlines:
         self._live: dict[float, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         """Entries held (finished ones not dropped yet included): bounded by the calls in flight."""
@@ -70,8 +71,8 @@ class Deadlines:
             self._live[seconds] = 0
         line.append(entry)
         self._live[seconds] += 1
-        if self._timer is None or entry.at < self._timer_at:
-            self._arm(loop, entry.at)
+        if self._timer is None or entry.at < self._timer_at or loop is not self._timer_loop:
+            self._arm(loop, entry.at)  # (a pump started again in another loop: its old timer never fires)
         return entry
 
     def finish(self, entry: Watch, seconds: float, *, cancelled: bool = False) -> bool:
@@ -89,7 +90,7 @@ class Deadlines:
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = at
+        self._timer_at, self._timer_loop = at, loop
         self._timer = loop.call_at(at, self._expire, loop)
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
