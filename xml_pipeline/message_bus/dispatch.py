@@ -206,9 +206,8 @@ class Dispatcher:
         """Run the handler under its listener's limits; a Failure if it did not finish well."""
         listener = delivery.listener
         try:
-            if (
-                not eager and not listener.slots.try_take()
-            ):  # only a wait needs a deadline; a free slot is taken at once
+            # an eager call's slot is taken already; only a wait needs a deadline, a free slot is taken at once
+            if not eager and not listener.slots.try_take():
                 async with asyncio.timeout(self._limits.enqueue_timeout_seconds):
                     await listener.slots.take()
         except TimeoutError:
