@@ -30,7 +30,7 @@ from xml_pipeline.primitives import (
     SequenceError,
     SequenceStart,
 )
-from xml_pipeline.primitives.collector import Collector
+from xml_pipeline.primitives.collector import Collector, _Call
 from xml_pipeline.testing import ask, running
 
 
@@ -302,12 +302,12 @@ async def test_an_item_answered_twice_keeps_its_first_answer(pump: Pump) -> None
     registry.remove(state.buffer_id)
     # and the collector resolves each call once, ignoring a repeated answer
     with Collector(pump, "buffer", "test", concurrency=1) as collector:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        collector._waiting["conversation"] = future
+        call = _Call(collector._waiting)
+        call.started("conversation")
         metadata = HandlerMetadata("t", "add1", collector.name, "conversation")
         await collector._receive(Count(1), metadata)
         await collector._receive(Count(2), metadata)
-        assert future.result() == Count(1)
+        assert call.answer.result() == Count(1)
 
 
 async def test_fifty_sequences_and_buffers_at_once_do_not_mix(pump: Pump) -> None:
@@ -414,3 +414,15 @@ async def test_a_primitives_outcome_is_written_and_checked_but_not_decoded_again
     reply = await ask(pump, BufferStart(target="add1", items=[xml(Count(1))]), to="system.buffer")
     assert isinstance(reply.payload, BufferComplete)
     assert decoded == []  # the buffer made it and keeps nothing of it: the client gets it without a copy
+
+
+async def test_each_answer_is_kept_as_the_xml_it_arrived_as_not_written_again(
+    pump: Pump, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_again(payload: Any) -> str:
+        raise AssertionError(f"{payload!r} was written out again")
+
+    monkeypatch.setattr("xml_pipeline.primitives.buffer.encode", not_again)
+    items = [xml(Count(i)) for i in range(3)]
+    result = (await ask(pump, BufferStart(target="add1", items=items), to="system.buffer")).payload
+    assert [item.result for item in result.results] == [xml(Count(i + 1)) for i in range(3)]

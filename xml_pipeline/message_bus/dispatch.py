@@ -237,7 +237,7 @@ class Dispatcher:
                     )
                     return await call_in_worker(self._pool(), listener, task, self._xml_limits)
                 if eager:
-                    return await call_at_once(listener, delivery.payload, metadata)
+                    return await call_at_once(listener, delivery.payload, metadata, delivery.payload_xml)
                 assert delivery.task is not None
                 return await call_watched(listener, delivery.payload, metadata, self._deadlines, delivery.task)
             finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
@@ -63,9 +64,16 @@ async def call_watched(
     return result
 
 
-async def call_at_once(listener: Listener, payload: Any, metadata: HandlerMetadata) -> Any:
+ARRIVED_AS: ContextVar[bytes] = ContextVar("xml_pipeline_arrived_as", default=b"")
+"""The XML of the payload an eager listener's handler was given, while it runs: the pump's own
+collectors keep an answer's text as it arrived instead of writing the answer out again."""
+
+
+async def call_at_once(listener: Listener, payload: Any, metadata: HandlerMetadata, payload_xml: bytes) -> Any:
     """Run an eager listener's handler (:attr:`Listener.eager`), which returns without awaiting, so it needs
-    no deadline: its result, or a Failure if it raised."""
+    no deadline: its result, or a Failure if it raised. It runs in a context of its own
+    (:func:`~xml_pipeline.message_bus.eager.run_now`), where :data:`ARRIVED_AS` is ``payload_xml``."""
+    ARRIVED_AS.set(payload_xml)
     try:
         return await listener.handler(payload, metadata)
     except Exception as exc:

@@ -122,11 +122,11 @@ async def _fan_out_and_in(
         except ValueError as exc:
             record(index, "", f"item is not a valid payload: {exc}")
             return
-        answer = await send(payload, element)
+        answer, text = await send(payload, element)
         if isinstance(answer, FAILURES):
             record(index, "", describe_failure(answer))
         else:
-            record(index, encode(answer))
+            record(index, text if text is not None else encode(answer))
 
     async def worker(send: Send) -> None:
         for index in indices:  # shared iterator: each index is taken by exactly one worker
@@ -155,8 +155,9 @@ async def _fan_out_and_in(
     )
 
 
-Send = Callable[[Any, etree._Element], Awaitable[Any]]
-"""Sends one item's payload, decoded from the element its target's schema passed, and awaits the answer."""
+Send = Callable[[Any, etree._Element], Awaitable[tuple[Any, str | None]]]
+"""Sends one item's payload, decoded from the element its target's schema passed, and awaits the answer
+(with its XML text, if the caller has it)."""
 
 
 def _sender(caller: Caller, target: str) -> Send:
@@ -164,7 +165,7 @@ def _sender(caller: Caller, target: str) -> Send:
     if isinstance(caller, CallsChecked):
         return functools.partial(caller.call_checked, target)
 
-    async def send(payload: Any, element: etree._Element) -> Any:
-        return await caller.call(target, payload)
+    async def send(payload: Any, element: etree._Element) -> tuple[Any, str | None]:
+        return await caller.call(target, payload), None
 
     return send

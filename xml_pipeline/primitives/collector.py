@@ -19,6 +19,7 @@ from lxml import etree
 
 from xml_pipeline.handler import HandlerMetadata
 from xml_pipeline.message.system_payloads import SystemErrorPayload
+from xml_pipeline.message_bus.invocation import ARRIVED_AS
 from xml_pipeline.message_bus.pump import Pump
 
 log = logging.getLogger("xml_pipeline.primitives")
@@ -38,7 +39,7 @@ class Collector:
     def __init__(self, pump: Pump, kind: str, run_id: str, *, concurrency: int) -> None:
         self.pump = pump
         self.name = f"system.{kind}.{run_id}"
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, _Call] = {}
         self._concurrency = concurrency
 
     def __enter__(self) -> Collector:
@@ -58,36 +59,38 @@ class Collector:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.pump.unregister_listener(self.name)
-        for future in self._waiting.values():
-            future.cancel()
+        for call in self._waiting.values():
+            call.answer.cancel()
         self._waiting.clear()
 
     async def _receive(self, payload: Any, metadata: HandlerMetadata) -> None:
-        future = self._waiting.pop(metadata.conversation_id, None)
-        if future is None or future.done():
+        call = self._waiting.pop(metadata.conversation_id, None)
+        if call is None or call.answer.done():
             log.info("duplicate or late answer ignored by %s (conversation=%s)", self.name, metadata.conversation_id)
             return
-        future.set_result(payload)
+        call.text = ARRIVED_AS.get().decode() or None  # eager, so the pump says what XML the answer came as
+        call.answer.set_result(payload)
 
     async def call(self, target: str, payload: Any) -> Any:
         """Send ``payload`` to ``target``; its answer, the SystemErrorPayload, or NO_ANSWER.
 
         Callers bound the wait with their run's deadline.
         """
-        return await self._call(target, payload, None)
+        return (await self._call(target, payload, None))[0]
 
-    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> Any:
-        """:meth:`call` for ``payload`` decoded from ``element`` after ``target``'s schema passed it."""
+    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> tuple[Any, str | None]:
+        """:meth:`call` for ``payload`` decoded from ``element`` after ``target``'s schema passed it; with the
+        answer, its XML text as it arrived (None for what did not arrive: NO_ANSWER, a refusal to send)."""
         return await self._call(target, payload, element)
 
-    async def _call(self, target: str, payload: Any, checked: etree._Element | None) -> Any:
+    async def _call(self, target: str, payload: Any, checked: etree._Element | None) -> tuple[Any, str | None]:
         call = _Call(self._waiting)
         failure = await self.pump.start_internal(self.name, target, payload, call.started, call.ended, checked=checked)
         if failure is not None:
             call.forget()
-            return SystemErrorPayload(failure.code, failure.detail, failure.code.retry_allowed, target)
+            return SystemErrorPayload(failure.code, failure.detail, failure.code.retry_allowed, target), None
         try:
-            return await call.answer
+            return await call.answer, call.text
         finally:
             call.forget()
 
@@ -95,16 +98,18 @@ class Collector:
 class _Call:
     """One call of a collector: its conversation, once started, and the answer it waits for."""
 
-    __slots__ = ("answer", "conversation", "waiting")
+    __slots__ = ("answer", "conversation", "text", "waiting")
 
-    def __init__(self, waiting: dict[str, asyncio.Future[Any]]) -> None:
+    def __init__(self, waiting: dict[str, _Call]) -> None:
         self.waiting = waiting
         self.answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.text: str | None = None
+        """The answer's XML as it arrived, when it arrived."""
         self.conversation: str | None = None
 
     def started(self, conversation: str) -> None:
         self.conversation = conversation
-        self.waiting[conversation] = self.answer
+        self.waiting[conversation] = self
 
     def ended(self) -> None:
         if not self.answer.done():

@@ -36,8 +36,9 @@ class CallsChecked(Protocol):
     limits, instead of writing, validating and decoding the payload again.
     """
 
-    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> Any:
-        """:meth:`Caller.call` for ``payload`` decoded from ``element``, which ``target``'s schema passed."""
+    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> tuple[Any, str | None]:
+        """:meth:`Caller.call` for ``payload`` decoded from ``element``, which ``target``'s schema passed;
+        with the answer, its XML text as it arrived (None if the caller has none, e.g. for NO_ANSWER)."""
         ...
 
 
