@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.cpu_time import cpu_microseconds
 from benchmarks.shared_floor import DEFAULT_SHARED, SCRIPT
 from tests.conftest import ROOT
 
@@ -92,3 +93,9 @@ def test_quick_benchmark_run_without_the_shared_folder_says_so(tmp_path: Path) -
     assert set(document["results"][0]["ratios"]) == {"own floor"}
     assert document["own_floor"]["ratio"]["median"] > 0
     assert f"shared  not measured: {missing / SCRIPT} is absent" in text
+
+
+async def test_cpu_time_per_unit_runs_end_to_end() -> None:
+    spent = await cpu_microseconds(1, hops=50, items=50)
+    assert sorted(spent) == ["buffer item", "floor hop", "pump round trip"]
+    assert all(value > 0 for value in spent.values())

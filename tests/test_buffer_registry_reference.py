@@ -123,3 +123,20 @@ async def test_a_buffer_started_with_a_string_of_items_completes(backend: Shared
         reply = await ask(pump, BufferStart(target="add1", items=items), to="system.buffer")  # type: ignore[arg-type]
     assert isinstance(reply.payload, BufferComplete)
     assert (reply.payload.total, reply.payload.successful) == (5, 5)
+
+
+def test_each_result_keeps_its_text_and_error_exactly(backend: SharedBackend) -> None:
+    registry = BufferRegistry(backend)
+    outcomes = [
+        ("<a>1:2</a>", True, None),
+        ("", False, "refused: 3:4 ü"),
+        ("<b/>", True, ""),
+        ("9:é", False, "5"),
+    ]
+    registry.create("exact", len(outcomes), "", "t", "me", "w")
+    for index, (result, success, error) in enumerate(outcomes):
+        assert registry.store_result("exact", index, result, success, error)
+    state = registry.get("exact")
+    assert state is not None
+    assert [(item.result, item.success, item.error) for _, item in sorted(state.results.items())] == outcomes
+    registry.remove("exact")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from xml_pipeline.message.payload_codec import codec_for
 from xml_pipeline.message_bus.buffer_registry import BufferRegistry, get_buffer_registry, new_run_id
 from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.message_bus.sequence_registry import get_sequence_registry
-from xml_pipeline.organism import Listener, Organism
+from xml_pipeline.organism import Listener, Organism, PumpLimits
 from xml_pipeline.primitives import (
     BufferComplete,
     BufferDispatched,
@@ -29,7 +30,7 @@ from xml_pipeline.primitives import (
     SequenceError,
     SequenceStart,
 )
-from xml_pipeline.primitives.collector import Collector
+from xml_pipeline.primitives.collector import Collector, _Call
 from xml_pipeline.testing import ask, running
 
 
@@ -301,12 +302,12 @@ async def test_an_item_answered_twice_keeps_its_first_answer(pump: Pump) -> None
     registry.remove(state.buffer_id)
     # and the collector resolves each call once, ignoring a repeated answer
     with Collector(pump, "buffer", "test", concurrency=1) as collector:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        collector._waiting["conversation"] = future
+        call = _Call(collector._waiting)
+        call.started("conversation")
         metadata = HandlerMetadata("t", "add1", collector.name, "conversation")
         await collector._receive(Count(1), metadata)
         await collector._receive(Count(2), metadata)
-        assert future.result() == Count(1)
+        assert call.answer.result() == Count(1)
 
 
 async def test_fifty_sequences_and_buffers_at_once_do_not_mix(pump: Pump) -> None:
@@ -341,3 +342,87 @@ async def test_buffer_with_a_cpu_bound_target_on_shared_backends(shared_backend:
         assert all(c.history_seen == 1 for c in crunched)  # each item is its own conversation, visible to the worker
         assert len({c.worker_pid for c in crunched}) >= 1
         assert_nothing_left(pump)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    value: int
+
+
+@dataclass(frozen=True)
+class Middle:
+    leaf: Leaf
+
+
+@dataclass(frozen=True)
+class Nested:
+    middle: Middle
+
+
+@dataclass(frozen=True)
+class Outer:
+    nested: Nested
+
+
+async def nested_echo(payload: Outer, metadata: HandlerMetadata) -> HandlerResponse:
+    return HandlerResponse.respond(Count(payload.nested.middle.leaf.value))
+
+
+async def test_buffer_items_are_checked_against_the_targets_schema_once(
+    pump: Pump, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = codec_for(Count)
+    checks: list[object] = []
+    validate = codec.validate
+
+    def counted(element: Any) -> str | None:
+        checks.append(element)
+        return validate(element)
+
+    monkeypatch.setattr(codec, "validate", counted)
+    items = [xml(Count(i)) for i in range(5)]
+    result = (await ask(pump, BufferStart(target="add1", items=items), to="system.buffer")).payload
+    assert len(checks) == 5 + 5  # each item on its way out, each answer on its way back: never twice
+    assert [value_of(item.result) for item in result.results] == [1, 2, 3, 4, 5]
+
+
+async def test_a_checked_buffer_item_is_still_held_to_the_depth_bound_of_an_outgoing_payload() -> None:
+    """An item document exactly ``max_depth`` deep parses, but inside an envelope it would be one deeper."""
+    shallow = Organism.of(
+        "shallow", [Listener("nested", [Outer], nested_echo)], PumpLimits(max_depth=5, max_message_bytes=4096)
+    )
+    item = xml(Outer(Nested(Middle(Leaf(7)))))
+    async with running(shallow) as pump:
+        result = (await ask(pump, BufferStart(target="nested", items=[item]), to="system.buffer")).payload
+    assert isinstance(result, BufferComplete)
+    assert not result.results[0].success
+    assert "deeper than the limit of 5" in result.results[0].error
+
+
+async def test_a_primitives_outcome_is_written_and_checked_but_not_decoded_again(
+    pump: Pump, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = codec_for(BufferComplete)
+    decoded: list[object] = []
+    from_element = codec.from_element
+
+    def counted(element: Any) -> BufferComplete:
+        decoded.append(element)
+        return from_element(element)
+
+    monkeypatch.setattr(codec, "from_element", counted)
+    reply = await ask(pump, BufferStart(target="add1", items=[xml(Count(1))]), to="system.buffer")
+    assert isinstance(reply.payload, BufferComplete)
+    assert decoded == []  # the buffer made it and keeps nothing of it: the client gets it without a copy
+
+
+async def test_each_answer_is_kept_as_the_xml_it_arrived_as_not_written_again(
+    pump: Pump, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_again(payload: Any) -> str:
+        raise AssertionError(f"{payload!r} was written out again")
+
+    monkeypatch.setattr("xml_pipeline.primitives.buffer.encode", not_again)
+    items = [xml(Count(i)) for i in range(3)]
+    result = (await ask(pump, BufferStart(target="add1", items=items), to="system.buffer")).payload
+    assert [item.result for item in result.results] == [xml(Count(i + 1)) for i in range(3)]

@@ -339,3 +339,39 @@ async def test_a_bug_in_the_pump_is_reported_and_logged_never_lost(
         assert (await ask(pump, Ping("y"), to="echo")).payload == Pong("y")
     assert reply.error_code is ErrorCode.INTERNAL
     assert any("simulated bug" in (record.exc_text or "") or record.exc_info for record in caplog.records)
+
+
+async def dispatched(pump: Pump) -> None:
+    """Until the dispatcher has taken everything queued (a few turns of the loop)."""
+    for _ in range(1000):
+        if not pump.stats().queue_depth:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the dispatcher did not take what was queued")
+
+
+async def test_a_forward_that_waits_too_long_for_queue_room_is_an_overload_to_the_client() -> None:
+    release = asyncio.Event()
+
+    async def forwarder(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        await release.wait()
+        return HandlerResponse(Ping("on"), to="echo")
+
+    gate = Gate()
+    org = organism(Listener("gate", [Ping], gate.handler), max_in_flight=1, queue_size=1, enqueue_timeout_seconds=0.05)
+    async with running(org) as pump:
+        pump.register_generic_listener("forwarder", forwarder, [Ping], coordinator=True)  # takes no global slot
+        forwarded = await pump.inject_payload(Ping("f"), "forwarder")
+        await dispatched(pump)  # the forwarder waits for its release
+        held = await pump.inject_payload(Ping("g"), "gate")
+        await gate.wait_for_active(1)  # the gate holds the only global slot
+        waiting = await pump.inject_payload(Ping("w"), "echo")
+        await dispatched(pump)  # taken by the dispatcher, which waits for a slot
+        queued = await pump.inject_payload(Ping("q"), "echo")  # fills the queue
+        release.set()
+        error = await forwarded.next_reply(5)
+        assert error.error_code is ErrorCode.OVERLOAD
+        assert "stayed full" in error.payload.message
+        gate.opened.set()
+        for submission in (held, waiting, queued):
+            assert not (await submission.next_reply(5)).is_error

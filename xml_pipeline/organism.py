@@ -6,7 +6,6 @@ and embedding programs build it in code.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from xml_pipeline.message.envelope import LISTENER_NAME
 from xml_pipeline.message.payload_codec import PayloadCodec, codec_for
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message.system_payloads import SystemErrorPayload
+from xml_pipeline.message_bus.slots import Slots
 
 RESERVED_PREFIX = "system"
 """``system`` and ``system.*`` belong to the pump and its built-in listeners."""
@@ -50,6 +50,7 @@ class Listener:
         system: bool = False,
         accepts_any: bool = False,
         coordinator: bool = False,
+        eager: bool = False,
     ) -> None:
         if not LISTENER_NAME.match(name):
             raise ValueError(f"{name!r} is not a valid listener name")
@@ -72,6 +73,9 @@ class Listener:
         """Takes any payload dataclass from other listeners (collectors of answers)."""
         self.coordinator = coordinator
         """Waits on other listeners' work, so it holds no global in-flight slot while it runs."""
+        self.eager = eager
+        """Its handler returns without awaiting (the pump's own collectors of answers): the dispatcher runs it
+        in its own turn, without a task or a deadline (:mod:`xml_pipeline.message_bus.eager`)."""
         self.codecs_by_tag: dict[str, PayloadCodec[Any]] = {}
         self.codecs_by_class: dict[type, PayloadCodec[Any]] = {}
         for cls in payload_classes:
@@ -83,7 +87,7 @@ class Listener:
         if not self.codecs_by_tag:
             raise ValueError(f"listener {name!r} accepts no payload class")
         self.accepts_errors = SystemErrorPayload in self.codecs_by_class
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
         if cpu_bound:
             for qualname in (handler.__qualname__, *(cls.__qualname__ for cls in self.codecs_by_class)):
                 if "<locals>" in qualname:
@@ -98,10 +102,10 @@ class Listener:
         return f"{self.handler.__module__}:{self.handler.__qualname__}"
 
     @property
-    def slots(self) -> asyncio.Semaphore:
+    def slots(self) -> Slots:
         """Per-listener concurrency limit, created lazily inside the running loop."""
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrency)
+            self._slots = Slots(self.max_concurrency)
         return self._slots
 
     def may_call(self, target: str) -> bool:

@@ -19,36 +19,61 @@ from typing import Any
 from xml_pipeline.message.safe_xml import XmlLimits, XmlRejected
 from xml_pipeline.message.system_payloads import ErrorCode
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
+_TEXT, _BASE64, _ITEMS, _FIELDS, _ENUM, _OTHER = range(6)
+"""What a value adds to the walk, by its class: text, base64 text, items, fields, an enum's value, nothing."""
+_KINDS: dict[type, tuple[int, tuple[str, ...]]] = {}
+"""Each class's kind (and a dataclass's field names), worked out once: the walk runs on every hop."""
 
 
-def _field_names(cls: type) -> tuple[str, ...]:
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = tuple(field.name for field in dataclasses.fields(cls))
-        _FIELDS[cls] = names
-    return names
+def _kind_of(cls: type) -> tuple[int, tuple[str, ...]]:
+    if issubclass(cls, str):
+        kind: tuple[int, tuple[str, ...]] = (_TEXT, ())
+    elif issubclass(cls, bytes | bytearray):
+        kind = (_BASE64, ())
+    elif issubclass(cls, list | tuple):
+        kind = (_ITEMS, ())
+    elif dataclasses.is_dataclass(cls):
+        kind = (_FIELDS, tuple(field.name for field in dataclasses.fields(cls)))
+    elif issubclass(cls, enum.Enum):
+        kind = (_ENUM, ())
+    else:
+        kind = (_OTHER, ())
+    _KINDS[cls] = kind
+    return kind
 
 
 def refuse_if_beyond(payload: Any, limits: XmlLimits) -> None:
-    """Raise XmlRejected (too-large, too-deep) when ``payload`` cannot fit, whatever its XML."""
+    """Raise XmlRejected (too-large, too-deep) when ``payload`` cannot fit, whatever its XML.
+
+    The walk goes a level at a time (an enum's value stays on its enum's
+    level), so its only bookkeeping is the list of the next level's values.
+    """
     budget = limits.max_bytes
     deepest = limits.max_depth - 1  # the envelope's <message> holds the payload element
     text = 0
-    stack: list[tuple[Any, int]] = [(payload, 1)]
-    while stack:
-        value, level = stack.pop()
+    level, values = 1, [payload]
+    kinds = _KINDS
+    while values:
         if level > deepest:
             raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting would be deeper than the limit of {limits.max_depth}")
-        if isinstance(value, str):
-            text += len(value)
-        elif isinstance(value, bytes | bytearray):
-            text += len(value) * 4 // 3  # base64
-        elif isinstance(value, list | tuple):
-            stack.extend((item, level + 1) for item in value)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            stack.extend((getattr(value, name), level + 1) for name in _field_names(type(value)))
-        elif isinstance(value, enum.Enum):
-            stack.append((value.value, level))
-        if text > budget:
-            raise XmlRejected(ErrorCode.TOO_LARGE, f"the message would be over {budget} bytes; the limit is {budget}")
+        below: list[Any] = []
+        for value in values:
+            cls = type(value)
+            kind, names = kinds.get(cls) or _kind_of(cls)
+            if kind == _OTHER:
+                continue
+            if kind == _TEXT:
+                text += len(value)
+            elif kind == _FIELDS:
+                below.extend([getattr(value, name) for name in names])
+            elif kind == _ITEMS:
+                below.extend(value)
+            elif kind == _BASE64:
+                text += len(value) * 4 // 3
+            else:  # an enum: its value, on the same level
+                values.append(value.value)
+            if text > budget:
+                raise XmlRejected(
+                    ErrorCode.TOO_LARGE, f"the message would be over {budget} bytes; the limit is {budget}"
+                )
+        level, values = level + 1, below

@@ -371,6 +371,12 @@ def _write_statements(plan: _FieldPlan, tag: str, name: str) -> list[str]:
             f"            raise PayloadTypeError(f'{{path}}.{plan.name}: expected int, got {{type(x).__name__}}')",
             f"        sub(element, {tag}).text = str(int(x))",
         ]
+    if isinstance(plan.spec, _BoolSpec):
+        return [
+            "        if not isinstance(x, bool):",
+            f"            raise PayloadTypeError(f'{{path}}.{plan.name}: expected bool, got {{type(x).__name__}}')",
+            f"        sub(element, {tag}).text = 'true' if x else 'false'",
+        ]
     return [f"        {name}.write(sub(element, {tag}), x, {where})"]
 
 

@@ -74,6 +74,27 @@ def new_run_id() -> str:
     return secrets.token_hex(16)
 
 
+def _encode_result(result: str, success: bool, error: str | None) -> bytes:
+    """One item's outcome as ``<success 0|1><error's length, empty for None>:<error><result>``.
+
+    Written once per item of every buffer, so plainer than JSON: the lengths
+    say where each part ends, whatever the text holds.
+    """
+    if error is None:
+        return f"{int(success)}:{result}".encode()
+    return f"{int(success)}{len(error)}:{error}{result}".encode()
+
+
+def _decode_result(index: int, value: bytes) -> BufferItemResult:
+    text = value.decode()
+    colon = text.index(":")
+    success = text[0] == "1"
+    if colon == 1:
+        return BufferItemResult(index, text[2:], success, None)
+    end = colon + 1 + int(text[1:colon])
+    return BufferItemResult(index, text[end:], success, text[colon + 1 : end])
+
+
 class BufferRegistry:
     def __init__(self, backend: SharedBackend | None = None) -> None:
         self.backend: SharedBackend = backend if backend is not None else InMemoryBackend()
@@ -109,9 +130,8 @@ class BufferRegistry:
         results: dict[int, BufferItemResult] = {}
         for name, value in fields.items():
             if name.startswith(_RESULT):
-                data = json.loads(value)
                 index = int(name[len(_RESULT) :])
-                results[index] = BufferItemResult(index, data["result"], data["success"], data["error"])
+                results[index] = _decode_result(index, value)
         return BufferState(
             buffer_id,
             meta["total_items"],
@@ -153,7 +173,7 @@ class BufferRegistry:
         reading the whole buffer back after each of 10,000 items would cost
         time quadratic in their number.
         """
-        value = json.dumps({"result": result, "success": success, "error": error}).encode()
+        value = _encode_result(result, success, error)
         return self.backend.record_put(KIND, buffer_id, f"{_RESULT}{index}", value, only_if_absent=True)
 
     def remove(self, buffer_id: str) -> bool:

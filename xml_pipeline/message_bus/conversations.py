@@ -11,6 +11,7 @@ client drops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -58,7 +59,8 @@ class Submission:
         self.thread_id = thread_id
         self._replies: deque[Reply] = deque()
         self._capacity = capacity
-        self._arrived = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        """Readers waiting for a reply (or the end), each woken once."""
         self._closed = False
         self.closed_at: float | None = None
         self.dropped = 0
@@ -87,15 +89,21 @@ class Submission:
             return False
         self._replies.append(reply)
         self._count(len(reply.envelope))
-        self._arrived.set()
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def close(self) -> None:
         """No more replies will come; waiting readers wake up."""
         if not self._closed:
             self.closed_at = time.monotonic()
         self._closed = True
-        self._arrived.set()
+        self._wake()
 
     @property
     def closed(self) -> bool:
@@ -118,16 +126,33 @@ class Submission:
         return self._closed and not self._replies
 
     async def next_reply(self, timeout: float) -> Reply:
-        """The next reply; TimeoutError if none comes in time, NoMoreReplies at the end."""
-        async with asyncio.timeout(timeout):
-            while not self._replies:
-                if self._closed:
-                    raise NoMoreReplies(self.thread_id)
-                self._arrived.clear()
-                await self._arrived.wait()
+        """The next reply; TimeoutError if none comes in time, NoMoreReplies at the end.
+
+        A reply already here is taken at once; only a wait sets a timer (a
+        client waits on every round trip, so no ``asyncio.timeout`` per call).
+        """
+        if not self._replies:
+            await self._wait(timeout)
         reply = self._replies.popleft()
         self._count(-len(reply.envelope))
         return reply
+
+    async def _wait(self, timeout: float) -> None:
+        """Until a reply is here; TimeoutError after ``timeout`` seconds, NoMoreReplies at the end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._replies:
+            if self._closed:
+                raise NoMoreReplies(self.thread_id)
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            timer = loop.call_at(deadline, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                with contextlib.suppress(ValueError):  # gone already if a reply or the end woke it
+                    self._waiters.remove(waiter)
 
     async def collect(self, timeout: float) -> list[Reply]:
         """Every reply until the conversation ends; TimeoutError if it does not end in time."""
@@ -138,6 +163,11 @@ class Submission:
                     replies.append(await self.next_reply(timeout))
                 except NoMoreReplies:
                     return replies
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 @dataclass(eq=False, slots=True)

@@ -24,11 +24,14 @@ from xml_pipeline.message.payload_codec import payload_type_name
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message.system_payloads import ErrorCode
 from xml_pipeline.message_bus.conversations import Conversation
+from xml_pipeline.message_bus.deadlines import Deadlines
+from xml_pipeline.message_bus.eager import run_now
 from xml_pipeline.message_bus.error_reports import ErrorReports
 from xml_pipeline.message_bus.instruments import Instruments
-from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
+from xml_pipeline.message_bus.invocation import call_at_once, call_in_worker, call_watched
 from xml_pipeline.message_bus.lifecycle import Lifecycle
 from xml_pipeline.message_bus.outcome import Failure
+from xml_pipeline.message_bus.slots import Slots
 from xml_pipeline.organism import Listener, PumpLimits
 from xml_pipeline.process_pool.pool import CpuPool
 from xml_pipeline.process_pool.worker import Task
@@ -51,6 +54,8 @@ class Delivery:
     conversation: Conversation
     hop: str = ""
     """Its reference for whoever observes (:mod:`xml_pipeline.observe`)."""
+    task: asyncio.Task[None] | None = None
+    """The task its handler runs in, once the dispatcher has made it (what a deadline cancels)."""
 
 
 class Dispatcher:
@@ -70,14 +75,15 @@ class Dispatcher:
         self._instruments = instruments
         self._pool = pool
         self._queue: asyncio.Queue[Delivery] | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
+        self._deadlines = Deadlines()
         self.running = 0
         """Handler calls running now."""
 
     def open(self) -> None:
         """Make the queue and the global slots (in the running loop, as the pump starts)."""
         self._queue = asyncio.Queue(self._limits.queue_size)
-        self._slots = asyncio.Semaphore(self._limits.max_in_flight)
+        self._slots = Slots(self._limits.max_in_flight)
 
     @property
     def depth(self) -> int:
@@ -108,9 +114,8 @@ class Dispatcher:
         if not self._queue.full():  # only a wait needs a deadline; room is taken at once
             self._queue.put_nowait(delivery)
             return None
-        try:
-            async with asyncio.timeout(self._limits.enqueue_timeout_seconds):
-                await self._queue.put(delivery)
+        try:  # wait_for, not asyncio.timeout: an eager handler's failure may be routed in the dispatcher's turn
+            await asyncio.wait_for(self._queue.put(delivery), self._limits.enqueue_timeout_seconds)
         except asyncio.CancelledError:
             self._lifecycle.finish_one(conversation)
             raise
@@ -135,27 +140,45 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ dispatching
     async def run(self, group: asyncio.TaskGroup, router: Router) -> None:
-        """Dispatch until cancelled, each handler in a task of ``group``; ``router`` takes what it returns."""
+        """Dispatch until cancelled, each handler in a task of ``group``; ``router`` takes what it returns.
+
+        Each wake-up takes every message that is ready, not one: a turn of the
+        loop that queued a hundred messages costs the dispatcher one wait.
+        """
         assert self._queue is not None
         assert self._slots is not None
         queue, slots = self._queue, self._slots
         while True:
             delivery = await queue.get()
-            if not delivery.listener.coordinator:
+            while True:
+                if not delivery.listener.coordinator and not slots.try_take():
+                    try:
+                        await slots.take()
+                    except asyncio.CancelledError:
+                        self._abandon(delivery)
+                        raise
+                listener = delivery.listener
+                if listener.eager and listener.slots.try_take():
+                    run_now(self._handle(delivery, router, eager=True), group, listener.name)
+                else:
+                    delivery.task = group.create_task(self._handle(delivery, router))
                 try:
-                    await slots.acquire()
-                except asyncio.CancelledError:
-                    self._abandon(delivery)
-                    raise
-            group.create_task(self._handle(delivery, router))
+                    delivery = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
 
-    async def _handle(self, delivery: Delivery, router: Router) -> None:
+    async def _handle(self, delivery: Delivery, router: Router, *, eager: bool = False) -> None:
+        """Handle one message: its handler under the limits, then its result routed.
+
+        ``eager``: the listener's slot is taken and the handler returns without
+        awaiting (:attr:`Listener.eager`), so this runs in the dispatcher's turn.
+        """
         conversation, name = delivery.conversation, delivery.listener.name
         try:
             assert self._slots is not None
             self._instruments.metrics.message_in(name)
             try:
-                outcome = await self._invoke(delivery)
+                outcome = await self._invoke(delivery, eager)
             finally:
                 if not delivery.listener.coordinator:
                     self._slots.release()
@@ -179,15 +202,14 @@ class Dispatcher:
         finally:
             self._lifecycle.finish_one(conversation)
 
-    async def _invoke(self, delivery: Delivery) -> Any:
+    async def _invoke(self, delivery: Delivery, eager: bool) -> Any:
         """Run the handler under its listener's limits; a Failure if it did not finish well."""
         listener = delivery.listener
         try:
-            if listener.slots.locked():  # only a wait needs a deadline; a free slot is taken at once
+            # an eager call's slot is taken already; only a wait needs a deadline, a free slot is taken at once
+            if not eager and not listener.slots.try_take():
                 async with asyncio.timeout(self._limits.enqueue_timeout_seconds):
-                    await listener.slots.acquire()
-            else:
-                await listener.slots.acquire()
+                    await listener.slots.take()
         except TimeoutError:
             waited = self._limits.enqueue_timeout_seconds
             return Failure(ErrorCode.OVERLOAD, f"{listener.name} stayed saturated for {waited:g}s")
@@ -214,7 +236,10 @@ class Dispatcher:
                         traceparent=observe.traceparent(),
                     )
                     return await call_in_worker(self._pool(), listener, task, self._xml_limits)
-                return await call_in_process(listener, delivery.payload, metadata)
+                if eager:
+                    return await call_at_once(listener, delivery.payload, metadata, delivery.payload_xml)
+                assert delivery.task is not None
+                return await call_watched(listener, delivery.payload, metadata, self._deadlines, delivery.task)
             finally:
                 self.running -= 1
                 self._instruments.metrics.handler_finished(listener.name, time.perf_counter() - started)

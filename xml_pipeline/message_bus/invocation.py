@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
@@ -18,6 +19,7 @@ from xml_pipeline.imports import import_object
 from xml_pipeline.message.payload_codec import PayloadDecodeError, codec_for
 from xml_pipeline.message.safe_xml import XmlLimits, XmlRejected
 from xml_pipeline.message.system_payloads import ErrorCode
+from xml_pipeline.message_bus.deadlines import Deadlines
 from xml_pipeline.message_bus.outcome import Failure
 from xml_pipeline.organism import Listener
 from xml_pipeline.process_pool.pool import CpuPool, PayloadRefused, WorkerCrashed, WorkerStuck
@@ -38,6 +40,42 @@ async def call_in_process(listener: Listener, payload: Any, metadata: HandlerMet
                 ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {listener.timeout_seconds:g}s"
             )
         return handler_raised(listener, metadata, exc)
+    except Exception as exc:
+        return handler_raised(listener, metadata, exc)
+
+
+async def call_watched(
+    listener: Listener, payload: Any, metadata: HandlerMetadata, deadlines: Deadlines, task: asyncio.Task[None]
+) -> Any:
+    """:func:`call_in_process` in ``task`` (the current one), with the deadline kept by ``deadlines`` (one timer
+    for every call) instead of a timer of its own: the same outcomes, for the in-process pump's every hop."""
+    seconds = listener.timeout_seconds
+    watch = deadlines.watch(task, seconds)
+    try:
+        result = await listener.handler(payload, metadata)
+    except asyncio.CancelledError:
+        if deadlines.finish(watch, seconds, cancelled=True):
+            return Failure(ErrorCode.HANDLER_TIMEOUT, f"{listener.name} did not finish within {seconds:g}s")
+        raise
+    except Exception as exc:
+        deadlines.finish(watch, seconds)
+        return handler_raised(listener, metadata, exc)
+    deadlines.finish(watch, seconds)
+    return result
+
+
+ARRIVED_AS: ContextVar[bytes] = ContextVar("xml_pipeline_arrived_as", default=b"")
+"""The XML of the payload an eager listener's handler was given, while it runs: the pump's own
+collectors keep an answer's text as it arrived instead of writing the answer out again."""
+
+
+async def call_at_once(listener: Listener, payload: Any, metadata: HandlerMetadata, payload_xml: bytes) -> Any:
+    """Run an eager listener's handler (:attr:`Listener.eager`), which returns without awaiting, so it needs
+    no deadline: its result, or a Failure if it raised. It runs in a context of its own
+    (:func:`~xml_pipeline.message_bus.eager.run_now`), where :data:`ARRIVED_AS` is ``payload_xml``."""
+    ARRIVED_AS.set(payload_xml)
+    try:
+        return await listener.handler(payload, metadata)
     except Exception as exc:
         return handler_raised(listener, metadata, exc)
 

@@ -2,7 +2,10 @@
 
 A handler's output is the next hop's input, so it meets everything a client's
 message meets: the size and depth bounds, the target's schema, a fresh decode
-so no two handlers ever share a mutable object. The in-process pump and the
+so no two handlers ever share a mutable object. The pump's own primitives
+(``system.*``) are the exception to the last: they hand over what they made
+and keep nothing of it, so their outputs are written and checked, not decoded
+again (a buffer's outcome holds one result per item). The in-process pump and the
 durable engine both prepare outputs here.
 """
 
@@ -50,6 +53,17 @@ class OutputPreparer:
             )
         return self._prepared(codec, payload, sender, target.name, validate=True)
 
+    def checked(self, payload: Any, element: etree._Element, sender: str, to: str) -> Prepared | Failure:
+        """A payload decoded from ``element``, which the target's schema passed, held to the limits only.
+
+        The caller vouches that ``payload`` is fresh (nobody else holds it) and
+        was decoded from ``element`` after validation, as :meth:`for_listener`
+        would have made it; only the size and depth bounds remain to check.
+        """
+        payload_xml = etree.tostring(element)
+        beyond = self.beyond_limits(payload_xml, element, sender, to)
+        return beyond if beyond is not None else (payload, payload_xml)
+
     def for_client(self, payload: Any, sender: str, to: str) -> Prepared | Failure:
         """The same for a reply to a client, which has no schema of its own to meet."""
         try:
@@ -63,8 +77,9 @@ class OutputPreparer:
     def _prepared(
         self, codec: PayloadCodec[Any], payload: Any, sender: str, to: str, *, validate: bool
     ) -> Prepared | Failure:
+        primitive = is_reserved(sender)
         try:
-            refuse_if_beyond(payload, self._limits_of_primitives if is_reserved(sender) else self.limits)
+            refuse_if_beyond(payload, self._limits_of_primitives if primitive else self.limits)
             element = codec.to_element(payload)
         except XmlRejected as refused:
             return Failure(refused.code, f"{sender}'s output to {to}: {refused.detail}")
@@ -80,6 +95,8 @@ class OutputPreparer:
             problem = codec.validate(element)
             if problem is not None:
                 return Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {problem}")
+        if primitive:  # the pump's own primitives keep nothing they send: what they made is nobody else's
+            return payload, payload_xml
         try:
             fresh = codec.from_element(element)
         except PayloadDecodeError as exc:

@@ -35,6 +35,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lxml import etree
+
 from xml_pipeline.background import run_guarded
 from xml_pipeline.handler import Handler
 from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
@@ -282,6 +284,7 @@ class Pump:
         description: str = "",
         accepts_any: bool = False,
         coordinator: bool = False,
+        eager: bool = False,
     ) -> Listener:
         """Add a listener while running, e.g. a short-lived collector of replies."""
         return register_generic(
@@ -297,6 +300,7 @@ class Pump:
                 system=name.startswith("system."),
                 accepts_any=accepts_any,
                 coordinator=coordinator,
+                eager=eager,
             ),
         )
 
@@ -307,6 +311,8 @@ class Pump:
         payload: Any,
         on_started: Callable[[str], None],
         on_end: Callable[[], None] | None = None,
+        *,
+        checked: etree._Element | None = None,
     ) -> Failure | None:
         """Start a conversation from listener ``initiator`` to ``target_name``.
 
@@ -314,11 +320,17 @@ class Pump:
         ``on_started`` gets the conversation id before anything can answer, so
         the initiator can match the answer to the call; ``on_end`` is called
         when the conversation ends, whether an answer came back or not.
+        ``checked``: the element ``payload`` was freshly decoded from after the
+        target's schema passed it, so it is only held to the limits
+        (:meth:`OutputPreparer.checked`), not written, checked and decoded again.
         """
         target = self._listeners.get(target_name)
         if target is None:
             return Failure(ErrorCode.UNKNOWN_TARGET, f"no listener is named {target_name!r}")
-        prepared = self._outputs.for_listener(target, payload, initiator)
+        if checked is None:
+            prepared = self._outputs.for_listener(target, payload, initiator)
+        else:
+            prepared = self._outputs.checked(payload, checked, initiator, target_name)
         if isinstance(prepared, Failure):
             return prepared
         fresh, payload_xml = prepared

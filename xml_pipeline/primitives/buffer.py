@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
+from lxml import etree
+
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
-from xml_pipeline.message_bus.buffer_registry import BufferItemResult, BufferRegistry, BufferState, new_run_id
+from xml_pipeline.message_bus.buffer_registry import BufferRegistry, BufferState, new_run_id
 from xml_pipeline.message_bus.outcome import Failure
-from xml_pipeline.primitives.decoding import decode_for, encode
-from xml_pipeline.primitives.host import Caller, PrimitiveHost
+from xml_pipeline.primitives.decoding import checked_for, encode
+from xml_pipeline.primitives.host import Caller, CallsChecked, PrimitiveHost
 from xml_pipeline.primitives.payloads import (
     MAX_DEADLINE_SECONDS,
     BufferComplete,
@@ -105,46 +108,64 @@ async def _fan_out_and_in(
     indices: Iterator[int] = iter(range(state.total_items))
     timed_out = False
 
-    async def one(collector: Caller, index: int) -> None:
-        try:
-            payload = decode_for(target, start.items[index], limits)
-        except ValueError as exc:
-            registry.store_result(
-                state.buffer_id, index, "", success=False, error=f"item is not a valid payload: {exc}"
-            )
-            return
-        answer = await collector.call(start.target, payload)
-        if isinstance(answer, FAILURES):
-            registry.store_result(state.buffer_id, index, "", success=False, error=describe_failure(answer))
-        else:
-            registry.store_result(state.buffer_id, index, encode(answer))
+    # Each item's outcome as it is recorded. The registry holds the same, for other processes to see; this run
+    # is the only one that records them, each index once, so it need not read them back at the end.
+    results: list[BufferItem | None] = [None] * state.total_items
 
-    async def worker(collector: Caller) -> None:
+    def record(index: int, result: str, error: str = "") -> None:
+        registry.store_result(state.buffer_id, index, result, success=not error, error=error or None)
+        results[index] = BufferItem(index, not error, result, error)
+
+    async def one(send: Send, index: int) -> None:
+        try:
+            payload, element = checked_for(target, start.items[index], limits)
+        except ValueError as exc:
+            record(index, "", f"item is not a valid payload: {exc}")
+            return
+        answer, text = await send(payload, element)
+        if isinstance(answer, FAILURES):
+            record(index, "", describe_failure(answer))
+        else:
+            record(index, text if text is not None else encode(answer))
+
+    async def worker(send: Send) -> None:
         for index in indices:  # shared iterator: each index is taken by exactly one worker
-            await one(collector, index)
+            await one(send, index)
 
     workers = min(start.max_in_flight, state.total_items)
     try:
         with pump.caller("buffer", state.buffer_id, concurrency=workers) as collector:
+            send = _sender(collector, start.target)
             try:
                 async with asyncio.timeout(start.timeout_seconds), asyncio.TaskGroup() as group:
                     for _ in itertools.repeat(None, workers):
-                        group.create_task(worker(collector))
+                        group.create_task(worker(send))
             except TimeoutError:
                 timed_out = True
-        final = registry.get(state.buffer_id)
     finally:
         registry.remove(state.buffer_id)
-    results = final.results if final is not None else {}
-    items = [results.get(index) or _missing(index, start.timeout_seconds) for index in range(state.total_items)]
+    missing = f"no answer within the buffer's {start.timeout_seconds:g}s deadline"
+    items = [item or BufferItem(index, False, "", missing) for index, item in enumerate(results)]
     return BufferComplete(
         buffer_id=label,
         total=state.total_items,
         successful=sum(1 for item in items if item.success),
-        results=[BufferItem(item.index, item.success, item.result, item.error or "") for item in items],
+        results=items,
         timed_out=timed_out,
     )
 
 
-def _missing(index: int, timeout: float) -> BufferItemResult:
-    return BufferItemResult(index, "", success=False, error=f"no answer within the buffer's {timeout:g}s deadline")
+Send = Callable[[Any, etree._Element], Awaitable[tuple[Any, str | None]]]
+"""Sends one item's payload, decoded from the element its target's schema passed, and awaits the answer
+(with its XML text, if the caller has it)."""
+
+
+def _sender(caller: Caller, target: str) -> Send:
+    """How items go to ``target``: checked here already, a caller that can take them so checks them no more."""
+    if isinstance(caller, CallsChecked):
+        return functools.partial(caller.call_checked, target)
+
+    async def send(payload: Any, element: etree._Element) -> tuple[Any, str | None]:
+        return await caller.call(target, payload), None
+
+    return send

@@ -15,8 +15,11 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from lxml import etree
+
 from xml_pipeline.handler import HandlerMetadata
 from xml_pipeline.message.system_payloads import SystemErrorPayload
+from xml_pipeline.message_bus.invocation import ARRIVED_AS
 from xml_pipeline.message_bus.pump import Pump
 
 log = logging.getLogger("xml_pipeline.primitives")
@@ -36,7 +39,7 @@ class Collector:
     def __init__(self, pump: Pump, kind: str, run_id: str, *, concurrency: int) -> None:
         self.pump = pump
         self.name = f"system.{kind}.{run_id}"
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, _Call] = {}
         self._concurrency = concurrency
 
     def __enter__(self) -> Collector:
@@ -48,6 +51,7 @@ class Collector:
             accepts_any=True,
             max_concurrency=max(self._concurrency, 1),
             description="ephemeral collector of answers",
+            eager=True,  # _receive never awaits: each answer is taken in the dispatcher's turn, with no task
         )
         return self
 
@@ -55,40 +59,62 @@ class Collector:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.pump.unregister_listener(self.name)
-        for future in self._waiting.values():
-            future.cancel()
+        for call in self._waiting.values():
+            call.answer.cancel()
         self._waiting.clear()
 
     async def _receive(self, payload: Any, metadata: HandlerMetadata) -> None:
-        future = self._waiting.pop(metadata.conversation_id, None)
-        if future is None or future.done():
+        call = self._waiting.pop(metadata.conversation_id, None)
+        if call is None or call.answer.done():
             log.info("duplicate or late answer ignored by %s (conversation=%s)", self.name, metadata.conversation_id)
             return
-        future.set_result(payload)
+        call.text = ARRIVED_AS.get().decode() or None  # eager, so the pump says what XML the answer came as
+        call.answer.set_result(payload)
 
     async def call(self, target: str, payload: Any) -> Any:
         """Send ``payload`` to ``target``; its answer, the SystemErrorPayload, or NO_ANSWER.
 
         Callers bound the wait with their run's deadline.
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        conversation_ids: list[str] = []
+        return (await self._call(target, payload, None))[0]
 
-        def started(conversation_id: str) -> None:
-            conversation_ids.append(conversation_id)
-            self._waiting[conversation_id] = future
+    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> tuple[Any, str | None]:
+        """:meth:`call` for ``payload`` decoded from ``element`` after ``target``'s schema passed it; with the
+        answer, its XML text as it arrived (None for what did not arrive: NO_ANSWER, a refusal to send)."""
+        return await self._call(target, payload, element)
 
-        def ended() -> None:
-            if not future.done():
-                future.set_result(NO_ANSWER)
-
-        failure = await self.pump.start_internal(self.name, target, payload, started, ended)
+    async def _call(self, target: str, payload: Any, checked: etree._Element | None) -> tuple[Any, str | None]:
+        call = _Call(self._waiting)
+        failure = await self.pump.start_internal(self.name, target, payload, call.started, call.ended, checked=checked)
         if failure is not None:
-            for conversation_id in conversation_ids:
-                self._waiting.pop(conversation_id, None)
-            return SystemErrorPayload(failure.code, failure.detail, failure.code.retry_allowed, target)
+            call.forget()
+            return SystemErrorPayload(failure.code, failure.detail, failure.code.retry_allowed, target), None
         try:
-            return await future
+            return await call.answer, call.text
         finally:
-            for conversation_id in conversation_ids:
-                self._waiting.pop(conversation_id, None)
+            call.forget()
+
+
+class _Call:
+    """One call of a collector: its conversation, once started, and the answer it waits for."""
+
+    __slots__ = ("answer", "conversation", "text", "waiting")
+
+    def __init__(self, waiting: dict[str, _Call]) -> None:
+        self.waiting = waiting
+        self.answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.text: str | None = None
+        """The answer's XML as it arrived, when it arrived."""
+        self.conversation: str | None = None
+
+    def started(self, conversation: str) -> None:
+        self.conversation = conversation
+        self.waiting[conversation] = self
+
+    def ended(self) -> None:
+        if not self.answer.done():
+            self.answer.set_result(NO_ANSWER)
+
+    def forget(self) -> None:
+        if self.conversation is not None:
+            self.waiting.pop(self.conversation, None)

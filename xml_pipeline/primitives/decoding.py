@@ -13,6 +13,11 @@ from xml_pipeline.organism import Listener
 
 def decode_for(listener: Listener, text: str, limits: XmlLimits) -> Any:
     """The payload ``listener`` accepts from ``text``; ValueError with a plain reason otherwise."""
+    return checked_for(listener, text, limits)[0]
+
+
+def checked_for(listener: Listener, text: str, limits: XmlLimits) -> tuple[Any, etree._Element]:
+    """:func:`decode_for`, and the element the payload was decoded from, which ``listener``'s schema passed."""
     try:
         element = parse_checked(text.strip().encode(), limits).root
     except XmlRejected as exc:
@@ -24,7 +29,7 @@ def decode_for(listener: Listener, text: str, limits: XmlLimits) -> Any:
     if problem is not None:
         raise ValueError(f"<{codec.xml_name}>: {problem}")
     try:
-        return codec.from_element(element)
+        return codec.from_element(element), element
     except PayloadDecodeError as exc:
         raise ValueError(str(exc)) from None
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Coroutine, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from lxml import etree
 
 from xml_pipeline.handler import Handler
 from xml_pipeline.memory.context_buffer import ContextBuffer
@@ -21,6 +23,22 @@ class Caller(Protocol):
     async def call(self, target: str, payload: Any) -> Any:
         """Send ``payload`` to ``target`` in a conversation of its own; its answer, the
         SystemErrorPayload that came back instead, or NO_ANSWER. Callers bound the wait."""
+        ...
+
+
+@runtime_checkable
+class CallsChecked(Protocol):
+    """A caller that can also send a payload already checked, so that it is not checked twice.
+
+    ``system.buffer`` decodes each item from its text and checks it against
+    the target's schema to tell a bad item from a failed call; the in-process
+    pump's caller then takes that element as the payload's XML, held to the
+    limits, instead of writing, validating and decoding the payload again.
+    """
+
+    async def call_checked(self, target: str, payload: Any, element: etree._Element) -> tuple[Any, str | None]:
+        """:meth:`Caller.call` for ``payload`` decoded from ``element``, which ``target``'s schema passed;
+        with the answer, its XML text as it arrived (None if the caller has none, e.g. for NO_ANSWER)."""
         ...
 
 
