@@ -41,6 +41,7 @@ from typing import Any
 import msgpack
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -315,7 +316,11 @@ class RedisBackend:
             self.spec.url,
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=self.socket_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)),
+            # The event-loop client's own Retry: the synchronous one would hand back the call's coroutine at
+            # once, and a closed connection (a restart) would then fail the batch instead of being retried.
+            retry=redis.asyncio.retry.Retry(
+                ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)
+            ),
             retry_on_error=[RedisConnectionError],
         )
         try:
