@@ -19,7 +19,7 @@ from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import ClusterStore
+from xml_pipeline.cluster.store import ClusterStore, Effects
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
@@ -505,3 +505,29 @@ async def test_past_the_grace_a_waiting_client_hears_what_came_and_collects_the_
     assert rest is not None
     assert rest.ended
     assert [reply.payload_xml for reply in rest.replies] == [b"<Pong><text>later</text></Pong>"]
+
+
+async def test_a_conversation_with_thousands_of_threads_still_ends_and_leaves_nothing(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """The end deletes every registry key the conversation wrote, however many: more than one Lua ``unpack``
+    takes (about 8,000 values) must not make its last commit fail, and with it every commit of its script call.
+
+    A long conversation gets there: each message a client adds to it, each call a coordinator makes, is a
+    thread of its own (a registry key), and nothing bounds their number; here they are registered directly.
+    """
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    for batch in range(82):
+        registrations = [(f"{first.thread}/console/echo/{batch}-{n}", new_thread_id()) for n in range(50)]
+        await engine.store.commit(first.thread, Effects(registrations=registrations))
+    client, prefix = engine.store.client, engine.store.keys.prefix
+    assert await client.hlen(engine.store.keys.conversation(first.thread)) > 8_000
+    gate.opened.set()
+    collected = await engine.collect(first.thread, "end", 10)
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>slow</text></Pong>"]
+    left = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
+    assert left == []
