@@ -531,3 +531,30 @@ async def test_a_conversation_with_thousands_of_threads_still_ends_and_leaves_no
     assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>slow</text></Pong>"]
     left = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
     assert left == []
+
+
+async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """A handler that reads its conversation's history or looks its threads up (through the context buffer and
+    the thread registry) must not give that state a TTL: a live conversation's state has none, so that one
+    whose next hop waits in a long backlog keeps it (a read then would have let it expire after ``redis_ttl``)."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    more = await engine.accept(envelope(ping_xml("more"), to="echo", thread=first.thread))
+    assert more == Accepted(first.thread)
+    early = await engine.collect(first.thread, "first", 10)  # echo's step is committed, the gate still holds
+    assert early is not None
+    slots = engine.buffer.get_thread(first.thread)
+    assert len(slots) == 3
+    gate_thread = slots[0].hop_thread
+    assert engine.registry.lookup(gate_thread) is not None
+    client, prefix = engine.store.client, engine.store.keys.prefix
+    live = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
+    assert {_kind(key, prefix) for key in live} == {"conv", "buf", "reg"}
+    assert {key: await client.ttl(key) for key in live} == dict.fromkeys(live, -1)
+    gate.opened.set()
+    rest = await engine.collect(first.thread, "end", 10)
+    assert rest is not None
+    assert rest.ended

@@ -15,7 +15,9 @@ runs inside one Lua script that takes a whole batch of them (see
 many processes race. The script builds key names from the prefix it is given,
 so it suits a single Redis server (or a replicated one), not Redis Cluster.
 Every key carries the TTL, refreshed whenever it is used, so state left
-behind by a crashed daemon disappears on its own. A TTL of 0 means no key
+behind by a crashed daemon disappears on its own (a read refreshes only a key
+that has one: the durable engine keeps a live conversation's history and
+threads without a TTL, and reading them keeps it so). A TTL of 0 means no key
 expires (as in the reference design): finished conversations are still
 deleted, but what a crashed daemon leaves behind stays until someone deletes
 the prefix. The thread index is a sorted
@@ -152,7 +154,7 @@ _GET_OR_SET = """
 local ttl = tonumber(ARGV[3])
 local existing = redis.call('GET', KEYS[1])
 if existing then
-  if ttl > 0 then
+  if ttl > 0 and redis.call('TTL', KEYS[1]) > 0 then  -- a key kept without a TTL (see _REFRESH) stays so
     redis.call('EXPIRE', KEYS[1], ttl)
     redis.call('EXPIRE', ARGV[4] .. existing, ttl)
   end
@@ -166,6 +168,17 @@ else
   redis.call('SET', KEYS[2], ARGV[2])
 end
 return ARGV[1]
+"""
+
+
+_REFRESH = """
+-- KEYS: one key; ARGV: ttl, and 1 to return the key's value (a string). A read refreshes the TTL of what it
+-- reads only when it has one: the durable engine keeps a live conversation's history and thread registrations
+-- without a TTL (its end deletes them), and a handler's look at them must not make them expire.
+local value = false
+if ARGV[2] == '1' then value = redis.call('GET', KEYS[1]) end
+if redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return value
 """
 
 
@@ -208,6 +221,7 @@ class RedisBackend:
         )
         self._apply = self._client.register_script(_APPLY)
         self._get_or_set = self._client.register_script(_GET_OR_SET)
+        self._refresh = self._client.register_script(_REFRESH)
         self.circuit = Circuit(retry_after=fail_fast_seconds)
 
     @classmethod
@@ -233,9 +247,14 @@ class RedisBackend:
         if self.ttl > 0:
             pipe.expire(key, self.ttl)
 
+    def _refresh_read(self, pipe: Any, key: str) -> None:
+        """Refresh the TTL of ``key``, which ``pipe`` reads, only if it has one (see ``_REFRESH``)."""
+        if self.ttl > 0:
+            self._refresh(keys=[key], args=[self.ttl, 0], client=pipe)
+
     def _get_touching(self, key: str) -> bytes | None:
         if self.ttl > 0:
-            result: bytes | None = self._run(self._client.getex, key, ex=self.ttl)
+            result: bytes | None = self._run(self._refresh, keys=[key], args=[self.ttl, 1])
         else:
             result = self._run(self._client.get, key)
         return result
@@ -346,7 +365,7 @@ class RedisBackend:
         key = self._buffer_key(thread_id)
         pipe = self._client.pipeline(transaction=False)
         pipe.lrange(key, 0, -1)
-        self._touch(pipe, key)
+        self._refresh_read(pipe, key)
         slots = self._run(pipe.execute)[0]
         return list(slots)
 
