@@ -172,11 +172,12 @@ return ARGV[1]
 
 
 _REFRESH = """
--- KEYS: one key; ARGV: ttl, and 1 to return the key's value (a string). A read refreshes the TTL of what it
--- reads only when it has one: the durable engine keeps a live conversation's history and thread registrations
--- without a TTL (its end deletes them), and a handler's look at them must not make them expire.
-local value = false
-if ARGV[2] == '1' then value = redis.call('GET', KEYS[1]) end
+-- KEYS: one key; ARGV: ttl, and what to read: 'get' (a string's value) or 'list' (a list's items). A read
+-- refreshes the TTL of what it reads only when it has one: the durable engine keeps a live conversation's
+-- history and thread registrations without a TTL (its end deletes them), and a handler's look at them must
+-- not make them expire.
+local value
+if ARGV[2] == 'list' then value = redis.call('LRANGE', KEYS[1], 0, -1) else value = redis.call('GET', KEYS[1]) end
 if redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return value
 """
@@ -247,14 +248,9 @@ class RedisBackend:
         if self.ttl > 0:
             pipe.expire(key, self.ttl)
 
-    def _refresh_read(self, pipe: Any, key: str) -> None:
-        """Refresh the TTL of ``key``, which ``pipe`` reads, only if it has one (see ``_REFRESH``)."""
-        if self.ttl > 0:
-            self._refresh(keys=[key], args=[self.ttl, 0], client=pipe)
-
     def _get_touching(self, key: str) -> bytes | None:
-        if self.ttl > 0:
-            result: bytes | None = self._run(self._refresh, keys=[key], args=[self.ttl, 1])
+        if self.ttl > 0:  # the TTL refreshed only if it has one (see _REFRESH)
+            result: bytes | None = self._run(self._refresh, keys=[key], args=[self.ttl, "get"])
         else:
             result = self._run(self._client.get, key)
         return result
@@ -363,10 +359,10 @@ class RedisBackend:
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self._buffer_key(thread_id)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.lrange(key, 0, -1)
-        self._refresh_read(pipe, key)
-        slots = self._run(pipe.execute)[0]
+        if self.ttl > 0:  # the TTL refreshed only if it has one (see _REFRESH)
+            slots = self._run(self._refresh, keys=[key], args=[self.ttl, "list"])
+        else:
+            slots = self._run(self._client.lrange, key, 0, -1)
         return list(slots)
 
     def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
