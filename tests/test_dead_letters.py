@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis
 
+from tests.durable_support import started
 from tests.redis_server import RedisServer
+from tests.support import Ping, Pong, envelope, ping_xml
 from xml_pipeline.cluster.dead_letters import DeadLetters
+from xml_pipeline.cluster.engine import DurableSettings
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.store import Keys
+from xml_pipeline.handler import HandlerMetadata, HandlerResponse
+from xml_pipeline.message_bus.client_access import ClientAccess
+from xml_pipeline.message_bus.engine import Accepted
+from xml_pipeline.organism import Listener
 
 HOP = Hop(
     "conv-1", ("console", "worker"), ("conv-1", "t-1"), "console", "tests.support:Ping", b"<Ping><text>x</text></Ping>"
@@ -50,4 +59,58 @@ def test_list_replay_and_purge(redis_server: RedisServer) -> None:
         for key in client.scan_iter(match=f"{prefix}*"):
             client.unlink(key)
         client.close()
+        letters.close()
+
+
+async def test_a_replayed_dead_letter_keeps_its_conversations_owner(redis_server: RedisServer) -> None:
+    """A hop replayed after its conversation ended (and after its replies' owner expired) is still the owner's.
+
+    The dead letter's conversation ends (its client gets ``dead-letter``), is
+    collected, and its owner expires with the replies. The operator replays
+    the hop: the conversation lives again, and its replies must be readable by
+    its owner alone, not by a client without a token.
+    """
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def stuck_once(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await release.wait()
+        return HandlerResponse.respond(Pong(payload.text))
+
+    prefix = "dl-owner:"
+    alice = ClientAccess.authenticated("alice", frozenset({"echo"}))
+    settings = DurableSettings(reply_retention_seconds=3)
+    listener = Listener("echo", [Ping], stuck_once, peers=[], ingress=True)
+    letters = DeadLetters(redis_server.url, prefix)
+    try:
+        async with started(redis_server, prefix, [listener], settings=settings) as engine:
+            accepted = await engine.accept(envelope(ping_xml("lost"), sender="alice"), access=alice)
+            assert isinstance(accepted, Accepted)
+            await asyncio.wait_for(entered.wait(), 10)
+            client = engine.store.client
+            [(entry_id, fields)] = await client.xrange(engine.store.keys.stream("echo"))
+            await engine._dead_letter("echo", entry_id, Hop.from_fields(fields), 3)  # as after 3 crashes
+            release.set()
+            failed = await engine.collect(accepted.thread, "end", 10, owner="alice")
+            assert failed is not None
+            assert failed.ended
+            owner_key = f"{prefix}r-owner:{accepted.thread}"
+            for _ in range(200):  # its retention passes (3 s; at most 10 s here)
+                if not await client.exists(owner_key):
+                    break
+                await asyncio.sleep(0.05)
+            assert not await client.exists(owner_key)
+
+            [letter] = letters.list()
+            assert letters.replay(letter.entry_id) is not None
+            assert await engine.collect(accepted.thread, "end", 10) is None  # not a tokenless client's
+            collected = await engine.collect(accepted.thread, "end", 10, owner="alice")
+            assert collected is not None
+            assert collected.ended
+            assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>lost</text></Pong>"]
+    finally:
         letters.close()

@@ -19,7 +19,7 @@ from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import ClusterStore
+from xml_pipeline.cluster.store import ClusterStore, Effects
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
@@ -505,3 +505,56 @@ async def test_past_the_grace_a_waiting_client_hears_what_came_and_collects_the_
     assert rest is not None
     assert rest.ended
     assert [reply.payload_xml for reply in rest.replies] == [b"<Pong><text>later</text></Pong>"]
+
+
+async def test_a_conversation_with_thousands_of_threads_still_ends_and_leaves_nothing(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """The end deletes every registry key the conversation wrote, however many: more than one Lua ``unpack``
+    takes (about 8,000 values) must not make its last commit fail, and with it every commit of its script call.
+
+    A long conversation gets there: each message a client adds to it, each call a coordinator makes, is a
+    thread of its own (a registry key), and nothing bounds their number; here they are registered directly.
+    """
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    for batch in range(82):
+        registrations = [(f"{first.thread}/console/echo/{batch}-{n}", new_thread_id()) for n in range(50)]
+        await engine.store.commit(first.thread, Effects(registrations=registrations))
+    client, prefix = engine.store.client, engine.store.keys.prefix
+    assert await client.hlen(engine.store.keys.conversation(first.thread)) > 8_000
+    gate.opened.set()
+    collected = await engine.collect(first.thread, "end", 10)
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>slow</text></Pong>"]
+    left = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
+    assert left == []
+
+
+async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """A handler that reads its conversation's history or looks its threads up (through the context buffer and
+    the thread registry) must not give that state a TTL: a live conversation's state has none, so that one
+    whose next hop waits in a long backlog keeps it (a read then would have let it expire after ``redis_ttl``)."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    more = await engine.accept(envelope(ping_xml("more"), to="echo", thread=first.thread))
+    assert more == Accepted(first.thread)
+    early = await engine.collect(first.thread, "first", 10)  # echo's step is committed, the gate still holds
+    assert early is not None
+    slots = engine.buffer.get_thread(first.thread)
+    assert len(slots) == 3
+    gate_thread = slots[0].hop_thread
+    assert engine.registry.lookup(gate_thread) is not None
+    client, prefix = engine.store.client, engine.store.keys.prefix
+    live = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
+    assert {_kind(key, prefix) for key in live} == {"conv", "buf", "reg"}
+    assert {key: await client.ttl(key) for key in live} == dict.fromkeys(live, -1)
+    gate.opened.set()
+    rest = await engine.collect(first.thread, "end", 10)
+    assert rest is not None
+    assert rest.ended

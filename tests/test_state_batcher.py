@@ -238,3 +238,22 @@ async def test_a_sender_stopped_with_a_batch_on_its_way_finishes_it_and_writes_w
         assert backend.batch_sizes == [1]  # the held batch went through the writer, this one through apply
     finally:
         sender.cancel()
+
+
+async def test_the_event_loop_writer_reconnects_to_a_restarted_redis_as_the_synchronous_client_does() -> None:
+    """A connection Redis closed (a restart, an idle timeout) is retried on a fresh one: the batch is written,
+    instead of failing every caller with backend-unavailable and opening the circuit."""
+    server = RedisServer()
+    server.start()
+    backend = RedisBackend(server.url, prefix="restarted:", fail_fast_seconds=None)
+    try:
+        async with backend.writer() as writer:
+            assert await writer.apply([RegisterThread("a/b", "u1")]) == [None]
+            server.stop()
+            server.start()  # on the same port; the writer's connection is closed
+            assert await writer.apply([RegisterThread("a/c", "u2")]) == [None]
+        assert not backend.circuit.is_open
+        assert backend.registry_get_uuid("a/c") == "u2"
+    finally:
+        backend.close()
+        server.close()

@@ -18,14 +18,16 @@ from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.store import Keys
 
 _REPLAY = """
--- KEYS: dlq, target stream, conversation hash. ARGV: dlq entry id, initiator, field value pairs
--- (the conversation's hash has no TTL, as every live conversation's: see store.py)
+-- KEYS: dlq, target stream, conversation hash. ARGV: dlq entry id, initiator, owner ('' for none), field value
+-- pairs (the conversation's hash has no TTL, as every live conversation's: see store.py). A conversation that
+-- ended meanwhile lives again, still its owner's: only the hash holds the owner while it lives.
 local moved = redis.call('XDEL', KEYS[1], ARGV[1])
 if moved == 0 then return nil end
 local fields = {}
-for k = 3, #ARGV do fields[k - 2] = ARGV[k] end
+for k = 4, #ARGV do fields[k - 3] = ARGV[k] end
 local entry = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('HSETNX', KEYS[3], 'initiator', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[3], 'owner', ARGV[3]) end
 redis.call('HINCRBY', KEYS[3], 'pending', 1)
 return entry
 """
@@ -38,6 +40,8 @@ class DeadLetter:
     deliveries: int
     failed_at: float
     hop: Hop
+    owner: str | None = None
+    """The identity of the client that opened its conversation (None without a token), kept for a replay."""
 
 
 class DeadLetters:
@@ -58,7 +62,7 @@ class DeadLetters:
         letter = _letter(*rows[0])
         hop = letter.hop
         keys = [self.keys.dead_letters, self.keys.stream(letter.listener), self.keys.conversation(hop.conversation)]
-        new_id = self._replay(keys=keys, args=[entry_id, hop.initiator, *hop.fields()])
+        new_id = self._replay(keys=keys, args=[entry_id, hop.initiator, letter.owner or "", *hop.fields()])
         return None if new_id is None else new_id.decode()
 
     def purge(self) -> int:
@@ -78,4 +82,5 @@ def _letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         deliveries=int(fields[b"deliveries"]),
         failed_at=float(fields[b"failed_at"]),
         hop=Hop.from_fields(fields),
+        owner=fields[b"owner"].decode() if b"owner" in fields else None,
     )

@@ -722,9 +722,12 @@ class DurableEngine:
             " died); it was moved to the dead-letter stream",
         )
         effects = self._router.failure(hop, listener, failure)
-        effects.dead_letters.append(
-            [*hop.fields(), "listener", listener, "deliveries", str(deliveries), "failed_at", str(time.time())]
-        )
+        letter = [*hop.fields(), "listener", listener, "deliveries", str(deliveries), "failed_at", str(time.time())]
+        # Its conversation may end before an operator replays it, and its owner with it: the letter keeps it.
+        owner, _ = await self.store.look(hop.conversation)
+        if owner is not None:
+            letter += ["owner", owner]
+        effects.dead_letters.append(letter)
         if await self.store.commit(
             hop.conversation,
             effects,

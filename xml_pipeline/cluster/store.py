@@ -208,7 +208,10 @@ local function commit(c, base)
       keys[#keys + 1] = name
     end
   end
-  redis.call('UNLINK', unpack(keys))
+  -- In slices: however many threads it had, never more values than one unpack takes (about 8,000).
+  for from = 1, #keys, 1000 do
+    redis.call('UNLINK', unpack(keys, from, math.min(from + 999, #keys)))
+  end
   if last_reply then
     last_reply[#last_reply + 1] = 'end'
     last_reply[#last_reply + 1] = '1'

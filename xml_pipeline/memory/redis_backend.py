@@ -15,7 +15,9 @@ runs inside one Lua script that takes a whole batch of them (see
 many processes race. The script builds key names from the prefix it is given,
 so it suits a single Redis server (or a replicated one), not Redis Cluster.
 Every key carries the TTL, refreshed whenever it is used, so state left
-behind by a crashed daemon disappears on its own. A TTL of 0 means no key
+behind by a crashed daemon disappears on its own (a read refreshes only a key
+that has one: the durable engine keeps a live conversation's history and
+threads without a TTL, and reading them keeps it so). A TTL of 0 means no key
 expires (as in the reference design): finished conversations are still
 deleted, but what a crashed daemon leaves behind stays until someone deletes
 the prefix. The thread index is a sorted
@@ -41,6 +43,7 @@ from typing import Any
 import msgpack
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -151,7 +154,7 @@ _GET_OR_SET = """
 local ttl = tonumber(ARGV[3])
 local existing = redis.call('GET', KEYS[1])
 if existing then
-  if ttl > 0 then
+  if ttl > 0 and redis.call('TTL', KEYS[1]) > 0 then  -- a key kept without a TTL (see _REFRESH) stays so
     redis.call('EXPIRE', KEYS[1], ttl)
     redis.call('EXPIRE', ARGV[4] .. existing, ttl)
   end
@@ -165,6 +168,18 @@ else
   redis.call('SET', KEYS[2], ARGV[2])
 end
 return ARGV[1]
+"""
+
+
+_REFRESH = """
+-- KEYS: one key; ARGV: ttl, and what to read: 'get' (a string's value) or 'list' (a list's items). A read
+-- refreshes the TTL of what it reads only when it has one: the durable engine keeps a live conversation's
+-- history and thread registrations without a TTL (its end deletes them), and a handler's look at them must
+-- not make them expire.
+local value
+if ARGV[2] == 'list' then value = redis.call('LRANGE', KEYS[1], 0, -1) else value = redis.call('GET', KEYS[1]) end
+if redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return value
 """
 
 
@@ -207,6 +222,7 @@ class RedisBackend:
         )
         self._apply = self._client.register_script(_APPLY)
         self._get_or_set = self._client.register_script(_GET_OR_SET)
+        self._refresh = self._client.register_script(_REFRESH)
         self.circuit = Circuit(retry_after=fail_fast_seconds)
 
     @classmethod
@@ -233,8 +249,8 @@ class RedisBackend:
             pipe.expire(key, self.ttl)
 
     def _get_touching(self, key: str) -> bytes | None:
-        if self.ttl > 0:
-            result: bytes | None = self._run(self._client.getex, key, ex=self.ttl)
+        if self.ttl > 0:  # the TTL refreshed only if it has one (see _REFRESH)
+            result: bytes | None = self._run(self._refresh, keys=[key], args=[self.ttl, "get"])
         else:
             result = self._run(self._client.get, key)
         return result
@@ -315,7 +331,11 @@ class RedisBackend:
             self.spec.url,
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=self.socket_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)),
+            # The event-loop client's own Retry: the synchronous one would hand back the call's coroutine at
+            # once, and a closed connection (a restart) would then fail the batch instead of being retried.
+            retry=redis.asyncio.retry.Retry(
+                ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)
+            ),
             retry_on_error=[RedisConnectionError],
         )
         try:
@@ -339,10 +359,10 @@ class RedisBackend:
 
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self._buffer_key(thread_id)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.lrange(key, 0, -1)
-        self._touch(pipe, key)
-        slots = self._run(pipe.execute)[0]
+        if self.ttl > 0:  # the TTL refreshed only if it has one (see _REFRESH)
+            slots = self._run(self._refresh, keys=[key], args=[self.ttl, "list"])
+        else:
+            slots = self._run(self._client.lrange, key, 0, -1)
         return list(slots)
 
     def buffer_get_slot(self, thread_id: str, index: int) -> bytes | None:
