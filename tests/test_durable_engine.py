@@ -19,7 +19,7 @@ from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import ClusterStore, Effects
+from xml_pipeline.cluster.store import BacklogFull, ClusterStore, Effects
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
@@ -162,6 +162,22 @@ async def test_the_commits_of_one_loop_turn_share_one_script_call(
     texts = sorted(reply.payload_xml for c in collected if c is not None for reply in c.replies)
     assert texts == sorted(f"<Pong><text>m{i}</text></Pong>".encode() for i in range(40))
     assert calls <= 20
+
+
+async def test_a_retried_opening_is_answered_as_stored_even_when_the_backlog_filled_meanwhile(
+    redis_server: RedisServer,
+) -> None:
+    """A client whose answer got lost retries; the store went through, so the retry is no `overload`."""
+    settings = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with started(redis_server, "retry-full:", [echo_listener()], settings=settings) as durable:
+        store, listener = durable.store, durable.listeners["echo"]
+        hop, effects = durable._router.opening("console", listener, Ping("once"), b"<Ping><text>once</text></Ping>")
+        await store.commit(hop.conversation, effects, opening=("console", "echo", 1))
+        await store.commit(hop.conversation, effects, opening=("console", "echo", 1))  # full now, yet stored
+        assert await store.client.xlen(store.keys.stream("echo")) == 1
+        other, more = durable._router.opening("console", listener, Ping("new"), b"<Ping><text>new</text></Ping>")
+        with pytest.raises(BacklogFull):
+            await store.commit(other.conversation, more, opening=("console", "echo", 1))
 
 
 async def test_a_full_backlog_refuses_the_openings_over_its_cap_and_stores_the_others_of_the_same_call(

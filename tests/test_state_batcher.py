@@ -257,3 +257,25 @@ async def test_the_event_loop_writer_reconnects_to_a_restarted_redis_as_the_sync
     finally:
         backend.close()
         server.close()
+
+
+async def test_a_turn_scheduled_before_the_sender_started_leaves_its_writes_to_the_sender() -> None:
+    """Order holds at start too: a turn queued while no sender ran must not send beside the sender's batch."""
+    backend = OverlappingBackend()
+    batcher = StateBatcher(backend)
+    sender = asyncio.create_task(batcher.send_continuously())  # its first step runs first...
+    asyncio.get_running_loop().call_soon(batcher.run_later, [RegisterThread("c/b", "second")])  # ...then this
+    batcher.run_later([RegisterThread("c/a", "first")])  # queued before the sender ran: schedules a turn
+    try:
+        ops, through = await backend.held.next_batch()
+        assert ops == [RegisterThread("c/a", "first")]
+        await asyncio.sleep(0)  # the turn scheduled at the start has run by now
+        assert backend.batch_sizes == []  # nothing went beside the batch on its way
+        through.set()
+        ops, through = await backend.held.next_batch()
+        assert ops == [RegisterThread("c/b", "second")]
+        through.set()
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender

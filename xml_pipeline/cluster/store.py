@@ -94,8 +94,10 @@ local function commit(c, base)
   local conv_key = prefix .. 'conv:' .. conv
   local replies_key = prefix .. 'r:' .. conv
   local history_key = prefix .. 'buf:' .. conv
-  if cap >= 0 and redis.call('XLEN', capped) >= cap then
-    return -1, 0
+  -- The backlog cap is checked after the idempotency checks: a retry of a store that went through is
+  -- answered as stored, not refused as overload because the stream filled meanwhile.
+  local function full()
+    return cap >= 0 and redis.call('XLEN', capped) >= cap
   end
   local pending
   local opening = initiator ~= '' and continues == ''
@@ -119,6 +121,7 @@ local function commit(c, base)
     if found[1] ~= initiator or (found[2] or '') ~= owner then
       return 3, 0
     end
+    if full() then return -1, 0 end
     redis.call('SET', mark, '1', 'EX', retention)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   elseif not opening then
@@ -129,6 +132,7 @@ local function commit(c, base)
     if redis.call('EXISTS', conv_key, replies_key) > 0 then
       return 2, 0
     end
+    if full() then return -1, 0 end
     pending = hops
   end
   -- A step that ends its conversation writes no history and no threads: the end deletes them.

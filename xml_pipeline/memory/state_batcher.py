@@ -143,6 +143,9 @@ class StateBatcher:
 
     def _on_turn(self) -> None:
         self._scheduled = False
+        if self._writer is not None:
+            self._work.set()  # the sender started since this turn was scheduled: one batch at a time, its way
+            return
         self.flush()
 
     def _send_some(self) -> None:
