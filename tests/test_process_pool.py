@@ -29,7 +29,8 @@ from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
 from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
-from xml_pipeline.process_pool.worker import Task
+from xml_pipeline.process_pool.wire import FrameReader, frame
+from xml_pipeline.process_pool.worker import Hello, Task
 from xml_pipeline.testing import ask, running
 
 
@@ -395,3 +396,99 @@ def test_the_crash_record_counts_equivalent_xml_as_the_same_payload() -> None:
     assert record.refuses(_task(b"<Ping>\t<text>a b</text></Ping>"))
     assert not record.refuses(_task(b"<Ping><text>a  b</text></Ping>"))  # a field's text is the payload
     assert not record.refuses(_task(b"<Ping><text> a b</text></Ping>"))
+
+
+def batch_organism(**pool: int) -> Organism:
+    organism = Organism.of(
+        "batches",
+        [
+            Listener("crasher", [Ping], cpu_handlers.notes_then_dies, cpu_bound=True, max_concurrency=20),
+            Listener("notes", [Ping], cpu_handlers.notes, cpu_bound=True, max_concurrency=20),
+            Listener("whoami", [Ping], cpu_handlers.whoami, cpu_bound=True, max_concurrency=20),
+        ],
+    )
+    organism.settings = {"process_pool": pool}
+    return organism
+
+
+async def test_a_worker_dying_mid_batch_fails_only_its_call_and_keeps_the_answers_it_sent(tmp_path: Path) -> None:
+    """One worker holds a whole batch on its socket: the calls before the one that kills it have
+    answered (their outcomes may still be unread when it dies), the calls after it never started.
+    Each of those runs exactly once and answers; only the call that killed the worker fails."""
+    runs = tmp_path / "runs.log"
+    calls = [("notes", Ping(f"{runs}|before-{n}")) for n in range(2)]
+    calls += [("crasher", Ping(f"{runs}|kill|crash"))]
+    calls += [("notes", Ping(f"{runs}|after-{n}")) for n in range(5)]
+    async with running(batch_organism(workers=1)) as pump:
+        submissions = [await pump.inject_payload(payload, to) for to, payload in calls]
+        replies = [await submission.next_reply(30) for submission in submissions]
+        assert [reply.error_code for reply in replies] == [None, None, ErrorCode.WORKER_CRASH] + [None] * 5
+        assert "died during the call" in replies[2].payload.message
+        assert [reply.payload.text for n, reply in enumerate(replies) if n != 2] == [
+            *(f"before-{n}" for n in range(2)),
+            *(f"after-{n}" for n in range(5)),
+        ]
+        ran = Counter(runs.read_text().splitlines())
+        assert ran == Counter(
+            {f"{runs}|kill|crash": 1, **{f"before-{n}": 1 for n in range(2)}} | {f"after-{n}": 1 for n in range(5)}
+        )
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 1
+
+
+async def test_a_worker_killed_between_calls_fails_nothing_and_is_replaced_at_once() -> None:
+    async with running(batch_organism(workers=2)) as pump:
+        assert pump.pool is not None
+        victim = pump.pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: pump.pool is not None and pump.pool.rebuilds == 1, "the pool was not rebuilt")
+        replies = await asyncio.gather(*(ask(pump, Ping("x"), "whoami", timeout=30) for _ in range(20)))
+        assert [reply.error_code for reply in replies] == [None] * 20
+        assert victim not in {int(reply.payload.text) for reply in replies}
+        assert victim not in pump.pool.worker_pids()
+
+
+async def test_max_tasks_per_child_holds_for_calls_sent_in_one_batch(tmp_path: Path) -> None:
+    """Calls handed over together to a worker near its limit wait for its successor."""
+    async with running(batch_organism(workers=1, max_tasks_per_child=3)) as pump:
+        replies = await asyncio.gather(*(ask(pump, Ping("x"), "whoami", timeout=30) for _ in range(10)))
+        assert [reply.error_code for reply in replies] == [None] * 10
+        pids = Counter(int(reply.payload.text) for reply in replies)
+        assert max(pids.values()) <= 3
+        assert len(pids) >= 4
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 0
+
+
+async def test_the_pool_leaves_no_worker_and_no_socket_behind(tmp_path: Path) -> None:
+    async with running(batch_organism(workers=2)) as pump:
+        assert pump.pool is not None
+        workers = pump.pool.worker_pids()
+        address = Path(pump.pool.address)
+        assert address.is_socket()  # noqa: ASYNC240 - one stat
+        assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None
+    assert not address.parent.exists()
+    await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its pool")
+
+
+async def test_the_pool_socket_closes_a_connection_without_the_workers_secret() -> None:
+    async with running(batch_organism(workers=1)) as pump:
+        assert pump.pool is not None
+        reader, writer = await asyncio.open_unix_connection(pump.pool.address)
+        writer.write(frame(Hello(b"not the secret..", 1, os.getpid())))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed, and sent nothing
+        writer.close()
+        assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None
+
+
+def test_frames_are_cut_whole_however_the_bytes_arrive() -> None:
+    messages = [("call", n, b"x" * n) for n in (0, 1, 300, 70_000)]
+    stream = b"".join(frame(message) for message in messages)
+    for step in (1, 7, 4096, len(stream)):
+        reader = FrameReader()
+        received = []
+        for start in range(0, len(stream), step):
+            received += reader.feed(stream[start : start + step])
+        assert received == messages

@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.imports import import_object
@@ -32,6 +33,7 @@ from xml_pipeline.message.safe_xml import XmlRejected
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, set_registry
 from xml_pipeline.process_pool.orphans import exit_with_parent
 from xml_pipeline.process_pool.started import StartMarks
+from xml_pipeline.process_pool.wire import STOP, Closed, frame, read_message
 
 HARD_DEADLINE_GRACE = 1.0
 """Seconds after the timeout before SIGALRM interrupts a handler that does not await."""
@@ -96,11 +98,41 @@ def _on_alarm(signum: int, frame: object) -> None:
     raise _HardTimeout
 
 
-def run_in_slot(slot: int, hand_over: int, task: Task) -> Outcome:
-    """Run ``task``, first marking it started here, so that a crash of this process is blamed on it alone."""
+class Hello(NamedTuple):
+    """A worker's first message on its socket: the pool's secret, its generation, and who it is."""
+
+    token: bytes
+    generation: int
+    pid: int
+
+
+def serve(address: str, token: bytes, generation: int) -> None:
+    """One session: connect to the pool, then run the calls it sends, one at a time, until it says stop.
+
+    Runs as a single long call of the executor, so the executor still owns the
+    process (its spawn, its death, its replacement). Each call is marked
+    started here before it runs, so that a crash of this process is blamed on
+    it alone; each outcome is sent back as soon as it is ready.
+    """
     assert _marks is not None, "initialize() runs first"
-    _marks.mark_started_here(slot, hand_over)
-    return run_task(task)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(address)
+        sock.sendall(frame(Hello(token, generation, os.getpid())))
+        with sock.makefile("rb") as incoming:
+            while True:
+                try:
+                    message = read_message(incoming)
+                except Closed:
+                    return  # the pool is gone; the executor or the orphan watch ends this process
+                if message is STOP:
+                    return
+                slot, number, task = message
+                _marks.mark_started_here(slot, number)
+                try:
+                    outcome = run_task(task)
+                except _HardTimeout:  # the alarm went off just as the handler returned
+                    outcome = Outcome("timeout", worker_pid=os.getpid())
+                sock.sendall(frame((number, outcome)))
 
 
 def run_task(task: Task) -> Outcome:
@@ -169,8 +201,3 @@ def _fresh_loop(old: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
     except Exception:  # closing a loop torn by a signal may fail; the new one is what matters
         pass
     return asyncio.new_event_loop()
-
-
-def pid() -> int:
-    """A no-op task: which worker ran it (the pool uses it to warm up)."""
-    return os.getpid()
