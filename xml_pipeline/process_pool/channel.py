@@ -77,7 +77,7 @@ class WorkerChannel:
             return
         self._in_flight[number] = future
         self.sent += 1
-        self._queue(frame((slot, number, task)))
+        self._queue(frame((slot, number, task.packed())))
 
     def stop(self) -> None:
         """Let the worker end its session once it has run what it holds (its process may then exit)."""
@@ -135,7 +135,7 @@ class WorkerChannel:
         for number, outcome in messages:
             future = self._in_flight.pop(number, None)
             if future is not None and not future.done():  # its caller may have given up on it
-                future.set_result(outcome)
+                future.set_result(Outcome.unpacked(outcome))
         if messages and not self._abandoned:
             self.owner.answered(self)
 

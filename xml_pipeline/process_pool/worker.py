@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import operator
 import os
 import signal
 import socket
@@ -49,6 +51,25 @@ class Task:
     traceparent: str | None = None
     """The trace context of the daemon's span for this call (OpenTelemetry), continued in the worker."""
 
+    def packed(self) -> tuple[Any, ...]:
+        """The task as plain values, for the socket: they pickle in a tenth of the time the dataclasses take."""
+        return (
+            self.handler_path,
+            self.payload_type,
+            self.payload_xml,
+            _metadata_values(self.metadata),
+            self.timeout,
+            self.traceparent,
+        )
+
+    @classmethod
+    def unpacked(cls, values: tuple[Any, ...]) -> Task:
+        handler_path, payload_type, payload_xml, metadata, timeout, traceparent = values
+        return cls(handler_path, payload_type, payload_xml, HandlerMetadata(*metadata), timeout, traceparent)
+
+
+_metadata_values = operator.attrgetter(*(field.name for field in dataclasses.fields(HandlerMetadata)))
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -60,6 +81,17 @@ class Outcome:
     payload_xml: bytes = b""
     detail: str = ""
     worker_pid: int = 0
+
+    def packed(self) -> tuple[Any, ...]:
+        """The outcome as plain values, for the socket (see ``Task.packed``)."""
+        return _outcome_values(self)
+
+    @classmethod
+    def unpacked(cls, values: tuple[Any, ...]) -> Outcome:
+        return cls(*values)
+
+
+_outcome_values = operator.attrgetter(*(field.name for field in dataclasses.fields(Outcome)))
 
 
 class _HardTimeout(BaseException):
@@ -129,10 +161,10 @@ def serve(address: str, token: bytes, generation: int) -> None:
                 slot, number, task = message
                 _marks.mark_started_here(slot, number)
                 try:
-                    outcome = run_task(task)
+                    outcome = run_task(Task.unpacked(task))
                 except _HardTimeout:  # the alarm went off just as the handler returned
                     outcome = Outcome("timeout", worker_pid=os.getpid())
-                sock.sendall(frame((number, outcome)))
+                sock.sendall(frame((number, outcome.packed())))
 
 
 def run_task(task: Task) -> Outcome:
