@@ -29,8 +29,8 @@ from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
 from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
-from xml_pipeline.process_pool.wire import FrameReader, frame
-from xml_pipeline.process_pool.worker import Hello, Task
+from xml_pipeline.process_pool.wire import FrameReader, Hello, frame
+from xml_pipeline.process_pool.worker import Task
 from xml_pipeline.testing import ask, running
 
 
@@ -471,11 +471,16 @@ async def test_the_pool_leaves_no_worker_and_no_socket_behind(tmp_path: Path) ->
     await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its pool")
 
 
-async def test_the_pool_socket_closes_a_connection_without_the_workers_secret() -> None:
+@pytest.mark.parametrize(
+    "greeting",
+    [Hello(b"not the secret..", 1, 4242).framed(), frame(("a", "pickle", "first")), b"\xff\xff\xff\xffjunk"],
+    ids=["wrong secret", "pickle first", "huge length"],
+)
+async def test_the_pool_socket_closes_a_connection_without_the_workers_greeting(greeting: bytes) -> None:
     async with running(batch_organism(workers=1)) as pump:
         assert pump.pool is not None
         reader, writer = await asyncio.open_unix_connection(pump.pool.address)
-        writer.write(frame(Hello(b"not the secret..", 1, os.getpid())))
+        writer.write(greeting)
         await writer.drain()
         async with asyncio.timeout(5):
             assert await reader.read() == b""  # closed, and sent nothing
@@ -492,3 +497,7 @@ def test_frames_are_cut_whole_however_the_bytes_arrive() -> None:
         for start in range(0, len(stream), step):
             received += reader.feed(stream[start : start + step])
         assert received == messages
+    hello = Hello(b"0123456789abcdef", 7, 4242)
+    greeted = FrameReader(greeting=True)
+    first, *rest = [message for byte in hello.framed() + stream for message in greeted.feed(bytes([byte]))]
+    assert (Hello.parse(first), rest) == (hello, messages)

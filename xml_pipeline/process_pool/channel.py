@@ -16,12 +16,15 @@ which of them crashed is judged elsewhere (see ``generation``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from concurrent.futures import BrokenExecutor
 from typing import Protocol
 
-from xml_pipeline.process_pool.wire import STOP, FrameReader, frame
-from xml_pipeline.process_pool.worker import Hello, Outcome, Task
+from xml_pipeline.process_pool.wire import STOP, FrameReader, Hello, frame
+from xml_pipeline.process_pool.worker import Outcome, Task
+
+log = logging.getLogger("xml_pipeline.pool")
 
 READ_BYTES = 1 << 16
 
@@ -31,8 +34,8 @@ class ChannelClosed(BrokenExecutor):
 
 
 class ChannelOwner(Protocol):
-    def greeted(self, channel: WorkerChannel, hello: Hello) -> None:
-        """The worker said who it is: its first message."""
+    def greeted(self, channel: WorkerChannel, hello: Hello | None) -> None:
+        """The first message arrived: who the worker is, or None if it was no greeting."""
 
     def answered(self, channel: WorkerChannel) -> None:
         """Some outcomes arrived: the channel has room for more calls."""
@@ -52,7 +55,7 @@ class WorkerChannel:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._reader = FrameReader()
+        self._reader = FrameReader(greeting=True)
         self._in_flight: dict[int, asyncio.Future[Outcome]] = {}
         """Calls the worker holds, by hand-over number."""
         self._out: list[bytes] = []
@@ -128,10 +131,16 @@ class WorkerChannel:
         if not data:
             self.close()
             return
+        try:
+            self._received(data)
+        except Exception:  # a bug on either end: fail the calls rather than leave them waiting for nothing
+            log.exception("worker pool: unreadable message from worker %d; dropping its channel", self.pid)
+            self.close()
+
+    def _received(self, data: bytes) -> None:
         messages = self._reader.feed(data)
         if self.pid == 0 and messages:
-            hello = messages.pop(0)
-            self.owner.greeted(self, hello)
+            self.owner.greeted(self, Hello.parse(messages.pop(0)))
         for number, outcome in messages:
             future = self._in_flight.pop(number, None)
             if future is not None and not future.done():  # its caller may have given up on it

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 
 from xml_pipeline.process_pool.channel import WorkerChannel
-from xml_pipeline.process_pool.worker import Hello
+from xml_pipeline.process_pool.wire import TOKEN_BYTES, Hello
 
 log = logging.getLogger("xml_pipeline.pool")
 
@@ -27,7 +27,7 @@ class WorkerDoor:
     def __init__(
         self, loop: asyncio.AbstractEventLoop, backlog: int, admit: Callable[[WorkerChannel, Hello], None]
     ) -> None:
-        self.token = secrets.token_bytes(16)
+        self.token = secrets.token_bytes(TOKEN_BYTES)
         self._loop = loop
         self._admit = admit
         self._directory = tempfile.mkdtemp(prefix="xp-pool-")
@@ -52,9 +52,9 @@ class WorkerDoor:
             sock.setblocking(False)
             self._greeting.add(WorkerChannel(self._loop, sock, self))
 
-    def greeted(self, channel: WorkerChannel, hello: Hello) -> None:
+    def greeted(self, channel: WorkerChannel, hello: Hello | None) -> None:
         self._greeting.discard(channel)
-        if isinstance(hello, Hello) and secrets.compare_digest(hello.token, self.token):
+        if hello is not None and secrets.compare_digest(hello.token, self.token):
             self._admit(channel, hello)
         else:
             log.warning("the worker pool's socket closed a connection that did not greet as a worker")

@@ -34,7 +34,8 @@ from multiprocessing.process import BaseProcess
 from xml_pipeline.process_pool import worker
 from xml_pipeline.process_pool.channel import WorkerChannel
 from xml_pipeline.process_pool.started import StartMarks
-from xml_pipeline.process_pool.worker import Hello, Outcome, Task
+from xml_pipeline.process_pool.wire import Hello
+from xml_pipeline.process_pool.worker import Outcome, Task
 
 EXIT_WAIT = 10.0
 """Seconds to wait for a broken executor's workers to exit before killing the rest."""
@@ -165,7 +166,7 @@ class Generation:
 
     # the channels' owner
 
-    def greeted(self, channel: WorkerChannel, hello: Hello) -> None:  # pragma: no cover - the pool greets
+    def greeted(self, channel: WorkerChannel, hello: Hello | None) -> None:  # pragma: no cover - the door greets
         raise AssertionError("a channel is attached after its greeting")
 
     def answered(self, channel: WorkerChannel) -> None:

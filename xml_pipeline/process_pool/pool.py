@@ -50,7 +50,8 @@ from xml_pipeline.process_pool.crash_record import CrashRecord
 from xml_pipeline.process_pool.door import WorkerDoor
 from xml_pipeline.process_pool.generation import EXIT_WAIT, Generation, HandOver, Sessions
 from xml_pipeline.process_pool.started import NOT_STARTED, StartMarks
-from xml_pipeline.process_pool.worker import Hello, Outcome, Task
+from xml_pipeline.process_pool.wire import Hello
+from xml_pipeline.process_pool.worker import Outcome, Task
 
 log = logging.getLogger("xml_pipeline.pool")
 

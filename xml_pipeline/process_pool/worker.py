@@ -23,7 +23,7 @@ import signal
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.imports import import_object
@@ -35,7 +35,7 @@ from xml_pipeline.message.safe_xml import XmlRejected
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, set_registry
 from xml_pipeline.process_pool.orphans import exit_with_parent
 from xml_pipeline.process_pool.started import StartMarks
-from xml_pipeline.process_pool.wire import STOP, Closed, frame, read_message
+from xml_pipeline.process_pool.wire import STOP, Closed, Hello, frame, read_message
 
 HARD_DEADLINE_GRACE = 1.0
 """Seconds after the timeout before SIGALRM interrupts a handler that does not await."""
@@ -130,14 +130,6 @@ def _on_alarm(signum: int, frame: object) -> None:
     raise _HardTimeout
 
 
-class Hello(NamedTuple):
-    """A worker's first message on its socket: the pool's secret, its generation, and who it is."""
-
-    token: bytes
-    generation: int
-    pid: int
-
-
 def serve(address: str, token: bytes, generation: int) -> None:
     """One session: connect to the pool, then run the calls it sends, one at a time, until it says stop.
 
@@ -149,7 +141,7 @@ def serve(address: str, token: bytes, generation: int) -> None:
     assert _marks is not None, "initialize() runs first"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(address)
-        sock.sendall(frame(Hello(token, generation, os.getpid())))
+        sock.sendall(Hello(token, generation, os.getpid()).framed())
         with sock.makefile("rb") as incoming:
             while True:
                 try:
