@@ -501,3 +501,22 @@ def test_frames_are_cut_whole_however_the_bytes_arrive() -> None:
     greeted = FrameReader(greeting=True)
     first, *rest = [message for byte in hello.framed() + stream for message in greeted.feed(bytes([byte]))]
     assert (Hello.parse(first), rest) == (hello, messages)
+
+
+async def test_a_worker_killed_before_it_reads_its_batch_fails_nothing(tmp_path: Path) -> None:
+    """A stopped worker cannot read the calls sent to it; killed then, it has started none of them,
+    so none fails: each runs once on the new worker."""
+    runs = tmp_path / "runs.log"
+    async with running(batch_organism(workers=1)) as pump:
+        assert pump.pool is not None
+        [victim] = pump.pool.worker_pids()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            submissions = [await pump.inject_payload(Ping(f"{runs}|{n}"), "notes") for n in range(6)]
+            await asyncio.sleep(0.2)  # the first calls are on the stopped worker's socket by now
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        replies = [await submission.next_reply(30) for submission in submissions]
+        assert [reply.error_code for reply in replies] == [None] * 6
+        assert Counter(runs.read_text().splitlines()) == Counter(str(n) for n in range(6))
+        assert pump.pool.rebuilds == 1
