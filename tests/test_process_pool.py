@@ -29,6 +29,7 @@ from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
 from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
+from xml_pipeline.process_pool.generation import EXIT_WAIT
 from xml_pipeline.process_pool.wire import FrameReader, Hello, frame
 from xml_pipeline.process_pool.worker import Task
 from xml_pipeline.testing import ask, running
@@ -520,3 +521,17 @@ async def test_a_worker_killed_before_it_reads_its_batch_fails_nothing(tmp_path:
         assert [reply.error_code for reply in replies] == [None] * 6
         assert Counter(runs.read_text().splitlines()) == Counter(str(n) for n in range(6))
         assert pump.pool.rebuilds == 1
+
+
+async def test_closing_while_new_workers_start_stops_them_without_waiting_out_a_timeout() -> None:
+    """Workers still starting when the pool closes connect after the others were told to stop;
+    they are told too, so the close does not wait for a timeout to kill them."""
+    async with running(batch_organism(workers=2)) as pump:
+        pool = pump.pool
+        assert pool is not None
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        await until(lambda: pool.rebuilds == 1, "the pool was not rebuilt")
+        starting = pool.worker_pids()
+        closing = time.monotonic()
+    assert time.monotonic() - closing < EXIT_WAIT
+    await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in starting), "a new worker outlived the pool")

@@ -89,6 +89,8 @@ class Generation:
         self.served = False
         """Whether any worker ever connected: a generation that never served is not rebuilt unasked."""
         self._retired = False
+        self._closing = False
+        """Whether the pool is closing: a worker that connects now is told to stop at once."""
         self._processes: dict[int, BaseProcess] = {}
         self._manager: threading.Thread | None = None
         self._killed_by_pool: set[int] = set()
@@ -120,14 +122,17 @@ class Generation:
 
     def attach(self, channel: WorkerChannel, hello: Hello) -> None:
         """A worker of this generation connected: give it calls."""
-        if self._retired or self.broken is not None:
-            self._spent.append(channel)
+        if self.broken is not None or (self._retired and not self._closing):
+            self._spent.append(channel)  # its executor is stopping it
             channel.abandon()
             return
         channel.owner = self
         channel.pid = hello.pid
         self.served = True
         self._channels[hello.pid] = channel
+        if self._closing:  # it started too late to be told with the others
+            channel.stop()
+            return
         if len(self._channels) >= self._sessions.workers:
             self._all_connected.set()
         self._dispatch()
@@ -200,6 +205,7 @@ class Generation:
         For the pool's close: it waits for the sessions to end.
         """
         self._retired = True
+        self._closing = True
         for channel in self._channels.values():
             channel.stop()
         waiting, self._waiting = self._waiting, deque()

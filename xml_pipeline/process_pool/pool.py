@@ -37,6 +37,7 @@ read, with no thread in between.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -247,19 +248,18 @@ class CpuPool:
             generation.kill_all()
         generation.stop_sessions()
         allowed = sum(self._allowances.values()) + STUCK_GRACE + EXIT_WAIT
+        shutdown = functools.partial(generation.executor.shutdown, wait=True, cancel_futures=True)
+        stopped = self._loop.run_in_executor(None, shutdown)
         try:
-            await self._shut_down(generation, allowed)
-        except TimeoutError:
-            log.warning("worker pool: workers still busy %gs after close; killing them", allowed)
-            generation.kill_all()
-            await self._shut_down(generation, EXIT_WAIT)
+            done, _ = await asyncio.wait({stopped}, timeout=allowed)
+            if not done:
+                log.warning("worker pool: workers still busy %gs after close; killing them", allowed)
+                generation.kill_all()
+                done, _ = await asyncio.wait({stopped}, timeout=EXIT_WAIT)
+            if not done:
+                log.error("worker pool: the executor did not stop within %gs of killing its workers", EXIT_WAIT)
         finally:
             self._door.close()
             for retired in [*self._retired, generation]:
                 retired.close_sockets()
             self._retired.clear()
-
-    @staticmethod
-    async def _shut_down(generation: Generation, seconds: float) -> None:
-        async with asyncio.timeout(seconds):
-            await asyncio.to_thread(generation.executor.shutdown, wait=True, cancel_futures=True)
