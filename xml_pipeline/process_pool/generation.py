@@ -1,7 +1,7 @@
 """One ProcessPoolExecutor of the pool, from its start until it breaks, and who broke it.
 
-When a worker dies, the executor fails every call it holds and stops its other
-workers with SIGTERM. Once all of them have exited, their exit codes tell the
+When a worker dies, the executor breaks: it stops its other workers with
+SIGTERM, and the generation fails every call it holds. Once all of them have exited, their exit codes tell the
 dead worker from the ones the executor stopped: a worker that exited any other
 way than by that SIGTERM (killed, out of memory, a crash in C code, an exit
 from the handler) died on its own, and the calls it had started are the ones
@@ -45,7 +45,7 @@ STOPPED_BY_EXECUTOR = -signal.SIGTERM
 
 @dataclass(frozen=True, slots=True)
 class HandOver:
-    """A call as handed to an executor: its slot in the pool's line and the number of this hand-over."""
+    """A call as handed to a generation: its slot in the pool's line and the number of this hand-over."""
 
     slot: int
     number: int
