@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -31,7 +32,7 @@ from xml_pipeline.process_pool import pool as pool_module
 from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
 from xml_pipeline.process_pool.generation import EXIT_WAIT
 from xml_pipeline.process_pool.wire import FrameReader, Hello, frame
-from xml_pipeline.process_pool.worker import Task
+from xml_pipeline.process_pool.worker import Outcome, Task
 from xml_pipeline.testing import ask, running
 
 
@@ -535,3 +536,11 @@ async def test_closing_while_new_workers_start_stops_them_without_waiting_out_a_
         closing = time.monotonic()
     assert time.monotonic() - closing < EXIT_WAIT
     await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in starting), "a new worker outlived the pool")
+
+
+def test_tasks_and_outcomes_cross_the_socket_whole() -> None:
+    metadata = HandlerMetadata("t", "f", "o", "c", is_self_call=True, delivery_attempt=3)
+    task = Task("a.handler", "a.Payload", b"<Payload/>", metadata, timeout=2.5, traceparent="00-ab-cd-01")
+    assert Task.unpacked(pickle.loads(frame(task.packed())[4:])) == task
+    outcome = Outcome("response", "peer", "a.Reply", b"<Reply/>", "", 4242)
+    assert Outcome.unpacked(pickle.loads(frame(outcome.packed())[4:])) == outcome
