@@ -6,6 +6,7 @@ import asyncio
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -462,14 +463,15 @@ async def test_max_tasks_per_child_holds_for_calls_sent_in_one_batch(tmp_path: P
         assert pump.pool.rebuilds == 0
 
 
-async def test_the_pool_leaves_no_worker_and_no_socket_behind(tmp_path: Path) -> None:
+async def test_the_pool_leaves_no_worker_and_no_socket_behind() -> None:
     async with running(batch_organism(workers=2)) as pump:
         assert pump.pool is not None
         workers = pump.pool.worker_pids()
-        address = Path(pump.pool.address)
-        assert address.is_socket()  # noqa: ASYNC240 - one stat
+        address = pump.pool.address
+        assert address.startswith("\0")  # abstract: no file to leave behind, even if the daemon is killed
         assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None
-    assert not address.parent.exists()
+    with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as stranger:
+        stranger.connect(address)
     await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its pool")
 
 
@@ -481,7 +483,9 @@ async def test_the_pool_leaves_no_worker_and_no_socket_behind(tmp_path: Path) ->
 async def test_the_pool_socket_closes_a_connection_without_the_workers_greeting(greeting: bytes) -> None:
     async with running(batch_organism(workers=1)) as pump:
         assert pump.pool is not None
-        reader, writer = await asyncio.open_unix_connection(pump.pool.address)
+        stranger = socket.socket(socket.AF_UNIX)
+        stranger.connect(pump.pool.address)
+        reader, writer = await asyncio.open_unix_connection(sock=stranger)
         writer.write(greeting)
         await writer.drain()
         async with asyncio.timeout(5):
@@ -544,3 +548,43 @@ def test_tasks_and_outcomes_cross_the_socket_whole() -> None:
     assert Task.unpacked(pickle.loads(frame(task.packed())[4:])) == task
     outcome = Outcome("response", "peer", "a.Reply", b"<Reply/>", "", 4242)
     assert Outcome.unpacked(pickle.loads(frame(outcome.packed())[4:])) == outcome
+
+
+def stranger_reads(address: str, greeting: bytes, uid: int) -> str:
+    """In a forked child running as ``uid``: connect, greet, and say what came back."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # only socket calls here, then _exit: nothing the parent's threads hold is touched
+        answer = "nothing"
+        try:
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(address)
+                answer = "connected"
+                try:
+                    sock.sendall(greeting)
+                    answer = f"{len(sock.recv(100))} bytes"
+                except (BrokenPipeError, ConnectionResetError):
+                    answer = "0 bytes"
+        finally:
+            os.write(write_end, answer.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answer_pipe:
+        answer = answer_pipe.read()
+    os.waitpid(child, 0)
+    return answer
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+async def test_the_pool_socket_closes_a_connection_from_another_user_even_with_the_secret() -> None:
+    async with running(batch_organism(workers=1)) as pump:
+        pool = pump.pool
+        assert pool is not None
+        workers = pool.worker_pids()
+        greeting = Hello(pool._door.token, pool._generation.number, 4242).framed()  # the secret, as a worker has it
+        answer = await asyncio.to_thread(stranger_reads, pool.address, greeting, 65534)
+        assert answer == "0 bytes"  # closed without a byte
+        assert pool.worker_pids() == workers
+        assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None

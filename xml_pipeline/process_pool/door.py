@@ -1,9 +1,12 @@
-"""Where the workers connect back to the pool: a Unix socket in a directory of the daemon's own.
+"""Where the workers connect back to the pool: a Unix socket only the daemon's own user may use.
 
-The directory is created with mode 0700, so only processes of the daemon's
-user can reach the socket; a connection is then taken for a worker only once
-its first message carries the secret handed to the workers at spawn time. A
-connection is kept here until it says who it is, then given to the pool.
+On Linux the socket is in the abstract namespace: it has no file, so nothing
+is left behind when the daemon is killed outright. A connection from a process
+of another user is closed at once (SO_PEERCRED). Elsewhere the socket is a
+file in a directory of mode 0700, removed when the pool closes. Either way a
+connection is taken for a worker only once its first message carries the
+secret handed to the workers at spawn time; it is kept here until it says who
+it is, then given to the pool.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import secrets
 import shutil
 import socket
+import struct
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -30,8 +35,12 @@ class WorkerDoor:
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self._loop = loop
         self._admit = admit
-        self._directory = tempfile.mkdtemp(prefix="xp-pool-")
-        self.address = os.path.join(self._directory, "workers.sock")
+        self._directory: str | None = None
+        if ABSTRACT_SOCKETS:
+            self.address = f"\0xp-pool-{os.getpid()}-{secrets.token_hex(8)}"
+        else:
+            self._directory = tempfile.mkdtemp(prefix="xp-pool-")
+            self.address = os.path.join(self._directory, "workers.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.address)
         self._listener.listen(backlog)
@@ -49,6 +58,10 @@ class WorkerDoor:
             except OSError as exc:
                 log.warning("the worker pool's socket refused a connection: %s", exc)
                 return
+            if not _same_user(sock):
+                log.warning("the worker pool's socket closed a connection from another user")
+                sock.close()
+                continue
             sock.setblocking(False)
             self._greeting.add(WorkerChannel(self._loop, sock, self))
 
@@ -71,4 +84,19 @@ class WorkerDoor:
         self._listener.close()
         for channel in list(self._greeting):
             channel.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+ABSTRACT_SOCKETS = sys.platform == "linux"
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _same_user(sock: socket.socket) -> bool:
+    """Whether the peer runs as this process's user (always, where the socket is a file in a 0700 directory)."""
+    if not ABSTRACT_SOCKETS:
+        return True
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    _, uid, _ = _PEER_CREDENTIALS.unpack(credentials)
+    return bool(uid == os.getuid())
