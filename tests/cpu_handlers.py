@@ -99,3 +99,11 @@ async def stuck_beyond_signals(payload: Ping, metadata: HandlerMetadata) -> Hand
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(60)  # noqa: ASYNC251 - blocking is the point
     return HandlerResponse.respond(Pong("unstuck"))
+
+
+async def notes(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    """Appends its tag to a file (``text`` is ``file|tag``) and answers with the tag: a run leaves a line."""
+    log, tag = payload.text.split("|")
+    with open(log, "a") as runs:  # noqa: ASYNC230 - one line
+        runs.write(tag + "\n")
+    return HandlerResponse.respond(Pong(tag))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -30,7 +32,9 @@ from xml_pipeline.message_bus.pump import Pump
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.process_pool import pool as pool_module
 from xml_pipeline.process_pool.crash_record import MAX_CRASHES, REMEMBERED_PAYLOADS, CrashRecord
-from xml_pipeline.process_pool.worker import Task
+from xml_pipeline.process_pool.generation import EXIT_WAIT
+from xml_pipeline.process_pool.wire import FrameReader, Hello, frame
+from xml_pipeline.process_pool.worker import Outcome, Task
 from xml_pipeline.testing import ask, running
 
 
@@ -403,3 +407,192 @@ def test_the_crash_record_counts_equivalent_xml_as_the_same_payload() -> None:
     assert record.refuses(_task(b"<Ping>\t<text>a b</text></Ping>"))
     assert not record.refuses(_task(b"<Ping><text>a  b</text></Ping>"))  # a field's text is the payload
     assert not record.refuses(_task(b"<Ping><text> a b</text></Ping>"))
+
+
+def batch_organism(**pool: int) -> Organism:
+    organism = Organism.of(
+        "batches",
+        [
+            Listener("crasher", [Ping], cpu_handlers.notes_then_dies, cpu_bound=True, max_concurrency=20),
+            Listener("notes", [Ping], cpu_handlers.notes, cpu_bound=True, max_concurrency=20),
+            Listener("whoami", [Ping], cpu_handlers.whoami, cpu_bound=True, max_concurrency=20),
+        ],
+    )
+    organism.settings = {"process_pool": pool}
+    return organism
+
+
+async def test_a_worker_dying_mid_batch_fails_only_its_call_and_keeps_the_answers_it_sent(tmp_path: Path) -> None:
+    """One worker holds a whole batch on its socket: the calls before the one that kills it have
+    answered (their outcomes may still be unread when it dies), the calls after it never started.
+    Each of those runs exactly once and answers; only the call that killed the worker fails."""
+    runs = tmp_path / "runs.log"
+    calls = [("notes", Ping(f"{runs}|before-{n}")) for n in range(2)]
+    calls += [("crasher", Ping(f"{runs}|kill|crash"))]
+    calls += [("notes", Ping(f"{runs}|after-{n}")) for n in range(5)]
+    async with running(batch_organism(workers=1)) as pump:
+        submissions = [await pump.inject_payload(payload, to) for to, payload in calls]
+        replies = [await submission.next_reply(30) for submission in submissions]
+        assert [reply.error_code for reply in replies] == [None, None, ErrorCode.WORKER_CRASH] + [None] * 5
+        assert "died during the call" in replies[2].payload.message
+        assert [reply.payload.text for n, reply in enumerate(replies) if n != 2] == [
+            *(f"before-{n}" for n in range(2)),
+            *(f"after-{n}" for n in range(5)),
+        ]
+        ran = Counter(runs.read_text().splitlines())
+        assert ran == Counter(
+            {f"{runs}|kill|crash": 1, **{f"before-{n}": 1 for n in range(2)}} | {f"after-{n}": 1 for n in range(5)}
+        )
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 1
+
+
+async def test_a_worker_killed_between_calls_fails_nothing_and_is_replaced_at_once() -> None:
+    async with running(batch_organism(workers=2)) as pump:
+        assert pump.pool is not None
+        victim = pump.pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: pump.pool is not None and pump.pool.rebuilds == 1, "the pool was not rebuilt")
+        replies = await asyncio.gather(*(ask(pump, Ping("x"), "whoami", timeout=30) for _ in range(20)))
+        assert [reply.error_code for reply in replies] == [None] * 20
+        assert victim not in {int(reply.payload.text) for reply in replies}
+        assert victim not in pump.pool.worker_pids()
+
+
+async def test_max_tasks_per_child_holds_for_calls_sent_in_one_batch(tmp_path: Path) -> None:
+    """Calls handed over together to a worker near its limit wait for its successor."""
+    async with running(batch_organism(workers=1, max_tasks_per_child=3)) as pump:
+        replies = await asyncio.gather(*(ask(pump, Ping("x"), "whoami", timeout=30) for _ in range(10)))
+        assert [reply.error_code for reply in replies] == [None] * 10
+        pids = Counter(int(reply.payload.text) for reply in replies)
+        assert max(pids.values()) <= 3
+        assert len(pids) >= 4
+        assert pump.pool is not None
+        assert pump.pool.rebuilds == 0
+
+
+async def test_the_pool_leaves_no_worker_and_no_socket_behind() -> None:
+    async with running(batch_organism(workers=2)) as pump:
+        assert pump.pool is not None
+        workers = pump.pool.worker_pids()
+        address = pump.pool.address
+        assert address.startswith("\0")  # abstract: no file to leave behind, even if the daemon is killed
+        assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None
+    with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as stranger:
+        stranger.connect(address)
+    await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its pool")
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [Hello(b"not the secret..", 1, 4242).framed(), frame(("a", "pickle", "first")), b"\xff\xff\xff\xffjunk"],
+    ids=["wrong secret", "pickle first", "huge length"],
+)
+async def test_the_pool_socket_closes_a_connection_without_the_workers_greeting(greeting: bytes) -> None:
+    async with running(batch_organism(workers=1)) as pump:
+        assert pump.pool is not None
+        stranger = socket.socket(socket.AF_UNIX)
+        stranger.connect(pump.pool.address)
+        reader, writer = await asyncio.open_unix_connection(sock=stranger)
+        writer.write(greeting)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed, and sent nothing
+        writer.close()
+        assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None
+
+
+def test_frames_are_cut_whole_however_the_bytes_arrive() -> None:
+    messages = [("call", n, b"x" * n) for n in (0, 1, 300, 70_000)]
+    stream = b"".join(frame(message) for message in messages)
+    for step in (1, 7, 4096, len(stream)):
+        reader = FrameReader()
+        received = []
+        for start in range(0, len(stream), step):
+            received += reader.feed(stream[start : start + step])
+        assert received == messages
+    hello = Hello(b"0123456789abcdef", 7, 4242)
+    greeted = FrameReader(greeting=True)
+    first, *rest = [message for byte in hello.framed() + stream for message in greeted.feed(bytes([byte]))]
+    assert (Hello.parse(first), rest) == (hello, messages)
+
+
+async def test_a_worker_killed_before_it_reads_its_batch_fails_nothing(tmp_path: Path) -> None:
+    """A stopped worker cannot read the calls sent to it; killed then, it has started none of them,
+    so none fails: each runs once on the new worker."""
+    runs = tmp_path / "runs.log"
+    async with running(batch_organism(workers=1)) as pump:
+        assert pump.pool is not None
+        [victim] = pump.pool.worker_pids()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            submissions = [await pump.inject_payload(Ping(f"{runs}|{n}"), "notes") for n in range(6)]
+            await asyncio.sleep(0.2)  # the first calls are on the stopped worker's socket by now
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        replies = [await submission.next_reply(30) for submission in submissions]
+        assert [reply.error_code for reply in replies] == [None] * 6
+        assert Counter(runs.read_text().splitlines()) == Counter(str(n) for n in range(6))
+        assert pump.pool.rebuilds == 1
+
+
+async def test_closing_while_new_workers_start_stops_them_without_waiting_out_a_timeout() -> None:
+    """Workers still starting when the pool closes connect after the others were told to stop;
+    they are told too, so the close does not wait for a timeout to kill them."""
+    async with running(batch_organism(workers=2)) as pump:
+        pool = pump.pool
+        assert pool is not None
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        await until(lambda: pool.rebuilds == 1, "the pool was not rebuilt")
+        starting = pool.worker_pids()
+        closing = time.monotonic()
+    assert time.monotonic() - closing < EXIT_WAIT
+    await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in starting), "a new worker outlived the pool")
+
+
+def test_tasks_and_outcomes_cross_the_socket_whole() -> None:
+    metadata = HandlerMetadata("t", "f", "o", "c", is_self_call=True, delivery_attempt=3)
+    task = Task("a.handler", "a.Payload", b"<Payload/>", metadata, timeout=2.5, traceparent="00-ab-cd-01")
+    assert Task.unpacked(pickle.loads(frame(task.packed())[4:])) == task
+    outcome = Outcome("response", "peer", "a.Reply", b"<Reply/>", "", 4242)
+    assert Outcome.unpacked(pickle.loads(frame(outcome.packed())[4:])) == outcome
+
+
+def stranger_reads(address: str, greeting: bytes, uid: int) -> str:
+    """In a forked child running as ``uid``: connect, greet, and say what came back."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # only socket calls here, then _exit: nothing the parent's threads hold is touched
+        answer = "nothing"
+        try:
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(address)
+                answer = "connected"
+                try:
+                    sock.sendall(greeting)
+                    answer = f"{len(sock.recv(100))} bytes"
+                except (BrokenPipeError, ConnectionResetError):
+                    answer = "0 bytes"
+        finally:
+            os.write(write_end, answer.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as answer_pipe:
+        answer = answer_pipe.read()
+    os.waitpid(child, 0)
+    return answer
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+async def test_the_pool_socket_closes_a_connection_from_another_user_even_with_the_secret() -> None:
+    async with running(batch_organism(workers=1)) as pump:
+        pool = pump.pool
+        assert pool is not None
+        workers = pool.worker_pids()
+        greeting = Hello(pool._door.token, pool._generation.number, 4242).framed()  # the secret, as a worker has it
+        answer = await asyncio.to_thread(stranger_reads, pool.address, greeting, 65534)
+        assert answer == "0 bytes"  # closed without a byte
+        assert pool.worker_pids() == workers
+        assert (await ask(pump, Ping("x"), "whoami", timeout=30)).error_code is None
