@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.cluster_handlers import CURE_FILE, RUNS_FILE
-from tests.daemon_support import DaemonProcess, cli, running_daemon, short_directory, write_organism
+from tests.daemon_support import DaemonProcess, cli, running_daemon, short_directory, wait_until, write_organism
 from tests.redis_server import RedisServer
 from xml_pipeline.message.envelope import read_envelope
 from xml_pipeline.message.safe_xml import parse_untrusted
@@ -215,14 +215,12 @@ async def test_kill_9_of_one_daemon_with_500_in_flight_loses_nothing(
 
 def _wait_for_runs_by(runs: Path, pid: str, timeout: float = 30) -> None:
     """Until the daemon ``pid`` has started handling hops (its handler runs are written down)."""
-    import time
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if runs.exists() and any(line.split()[2] == pid for line in runs.read_text().splitlines()):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"daemon {pid} never handled a hop")
+    def handled() -> bool:
+        return runs.exists() and any(line.split()[2] == pid for line in runs.read_text().splitlines())
+
+    if not wait_until(handled, timeout):
+        raise AssertionError(f"daemon {pid} never handled a hop")
 
 
 async def test_every_daemon_killed_then_one_started_handles_every_accepted_message(
@@ -404,14 +402,8 @@ async def test_a_collect_false_buffer_survives_its_coordinating_daemon(
 
 def _wait_for_all_runs(runs: Path, count: int, timeout: float = 90) -> None:
     """Until ``count`` different items have been handled (written down by the handlers of any daemon)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(runs_of(runs)) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"only {len(runs_of(runs))} of {count} items were handled")
+    if not wait_until(lambda: len(runs_of(runs)) >= count, timeout):
+        raise AssertionError(f"only {len(runs_of(runs))} of {count} items were handled")
 
 
 async def test_send_whose_daemon_dies_during_the_wait_says_where_another_daemon_has_its_replies(

@@ -31,6 +31,18 @@ from xml_pipeline.organism import Listener, Organism, PumpLimits
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
 
 
+async def payloads_collected(
+    engine: DurableEngine, thread: str, mode: str, *, owner: str | None = None, ended: bool | None = None
+) -> list[bytes]:
+    """The reply payloads a collect of ``thread`` returns (waiting up to 10 s); it must find the conversation,
+    and, given ``ended``, say whether it ended."""
+    collected = await engine.collect(thread, mode, 10, owner=owner)
+    assert collected is not None
+    if ended is not None:
+        assert collected.ended is ended
+    return [reply.payload_xml for reply in collected.replies]
+
+
 def echo_listener() -> Listener:
     return Listener("echo", [Ping], echo, peers=[], ingress=True)
 
@@ -49,9 +61,7 @@ async def test_opening_a_conversation_twice_stores_it_once(engine: DurableEngine
     for _ in range(2):
         await store.commit(hop.conversation, effects, opening=("console", "echo", -1))
     assert await store.client.xlen(store.keys.stream("echo")) <= 1  # the first may already be handled
-    collected = await engine.collect(hop.conversation, "end", 10)
-    assert collected is not None
-    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>once</text></Pong>"]
+    assert await payloads_collected(engine, hop.conversation, "end") == [b"<Pong><text>once</text></Pong>"]
 
 
 async def test_a_step_that_ends_its_conversation_writes_its_reply_and_the_end_as_one_entry(
@@ -64,10 +74,7 @@ async def test_a_step_that_ends_its_conversation_writes_its_reply_and_the_end_as
     assert [reply.payload_xml if reply else None for _, reply in seen] == [b"<Pong><text>one</text></Pong>", None]
     [(_, fields)] = await engine.store.client.xrange(engine.store.keys.replies(accepted.thread))
     assert {b"reply", b"end"} <= set(fields)
-    collected = await engine.collect(accepted.thread, "first", 10)
-    assert collected is not None
-    assert collected.ended
-    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>one</text></Pong>"]
+    assert await payloads_collected(engine, accepted.thread, "first", ended=True) == [b"<Pong><text>one</text></Pong>"]
 
 
 async def test_collecting_a_conversation_this_daemon_opened_asks_redis_nothing_about_it(
@@ -96,9 +103,9 @@ async def test_collecting_a_conversation_this_daemon_opened_asks_redis_nothing_a
         opened_elsewhere = await other.accept(envelope(ping_xml("theirs"), sender="alice"), access=ALICE)
         assert isinstance(opened_elsewhere, Accepted)
         assert await engine.collect(opened_elsewhere.thread, "end", 10, owner="bob") is None
-        found = await engine.collect(opened_elsewhere.thread, "end", 10, owner="alice")
-        assert found is not None
-        assert [reply.payload_xml for reply in found.replies] == [b"<Pong><text>theirs</text></Pong>"]
+        assert await payloads_collected(engine, opened_elsewhere.thread, "end", owner="alice") == [
+            b"<Pong><text>theirs</text></Pong>"
+        ]
     assert looked == [accepted.thread, opened_elsewhere.thread, opened_elsewhere.thread]
 
 
@@ -209,9 +216,7 @@ async def test_a_hop_this_daemon_made_is_handled_without_parsing_it_again(
     monkeypatch.setattr(engine_module, "parse_checked", counting_parse)
     accepted = await engine.accept(envelope(ping_xml("once")))
     assert isinstance(accepted, Accepted)
-    collected = await engine.collect(accepted.thread, "end", 10)
-    assert collected is not None
-    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>once</text></Pong>"]
+    assert await payloads_collected(engine, accepted.thread, "end") == [b"<Pong><text>once</text></Pong>"]
     assert parsed == []
 
 
@@ -268,10 +273,7 @@ async def test_a_client_continues_its_live_conversation_as_on_one_daemon(
     assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
     assert not early.ended  # the gate still holds the first message
     gate.opened.set()
-    rest = await engine.collect(first.thread, "end", 10)
-    assert rest is not None
-    assert rest.ended
-    assert [reply.payload_xml for reply in rest.replies] == [b"<Pong><text>slow</text></Pong>"]
+    assert await payloads_collected(engine, first.thread, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
 
 
 async def test_another_sender_or_an_ended_conversation_starts_a_new_one(gated: tuple[DurableEngine, Gate]) -> None:
@@ -282,9 +284,7 @@ async def test_another_sender_or_an_ended_conversation_starts_a_new_one(gated: t
     assert isinstance(stranger, Accepted)
     assert stranger.thread != first.thread
     gate.opened.set()
-    ended = await engine.collect(first.thread, "end", 10)
-    assert ended is not None
-    assert [reply.payload_xml for reply in ended.replies] == [b"<Pong><text>slow</text></Pong>"]
+    assert await payloads_collected(engine, first.thread, "end") == [b"<Pong><text>slow</text></Pong>"]
     late = await engine.accept(envelope(ping_xml("late"), to="echo", thread=first.thread))
     assert isinstance(late, Accepted)
     assert late.thread != first.thread
@@ -305,9 +305,7 @@ async def test_a_conversation_that_ended_between_the_look_and_the_store_is_not_c
     late = await engine.accept(envelope(ping_xml("late"), to="echo", thread=first.thread))
     assert isinstance(late, Accepted)
     assert late.thread != first.thread
-    collected = await engine.collect(late.thread, "end", 10)
-    assert collected is not None
-    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>late</text></Pong>"]
+    assert await payloads_collected(engine, late.thread, "end") == [b"<Pong><text>late</text></Pong>"]
 
 
 async def test_a_continuation_retried_after_its_conversation_ended_is_not_refused_as_not_live(
@@ -377,12 +375,8 @@ async def test_a_client_without_a_token_cannot_continue_the_conversation_of_a_cl
     assert isinstance(forged, Accepted)
     assert forged.thread != first.thread
     gate.opened.set()
-    mine = await engine.collect(first.thread, "end", 10, owner="alice")
-    assert mine is not None
-    assert [reply.payload_xml for reply in mine.replies] == [b"<Pong><text>slow</text></Pong>"]
-    theirs = await engine.collect(forged.thread, "end", 10)
-    assert theirs is not None
-    assert [reply.payload_xml for reply in theirs.replies] == [b"<Pong><text>injected</text></Pong>"]
+    assert await payloads_collected(engine, first.thread, "end", owner="alice") == [b"<Pong><text>slow</text></Pong>"]
+    assert await payloads_collected(engine, forged.thread, "end") == [b"<Pong><text>injected</text></Pong>"]
 
 
 async def test_the_history_of_a_live_conversation_holds_each_hop_and_reply_with_its_payload(
@@ -394,9 +388,8 @@ async def test_the_history_of_a_live_conversation_holds_each_hop_and_reply_with_
     first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
     assert isinstance(first, Accepted)
     assert await engine.accept(envelope(ping_xml("more"), to="echo", thread=first.thread)) == Accepted(first.thread)
-    early = await engine.collect(first.thread, "first", 10)  # echo's reply is committed, the gate still holds
-    assert early is not None
-    assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
+    # echo's reply is committed, the gate still holds
+    assert await payloads_collected(engine, first.thread, "first") == [b"<Pong><text>more</text></Pong>"]
     slots = engine.buffer.get_thread(first.thread)
     assert [(slot.from_id, slot.to_id, slot.payload_xml) for slot in slots] == [
         ("console", "gate", ping_xml("slow").encode()),
@@ -429,9 +422,8 @@ async def test_a_live_conversation_keeps_its_state_and_owner_until_its_end_then_
     assert isinstance(first, Accepted)
     more = await engine.accept(envelope(ping_xml("more"), sender="alice", to="echo", thread=first.thread), access=alice)
     assert more == Accepted(first.thread)
-    early = await engine.collect(first.thread, "first", 10, owner="alice")  # the step above was committed
-    assert early is not None
-    assert [reply.payload_xml for reply in early.replies] == [b"<Pong><text>more</text></Pong>"]
+    # the step above was committed
+    assert await payloads_collected(engine, first.thread, "first", owner="alice") == [b"<Pong><text>more</text></Pong>"]
     client, prefix = engine.store.client, engine.store.keys.prefix
 
     async def conversation_keys() -> list[bytes]:
@@ -541,10 +533,7 @@ async def test_a_conversation_with_thousands_of_threads_still_ends_and_leaves_no
     client, prefix = engine.store.client, engine.store.keys.prefix
     assert await client.hlen(engine.store.keys.conversation(first.thread)) > 8_000
     gate.opened.set()
-    collected = await engine.collect(first.thread, "end", 10)
-    assert collected is not None
-    assert collected.ended
-    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>slow</text></Pong>"]
+    assert await payloads_collected(engine, first.thread, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
     left = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
     assert left == []
 
