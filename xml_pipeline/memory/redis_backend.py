@@ -210,6 +210,7 @@ class RedisBackend:
             raise ValueError("ttl must be 0 (keys never expire) or a number of seconds")
         self.spec = RedisSpec(url, prefix, ttl)
         self.socket_timeout = socket_timeout
+        self._retries = retries
         self.prefix = prefix
         self.ttl = ttl
         self._client = redis.Redis.from_url(
@@ -256,9 +257,16 @@ class RedisBackend:
         return result
 
     def _run(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._answering():
+            return operation(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Around one call to Redis (on either client): the circuit's check first, and Redis's failures as
+        BackendUnavailable, an unreachable server also tripping the circuit."""
         self.circuit.check()
         try:
-            return operation(*args, **kwargs)
+            yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._unreachable(exc) from None
         except RedisError as exc:
@@ -300,8 +308,7 @@ class RedisBackend:
         """
         if not ops:
             return []
-        raw = self._run(self._apply, keys=[], args=self._apply_args(ops))
-        return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
+        return _outcomes(ops, self._run(self._apply, keys=[], args=self._apply_args(ops)))
 
     def _apply_args(self, ops: Sequence[StateOp]) -> list[Any]:
         args: list[Any] = []
@@ -334,7 +341,7 @@ class RedisBackend:
             # The event-loop client's own Retry: the synchronous one would hand back the call's coroutine at
             # once, and a closed connection (a restart) would then fail the batch instead of being retried.
             retry=redis.asyncio.retry.Retry(
-                ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(RedisConnectionError,)
+                ExponentialBackoff(cap=1.0, base=0.05), self._retries, supported_errors=(RedisConnectionError,)
             ),
             retry_on_error=[RedisConnectionError],
         )
@@ -510,20 +517,19 @@ class AsyncStateWriter:
     async def apply(self, ops: Sequence[StateOp]) -> list[object]:
         if not ops:
             return []
-        backend = self._backend
-        backend.circuit.check()
-        try:
-            raw: Any = await self._script(keys=[], args=backend._apply_args(ops))
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise backend._unreachable(exc) from None
-        except RedisError as exc:
-            raise BackendUnavailable(f"redis refused the operation: {exc}") from None
-        return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
+        with self._backend._answering():
+            raw: Any = await self._script(keys=[], args=self._backend._apply_args(ops))
+        return _outcomes(ops, raw)
 
 
 def _cap(limit: int | None) -> int:
     """A cap as the batch script reads it: -1 for none."""
     return -1 if limit is None else limit
+
+
+def _outcomes(ops: Sequence[StateOp], raw: Sequence[Any]) -> list[object]:
+    """The batch script's answer, one value per op, as each op's outcome."""
+    return [_outcome(op, int(value)) for op, value in zip(ops, raw, strict=True)]
 
 
 def _outcome(op: StateOp, value: int) -> object:
