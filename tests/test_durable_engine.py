@@ -19,7 +19,7 @@ from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import BacklogFull, ClusterStore, Effects
+from xml_pipeline.cluster.store import BacklogFull, ClusterStore, Effects, StillLive
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
@@ -298,11 +298,18 @@ async def test_a_conversation_that_ended_between_the_look_and_the_store_is_not_c
     assert isinstance(first, Accepted)
     assert await engine.collect(first.thread, "end", 10) is not None
 
-    async def still_live(conversation: str) -> str:
-        return "console"  # what the look said just before the conversation ended
+    commit = engine.store.commit
+    said_live: list[str] = []
 
-    monkeypatch.setattr(engine.store, "initiator_of", still_live)
+    async def live_a_moment_ago(conversation: str, effects: Effects, **options: Any) -> bool:
+        if options.get("unless_live"):  # what the opening found just before the conversation ended
+            said_live.append(options["unless_live"])
+            raise StillLive("live a moment ago")
+        return await commit(conversation, effects, **options)
+
+    monkeypatch.setattr(engine.store, "commit", live_a_moment_ago)
     late = await engine.accept(envelope(ping_xml("late"), to="echo", thread=first.thread))
+    assert said_live == [first.thread]
     assert isinstance(late, Accepted)
     assert late.thread != first.thread
     assert await payloads_collected(engine, late.thread, "end") == [b"<Pong><text>late</text></Pong>"]
@@ -333,6 +340,30 @@ async def test_a_continuation_retried_after_its_conversation_ended_is_not_refuse
     ]
     # the same call again, as redis-py's Retry sends it
     assert await store.commit(first.thread, effects, opening=cap, continues=hop.thread) is False
+
+
+async def test_an_opening_on_the_thread_of_its_clients_live_conversation_writes_nothing(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """The door's opening asks whether the thread is the client's live conversation (instead of a look of
+    its own before every opening); when it is, it stores nothing, and only the continuation is stored."""
+    engine, gate = gated
+    store: ClusterStore = engine.store
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    hop, effects = engine._router.opening(
+        "console", engine.listeners["echo"], Ping("x"), b"<Ping><text>x</text></Ping>"
+    )
+    cap = ("console", "echo", -1)
+    with pytest.raises(StillLive):
+        await store.commit(hop.conversation, effects, opening=cap, unless_live=first.thread)
+    assert not await store.client.exists(store.keys.conversation(hop.conversation))
+    assert await store.client.xlen(store.keys.stream("echo")) == 0
+    # another client's thread, or a conversation opened with an identity, is not this client's to continue
+    await store.commit(hop.conversation, effects, opening=("mallory", "echo", -1), unless_live=first.thread)
+    assert await store.client.exists(store.keys.conversation(hop.conversation))
+    gate.opened.set()
+    assert await payloads_collected(engine, first.thread, "end") == [b"<Pong><text>slow</text></Pong>"]
 
 
 async def test_a_wait_gets_its_replies_while_more_conversations_than_one_read_covers_are_awaited(

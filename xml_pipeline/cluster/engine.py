@@ -45,7 +45,7 @@ from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.opened_here import OpenedHere
 from xml_pipeline.cluster.replies import ReplyWatcher
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
-from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, NotLive
+from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, NotLive, StillLive
 from xml_pipeline.handler import Handler, HandlerMetadata
 from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
@@ -419,29 +419,49 @@ class DurableEngine:
         it can (with tokens, ``from`` is the identity, and a client without one
         cannot continue a conversation opened with one, nor the reverse). Any
         other thread opens a new conversation. A conversation that ends between
-        the look and the store is not continued: the message opens a new one.
+        the opening's look and the continuation is not continued: the message opens a new one.
         """
         sender, target = admitted.envelope.sender, admitted.listener
         cap = (sender, target.name, self.limits.queue_size)
         thread = admitted.envelope.thread
-        if THREAD_ID.match(thread) and await self.store.initiator_of(thread) == sender:
-            hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
-            self._keep_decoded(effects)
-            try:
-                await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
-                self._opened_here.note(thread, access.identity)  # stored, and its owner matched
-                return hop
-            except NotLive:
-                pass
-            except RedisTimeoutError as exc:
-                raise _MaybeStored(thread) from exc
         hop, effects = self._router.opening(sender, target, admitted.payload, admitted.payload_xml)
         self._keep_decoded(effects)
+        # The opening itself asks whether the thread is the client's live conversation: one call, not a look
+        # before every opening. Only then is the message stored as a continuation instead.
+        unless_live = thread if THREAD_ID.match(thread) else ""
         try:
-            await self.store.commit(hop.conversation, effects, opening=cap, owner=access.identity)
+            return await self._open(hop, effects, cap, access, unless_live)
+        except StillLive:
+            pass
+        continued = await self._continue(admitted, access, cap)
+        if continued is not None:
+            return continued
+        return await self._open(hop, effects, cap, access, "")  # it ended meanwhile: a new conversation after all
+
+    async def _open(
+        self, hop: Hop, effects: Effects, cap: tuple[str, str, int], access: ClientAccess, unless_live: str
+    ) -> Hop:
+        try:
+            await self.store.commit(
+                hop.conversation, effects, opening=cap, owner=access.identity, unless_live=unless_live
+            )
         except RedisTimeoutError as exc:
             raise _MaybeStored(hop.conversation) from exc
         self._opened_here.note(hop.conversation, access.identity)
+        return hop
+
+    async def _continue(self, admitted: Admitted, access: ClientAccess, cap: tuple[str, str, int]) -> Hop | None:
+        """Store a client's message as the next hop of its live conversation; None if that has ended since."""
+        sender, target, thread = admitted.envelope.sender, admitted.listener, admitted.envelope.thread
+        hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
+        self._keep_decoded(effects)
+        try:
+            await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
+        except NotLive:
+            return None
+        except RedisTimeoutError as exc:
+            raise _MaybeStored(thread) from exc
+        self._opened_here.note(thread, access.identity)  # stored, and its owner matched
         return hop
 
     def refuse(self, code: ErrorCode, detail: str) -> Refused:

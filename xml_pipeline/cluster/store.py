@@ -73,13 +73,16 @@ _COMMIT = """
 --   initiator ('' unless opening or continuing), owner (the client's identity, '' for none; checked when
 --   continuing),
 --   continues (the new hop's thread when a client continues its conversation, else ''),
---   hops (the x ops' count), blobs (how many arguments follow the array), then the ops:
+--   hops (the x ops' count), blobs (how many arguments follow the array),
+--   unless live (when opening: a conversation id; if it is live, this initiator's and this owner's, nothing
+--   is written and the answer is 4, so that the client continues it instead; '' for none), then the ops:
 --   x stream n field value ... (a number as value: that blob) | y envelope-blob type payload-offset |
 --   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) | r chain uuid |
 --   q n field value ...
 -- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
 -- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
--- or not this initiator's: nothing written) or -1 (the capped stream was full).
+-- or not this initiator's: nothing written), 4 (opening, but the conversation named unless-live is live and
+-- this client's: nothing written) or -1 (the capped stream was full).
 --
 -- A live conversation's state has no TTL: it lasts exactly as long as the conversation, which the pending
 -- count ends (a hop is always committed or dead-lettered). A TTL could only expire the state of a
@@ -89,8 +92,8 @@ local prefix, group, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
-  local continues, hops = c[8], c[9]
-  local first, last = 11, #c
+  local continues, hops, unless_live = c[8], c[9], c[11]
+  local first, last = 12, #c
   local conv_key = prefix .. 'conv:' .. conv
   local replies_key = prefix .. 'r:' .. conv
   local history_key = prefix .. 'buf:' .. conv
@@ -131,6 +134,14 @@ local function commit(c, base)
     -- finds the conversation (or its replies) there already and writes nothing twice.
     if redis.call('EXISTS', conv_key, replies_key) > 0 then
       return 2, 0
+    end
+    -- A client's message on a thread that names its own live conversation continues it: the door asks
+    -- here rather than in a call of its own before every opening.
+    if unless_live ~= '' then
+      local found = redis.call('HMGET', prefix .. 'conv:' .. unless_live, 'initiator', 'owner')
+      if found[1] == initiator and (found[2] or '') == owner then
+        return 4, 0
+      end
     end
     if full() then return -1, 0 end
     pending = hops
@@ -245,16 +256,6 @@ return answers
 """
 
 
-_INITIATORS = """
--- ARGV: conversation hash keys; answers each one's initiator, '' when it is not live.
-local found = {}
-for i, key in ipairs(ARGV) do
-  found[i] = redis.call('HGET', key, 'initiator') or ''
-end
-return found
-"""
-
-
 _LOOK = """
 -- ARGV: prefix, then conversation ids; answers per id: the owner's identity ('' for none), and 1 when the
 -- conversation is known (live, or its replies still kept), else 0.
@@ -294,6 +295,10 @@ class BacklogFull(Exception):
 
 class NotLive(Exception):
     """The conversation a client meant to continue is over (or was never its own): nothing was written."""
+
+
+class StillLive(Exception):
+    """An opening's thread names the client's own live conversation, to be continued instead: nothing was written."""
 
 
 @dataclass(slots=True)
@@ -390,10 +395,6 @@ class ClusterStore:
         self._commits: Batcher[list[bytes], tuple[int, int]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
-        self._initiators_script = self.client.register_script(_INITIATORS)
-        self._initiators: Batcher[str, bytes | None] = Batcher(
-            self._initiator_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
-        )
         self._look_script = self.client.register_script(_LOOK)
         self._looks: Batcher[str, tuple[bytes, int]] = Batcher(
             self._look_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
@@ -419,6 +420,7 @@ class ClusterStore:
         opening: tuple[str, str, int] | None = None,
         owner: str | None = None,
         continues: str = "",
+        unless_live: str = "",
     ) -> bool:
         """Write ``effects`` and finish ``done`` (stream, entry id) in one step; True when the conversation ended.
 
@@ -427,6 +429,9 @@ class ClusterStore:
         With ``continues`` (the thread of the new hop) it adds to the live
         conversation its initiator opened instead, refused with NotLive when
         that conversation is over (or another's: another initiator, or another ``owner``).
+        An opening with ``unless_live`` (a conversation id) is refused with
+        StillLive when that conversation is live and the same initiator's and
+        owner's: the client meant to continue it.
         Returns False too when ``done`` was no longer pending (someone else
         finished it): then nothing was written. The commits of one loop turn
         go to Redis in one script call (:mod:`.batching`), each still all or
@@ -447,6 +452,7 @@ class ClusterStore:
                 continues,
                 len(effects.hops),
                 len(blobs),
+                unless_live,
                 *ops,
             ],
             use_bin_type=False,  # Redis's cmsgpack reads the classic raw strings only, not bin
@@ -456,17 +462,9 @@ class ClusterStore:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         if written == 3:
             raise NotLive(f"conversation {conversation} is over, or not {initiator}'s")
+        if written == 4:
+            raise StillLive(f"conversation {unless_live} is live and {initiator}'s")
         return bool(ended)
-
-    async def initiator_of(self, conversation: str) -> str | None:
-        """Who opened ``conversation``, while it is live (None once it is over, or if it never was)."""
-        initiator = await self._initiators.submit(conversation)
-        return None if initiator is None else initiator.decode()
-
-    async def _initiator_batch(self, conversations: list[str]) -> list[bytes | None]:
-        keys = [self.keys.conversation(conversation) for conversation in conversations]
-        answers: Any = await self._initiators_script(args=keys)
-        return [answer or None for answer in answers]
 
     async def _commit_batch(self, batch: list[list[bytes]]) -> list[tuple[int, int]]:
         """One script call for ``batch``, each commit packed already (its array, then its blobs)."""
