@@ -339,7 +339,7 @@ async def test_a_continuation_retried_after_its_conversation_ended_is_not_refuse
         b"<Pong><text>slow</text></Pong>",
     ]
     # the same call again, as redis-py's Retry sends it
-    assert await store.commit(first.thread, effects, opening=cap, continues=hop.thread) is False
+    assert (await store.commit(first.thread, effects, opening=cap, continues=hop.thread)).reply_ids == []
 
 
 async def test_an_opening_on_the_thread_of_its_clients_live_conversation_writes_nothing(
@@ -361,9 +361,62 @@ async def test_an_opening_on_the_thread_of_its_clients_live_conversation_writes_
     assert await store.client.xlen(store.keys.stream("echo")) == 0
     # another client's thread, or a conversation opened with an identity, is not this client's to continue
     await store.commit(hop.conversation, effects, opening=("mallory", "echo", -1), unless_live=first.thread)
-    assert await store.client.exists(store.keys.conversation(hop.conversation))
+    assert await payloads_collected(engine, hop.conversation, "end") == [b"<Pong><text>x</text></Pong>"]
     gate.opened.set()
     assert await payloads_collected(engine, first.thread, "end") == [b"<Pong><text>slow</text></Pong>"]
+
+
+async def test_replies_written_by_another_daemon_reach_the_waiter_on_the_opening_daemon_through_its_inbox(
+    redis_server: RedisServer,
+) -> None:
+    """The door's daemon waits for its conversations' news instead of reading their streams: a reply that
+    another daemon commits puts a notice in the door's inbox, and only then does its waiter read. The waiter's
+    grace (after which it would read anyway) is longer than the collect, so only the notice can answer it."""
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with (
+        started(redis_server, "inbox:", [echo_listener()], settings=door_only) as door,
+        started(redis_server, "inbox:", [echo_listener()]) as worker,
+    ):
+        door._replies._home_grace = 60.0
+        accepted = await door.accept(envelope(ping_xml("far")))
+        assert isinstance(accepted, Accepted)
+        assert await payloads_collected(door, accepted.thread, "end") == [b"<Pong><text>far</text></Pong>"]
+        assert "echo" in worker.served
+        assert "echo" not in door.served
+        # answered by the worker's commit here, a wait on the worker takes the reply without reading it
+        second = await worker.accept(envelope(ping_xml("near")))
+        assert isinstance(second, Accepted)
+        assert await payloads_collected(worker, second.thread, "end") == [b"<Pong><text>near</text></Pong>"]
+
+
+async def test_the_heartbeat_makes_an_expired_inbox_again_and_its_waiters_read_what_they_missed(
+    redis_server: RedisServer,
+) -> None:
+    """An inbox that expired (the daemon was paused past its TTL, or Redis restarted empty) lost its notices:
+    the heartbeat makes it again, and every waiter of a conversation opened here reads at once."""
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with (
+        started(redis_server, "lost-inbox:", [echo_listener()], settings=door_only) as door,
+        started(redis_server, "lost-inbox:", [echo_listener()]) as worker,
+    ):
+        store: ClusterStore = door.store
+        door._replies._home_grace = 60.0
+        inbox = store.keys.inbox(door.daemon_id)
+        assert 0 < await store.client.ttl(inbox) <= door._heartbeat_ttl
+        await store.client.unlink(inbox)  # as if it had expired: the worker's notice finds nothing to add to
+        accepted = await door.accept(envelope(ping_xml("missed")))
+        assert isinstance(accepted, Accepted)
+        waiting = asyncio.create_task(door._replies.wait(accepted.thread, b"0", 10, home=True))
+        replies = store.keys.replies(accepted.thread)
+        assert await worker.store.client.xread({replies: "0"}, block=10_000)  # the worker committed the reply
+        assert not await store.client.exists(inbox)
+        await door._heartbeat()
+        assert await store.client.exists(inbox)
+        entries = await waiting
+        assert [reply.payload_xml if reply else None for _, reply in entries] == [
+            b"<Pong><text>missed</text></Pong>",
+            None,
+        ]
 
 
 async def test_a_wait_gets_its_replies_while_more_conversations_than_one_read_covers_are_awaited(

@@ -43,9 +43,9 @@ from xml_pipeline.cluster.calls import DurableCaller
 from xml_pipeline.cluster.decoded import DecodedPayloads
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.opened_here import OpenedHere
-from xml_pipeline.cluster.replies import ReplyWatcher
+from xml_pipeline.cluster.replies import Entry, ReplyWatcher
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
-from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, NotLive, StillLive
+from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Committed, Effects, NotLive, StillLive
 from xml_pipeline.handler import Handler, HandlerMetadata
 from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
@@ -143,6 +143,7 @@ class DurableEngine:
             backend.prefix,
             socket_timeout=backend.socket_timeout + 2 * BLOCK_SECONDS,
             reply_retention=settings.reply_retention_seconds,
+            daemon_id=self.daemon_id,
         )
         self._opened_here = OpenedHere(settings.reply_retention_seconds)
         self.registry = ThreadRegistry(backend)
@@ -263,6 +264,7 @@ class DurableEngine:
             )
         except (RedisError, OSError) as exc:
             return Failure(ErrorCode.BACKEND_UNAVAILABLE, f"redis is unreachable: {exc}")
+        self._opened_here.note(hop.conversation, None)  # its caller waits here
         return hop.conversation
 
     def reload(self, organism: Organism) -> None:
@@ -281,6 +283,7 @@ class DurableEngine:
 
             install_primitives(self)
         await self.store.ensure_groups(list(self._listeners))
+        self._replies.inbox_opened(await self.store.open_inbox(self._heartbeat_ttl))
         if any(listener.cpu_bound for listener in self._listeners.values()):
             await self._process_pool().warm_up()
         self._consuming = True
@@ -503,6 +506,7 @@ class DurableEngine:
 
     async def _collect(self, conversation: str, mode: str, timeout: float, owner: str | None) -> Collected | None:
         remembered = self._opened_here.recall(conversation)
+        home = remembered is not None
         if remembered is not None:
             opened_by, known = remembered.owner, True
         else:
@@ -527,7 +531,7 @@ class DurableEngine:
             remaining = deadline - time.monotonic()
             if collected.ended or mode == "none" or (mode == "first" and collected.replies) or remaining <= 0:
                 break
-            entries = await self._replies.wait(conversation, after, remaining)
+            entries = await self._replies.wait(conversation, after, remaining, home=home)
             if not entries and self._replies.stopped:
                 break  # the daemon is stopping: what came so far, and the rest from another daemon
         if not seen and not await self.store.conversation_known(conversation):
@@ -578,12 +582,13 @@ class DurableEngine:
         try:
             effects = await self._outcome(listener_name, hop, attempt)
             self._keep_decoded(effects)
-            ended = await self.store.commit(
+            committed = await self.store.commit(
                 hop.conversation,
                 effects,
                 done=(self.store.keys.stream(listener_name), entry_id),
             )
-            if ended:
+            await self._tell_waiters(hop.conversation, effects, committed)
+            if committed.ended:
                 self.observe.ended(hop.conversation)
             if effects.hops or effects.replies:
                 self.metrics.message_out(listener_name)
@@ -635,6 +640,18 @@ class DurableEngine:
                 self.metrics.handler_finished(listener.name, time.perf_counter() - started)
         self.observe.handled(result)
         return self._router.route(hop, listener, result)
+
+    async def _tell_waiters(self, conversation: str, effects: Effects, committed: Committed) -> None:
+        """Hand what a commit here wrote for the client to its waiters here, so they need not read it back."""
+        ids = committed.reply_ids
+        if not ids:
+            return
+        entries: list[Entry] = list(zip(ids, effects.replies, strict=False))
+        if committed.ended:
+            entries.append((ids[-1], None))
+        whole = committed.fresh and len(ids) == max(1, len(effects.replies))
+        if self._replies.delivered(conversation, entries, whole=whole):
+            await self._replies.nudge()
 
     def _keep_decoded(self, effects: Effects) -> None:
         """Keep the fresh payloads of hops this daemon may handle, for :meth:`_decode` (before the commit:
@@ -748,11 +765,13 @@ class DurableEngine:
         if owner is not None:
             letter += ["owner", owner]
         effects.dead_letters.append(letter)
-        if await self.store.commit(
+        committed = await self.store.commit(
             hop.conversation,
             effects,
             done=(self.store.keys.stream(listener), entry_id),
-        ):
+        )
+        await self._tell_waiters(hop.conversation, effects, committed)
+        if committed.ended:
             self.observe.ended(hop.conversation)
         self.dead_letters += 1
         self.metrics.dead_lettered(listener)
@@ -767,7 +786,13 @@ class DurableEngine:
             "redeliveries": self.redeliveries,
             "dead_letters": self.dead_letters,
         }
-        await self.store.heartbeat(self.daemon_id, about, ttl_seconds=max(3, int(3 * self.settings.heartbeat_seconds)))
+        if not await self.store.heartbeat(self.daemon_id, about, ttl_seconds=self._heartbeat_ttl):
+            log.warning("this daemon's inbox had expired (Redis was unreachable or restarted empty); made again")
+            self._replies.inbox_opened(await self.store.open_inbox(self._heartbeat_ttl))
+
+    @property
+    def _heartbeat_ttl(self) -> int:
+        return max(3, int(3 * self.settings.heartbeat_seconds))
 
     async def dead_letter_rows(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The first ``count`` entries of the dead-letter stream, as Redis keeps them."""

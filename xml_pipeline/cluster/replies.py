@@ -1,12 +1,28 @@
-"""Waiting for replies without a Redis connection per waiter.
+"""Waiting for replies without a Redis connection per waiter, and mostly without reading at all.
 
 Clients wait for their conversation's replies (``wait=end``), and a buffer's
-run waits for each of its items' answers: thousands of waits at once. A
-blocking read each would take a connection each. Instead one task reads every
-awaited reply stream in a single blocking ``XREAD`` on a connection of its own
-and hands each entry to whoever waits for that conversation. A new waiter
-interrupts the read in progress (``CLIENT UNBLOCK``), so the next read includes
-its stream at once rather than after the block runs out.
+run waits for each of its items' answers: thousands of waits at once. Where
+the replies come from decides how a wait is served:
+
+- **Written here.** A step this daemon commits hands the reply entries it
+  wrote straight to the waiters of their conversation (:meth:`delivered`),
+  when they are all its reply stream holds; otherwise it tells them to read.
+  Most conversations are answered by the daemon that opened them (always, on
+  a single daemon), and then nothing is read back from Redis.
+- **Written by another daemon** for a conversation this one opened: the
+  commit also notes the conversation in this daemon's *inbox* stream, which
+  every read here includes; the notice makes its waiters read.
+- **Any other conversation** (opened elsewhere, or forgotten here): its
+  waiters are read at once, as every waiter was before inboxes.
+
+One task reads every awaited reply stream and the inbox in a single blocking
+``XREAD`` on a connection of its own. A waiter that must be read at once
+interrupts the read in progress (``CLIENT UNBLOCK``), so the next read
+includes its stream. A waiter that expects news (its conversation opened
+here) joins the reads by itself after ``home_grace_seconds``, so a notice
+that never comes (the client continued its conversation on another daemon,
+the inbox expired, a daemon of an older version wrote the reply) costs that
+much time and loses nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -25,6 +44,10 @@ log = logging.getLogger("xml_pipeline.cluster")
 
 BLOCK_SECONDS = 1.0
 MAX_STREAMS_PER_READ = 1000
+HOME_GRACE_SECONDS = 1.0
+"""How long a wait for a conversation opened here relies on being told of news before it reads anyway."""
+STIRRED_REMEMBERED = 65_536
+"""Conversations remembered at most as having news nobody waited for yet (a forgotten one is read at once)."""
 
 Entry = tuple[bytes, ClientReply | None]
 
@@ -37,11 +60,14 @@ class _Waiter:
     first_read: int
     """The first read this waiter may take entries from: one issued after it came. An earlier read (issued
     for an earlier waiter of the same conversation) may hold entries collected and deleted since."""
+    joins_at: float
+    """When its stream joins the reads (monotonic seconds; 0: at once)."""
 
 
 class ReplyWatcher:
-    def __init__(self, store: ClusterStore) -> None:
+    def __init__(self, store: ClusterStore, *, home_grace_seconds: float = HOME_GRACE_SECONDS) -> None:
         self._store = store
+        self._home_grace = home_grace_seconds
         self._waiters: dict[str, list[_Waiter]] = {}
         self._someone_waits = asyncio.Event()
         self._reader = store.dedicated_client()
@@ -50,13 +76,34 @@ class ReplyWatcher:
         self._nudged = False
         self._stopped = False
         self._window = 0
+        """Which window of the awaited streams the next read covers, when one read cannot cover them all."""
         self._reads = 0
         """Reads issued so far; the number of the read in progress, if one is."""
-        """Which window of the awaited streams the next read covers, when one read cannot cover them all."""
+        self._inbox_after: bytes | None = None
+        """Where the next read of this daemon's inbox starts; None until it is open (then nobody expects news)."""
+        self._inbox_opened = 0
+        """How often the inbox was opened: a read issued before the latest opening must not move where it is read."""
+        self._stirred: OrderedDict[str, None] = OrderedDict()
+        """Conversations that had news while nobody here waited for them: their next waiter reads at once."""
 
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    def inbox_opened(self, after: bytes) -> None:
+        """This daemon's inbox exists (again), read from after ``after``: waits may expect news.
+
+        Opened again after it expired, it may have missed notices: every
+        waiter reads at once, as it would have after its grace.
+        """
+        missed = self._inbox_after is not None
+        self._inbox_after = after
+        self._inbox_opened += 1
+        if missed:
+            for waiters in self._waiters.values():
+                for waiter in waiters:
+                    waiter.joins_at = 0.0
+            self._someone_waits.set()
 
     def stop_waiting(self) -> None:
         """The daemon is stopping: every wait ends now with what it has, and later ones at once.
@@ -71,14 +118,25 @@ class ReplyWatcher:
                 if not waiter.arrived.done():
                     waiter.arrived.set_result([])
 
-    async def wait(self, conversation: str, after: bytes, timeout: float) -> list[Entry]:
-        """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``."""
+    async def wait(self, conversation: str, after: bytes, timeout: float, *, home: bool = False) -> list[Entry]:
+        """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``.
+
+        ``home``: the conversation was opened here, so its news reaches this
+        daemon (a commit here, or a notice in its inbox) and its stream need
+        not be read until then.
+        """
         if self._stopped:
             return []
-        waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future(), self._reads + 1)
+        stirred = conversation in self._stirred
+        if stirred:
+            del self._stirred[conversation]
+        expects_news = home and self._inbox_after is not None and not stirred
+        joins_at = time.monotonic() + self._home_grace if expects_news else 0.0
+        waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future(), self._reads + 1, joins_at)
         self._waiters.setdefault(conversation, []).append(waiter)
         self._someone_waits.set()
-        await self._nudge()
+        if not expects_news:
+            await self._nudge()
         try:
             async with asyncio.timeout(timeout):
                 return await waiter.arrived
@@ -91,8 +149,39 @@ class ReplyWatcher:
             if not waiting:
                 self._waiters.pop(conversation, None)
 
+    def delivered(self, conversation: str, entries: Sequence[Entry], *, whole: bool) -> bool:
+        """A step committed here wrote ``entries`` to ``conversation``'s reply stream.
+
+        ``whole``: the stream held nothing before them, so a waiter may take
+        them as if it had read them. Otherwise its waiters must read. Returns
+        whether a waiter had to be told to read (the caller then :meth:`nudge`s).
+        """
+        waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+        if not waiting:
+            self._stir(conversation)  # its next waiter reads at once
+            return False
+        if whole:
+            for waiter in waiting:
+                mine = [entry for entry in entries if _after(entry[0], waiter.after)]
+                if mine:
+                    waiter.arrived.set_result(mine)
+            return False
+        for waiter in waiting:
+            waiter.joins_at = 0.0
+        return True
+
+    async def nudge(self) -> None:
+        """Waiters were told to read: start the next read now rather than when the one in progress ends."""
+        await self._nudge()
+
+    def _stir(self, conversation: str) -> None:
+        self._stirred[conversation] = None
+        self._stirred.move_to_end(conversation)
+        while len(self._stirred) > STIRRED_REMEMBERED:
+            self._stirred.popitem(last=False)
+
     async def _nudge(self) -> None:
-        """Interrupt the read in progress (once per read), so that it starts again with the new stream."""
+        """Interrupt the read in progress (once per read), so that it starts again with the new streams."""
         if not self._reading or self._nudged or self._reader_id is None:
             return
         self._nudged = True
@@ -114,24 +203,35 @@ class ReplyWatcher:
                     async with asyncio.timeout(1.0):
                         await self._someone_waits.wait()
                 continue
+            now = time.monotonic() + 0.002  # a read sized to end at a waiter's grace may wake a little early
+            included: list[str] = []
+            next_join = now + BLOCK_SECONDS
+            for conversation, waiters in self._waiters.items():
+                joins_at = min(waiter.joins_at for waiter in waiters)
+                if joins_at <= now:
+                    included.append(conversation)
+                else:
+                    next_join = min(next_join, joins_at)
             # More awaited streams than one read covers: each read takes the next window of them, and blocks
             # for its share of BLOCK_SECONDS, so every waiter is read within about BLOCK_SECONDS.
-            conversations = list(self._waiters)
-            windows = -(-len(conversations) // MAX_STREAMS_PER_READ)
+            windows = max(1, -(-len(included) // MAX_STREAMS_PER_READ))
             start = self._window % windows * MAX_STREAMS_PER_READ
             self._window += 1
             wanted = {
                 conversation: min(waiter.after for waiter in self._waiters[conversation])
-                for conversation in conversations[start : start + MAX_STREAMS_PER_READ]
+                for conversation in included[start : start + MAX_STREAMS_PER_READ]
             }
-            block_ms = max(10, int(BLOCK_SECONDS * 1000 / windows))
+            block_ms = max(10, min(int(BLOCK_SECONDS * 1000 / windows), int((next_join - now) * 1000) + 1))
+            if not wanted and self._inbox_after is None:  # nothing to read until a waiter joins
+                await asyncio.sleep(block_ms / 1000)
+                continue
             try:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())
                 self._reading, self._nudged = True, False
                 self._reads += 1
-                read = self._reads
-                found = await self._store.replies_of(wanted, block_ms, self._reader)
+                read, opened = self._reads, self._inbox_opened
+                found = await self._store.replies_of(wanted, block_ms, self._reader, self._inbox_after)
             except (RedisError, OSError) as exc:
                 raise_if_cancelling()
                 log.warning("reading replies failed, trying again: %s", exc)
@@ -140,7 +240,11 @@ class ReplyWatcher:
                 continue
             finally:
                 self._reading = False
-            for conversation, entries in found.items():
+            if opened == self._inbox_opened:
+                self._inbox_after = found.inbox_after
+            for conversation in found.notices:
+                self.delivered(conversation, (), whole=False)  # its waiters join the next read, which is now
+            for conversation, entries in found.replies.items():
                 for waiter in self._waiters.get(conversation, []):
                     if waiter.first_read > read:
                         continue  # it came after this read was issued: the next read is its own

@@ -5,7 +5,8 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
 
     {prefix}s:{listener}          STREAM  hops waiting for or being handled by ``listener``
     {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed), owner (the
-                                          identity of the client that opened it, with tokens only), and one
+                                          identity of the client that opened it, with tokens only), opener
+                                          (the daemon whose door stored its latest client message), and one
                                           field per registry key of its threads, to delete at the end
     {prefix}r:{conversation}      STREAM  replies for the client, then the end (an entry of its own, or
                                           the last reply's ``end`` field when one step wrote both)
@@ -14,6 +15,8 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
                                           after the reply retention), so a retried store writes nothing twice
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
     {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
+    {prefix}inbox:{id}            STREAM  the conversations another daemon wrote replies for, which daemon
+                                          ``id`` opened (its replies' waiters are there); TTL as the heartbeat
 
 Every state change is a commit in ``_COMMIT``: it acknowledges and deletes the
 hop it finishes (or, at the door, checks the target's backlog and opens the
@@ -65,7 +68,8 @@ _PAYLOAD_VALUE = Hop.FIELD_NAMES.index("payload") * 2 + 1
 """Where the payload's value lies in a hop's XADD fields."""
 
 _COMMIT = """
--- One call commits a batch: ARGV = prefix, group, reply retention, then each commit: a MessagePack array
+-- One call commits a batch: ARGV = prefix, group, reply retention, the committing daemon, then each commit:
+-- a MessagePack array
 -- (one argument, not dozens: each argument costs the client and Redis alike, whatever its size) followed
 -- by its blobs, the payloads, as arguments of their own (so their bytes are neither unpacked nor sent
 -- twice: a hop's payload is also its history slot's). The array holds:
@@ -79,7 +83,9 @@ _COMMIT = """
 --   x stream n field value ... (a number as value: that blob) | y envelope-blob type payload-offset |
 --   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) | r chain uuid |
 --   q n field value ...
--- Answers {written, ended} per commit, in order; written is 1, 0 (the hop was no longer pending:
+-- Answers per commit, in order: written, ended, fresh, n, then the ids of the n reply-stream entries it wrote;
+-- fresh is 1 when the reply stream held nothing before them (so they are all of it). Written is 1, 0 (the
+-- hop was no longer pending:
 -- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
 -- or not this initiator's: nothing written), 4 (opening, but the conversation named unless-live is live and
 -- this client's: nothing written) or -1 (the capped stream was full).
@@ -88,7 +94,11 @@ _COMMIT = """
 -- count ends (a hop is always committed or dead-lettered). A TTL could only expire the state of a
 -- conversation whose hop waits in a long backlog. Its hash holds, besides initiator, pending and owner,
 -- one field per registry key it wrote (named by the key itself), so the end deletes them in one UNLINK.
-local prefix, group, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
+--
+-- A conversation's replies are waited for on the daemon that opened it (its door stored the client's
+-- message); a step committed on another daemon tells that one, in its inbox, which conversation has news.
+-- A daemon's inbox lives only while the daemon does (NOMKSTREAM: a gone daemon's is not made again).
+local prefix, group, retention, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
 local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
@@ -127,6 +137,7 @@ local function commit(c, base)
     if full() then return -1, 0 end
     redis.call('SET', mark, '1', 'EX', retention)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
+    redis.call('HSET', conv_key, 'opener', me)  -- the client now waits on this daemon
   elseif not opening then
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   else
@@ -150,6 +161,16 @@ local function commit(c, base)
   local ending = pending <= 0
   local history, registered, named = {}, {}, {}
   local last_reply = nil  -- written after the loop: a step that ends its conversation adds the end to it
+  local ids, fresh = {}, nil
+  local function add_reply(fields)
+    if fresh == nil then fresh = redis.call('XLEN', replies_key) == 0 end
+    ids[#ids + 1] = redis.call('XADD', replies_key, '*', unpack(fields))
+  end
+  local function tell_opener(opener)
+    if #ids > 0 and opener and opener ~= '' and opener ~= me then
+      redis.call('XADD', prefix .. 'inbox:' .. opener, 'NOMKSTREAM', 'MAXLEN', '~', 10000, '*', 'c', conv)
+    end
+  end
   local i = first
   while i <= last do
     local code = c[i]
@@ -164,9 +185,7 @@ local function commit(c, base)
       redis.call('XADD', key, '*', unpack(c, offset + 1, offset + 2 * count))
       i = offset + 2 * count + 1
     elseif code == 'y' then
-      if last_reply then
-        redis.call('XADD', replies_key, '*', unpack(last_reply))
-      end
+      if last_reply then add_reply(last_reply) end
       last_reply = {'reply', ARGV[base + c[i + 1]], 'type', c[i + 2], 'at', c[i + 3]}
       i = i + 4
     elseif code == 'a' then
@@ -193,16 +212,15 @@ local function commit(c, base)
   end
   if opening then
     if owner ~= '' then
-      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'owner', owner, unpack(named))
+      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, 'owner', owner,
+        unpack(named))
     else
-      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, unpack(named))
+      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, unpack(named))
     end
   elseif #named > 0 then
     redis.call('HSET', conv_key, unpack(named))
   end
-  if last_reply and not ending then
-    redis.call('XADD', replies_key, '*', unpack(last_reply))
-  end
+  if last_reply and not ending then add_reply(last_reply) end
   if not ending then
     if #history > 0 then
       redis.call('RPUSH', history_key, unpack(history))
@@ -210,15 +228,18 @@ local function commit(c, base)
     if #registered > 0 then
       redis.call('MSET', unpack(registered))
     end
-    return 1, 0
+    if #ids > 0 then tell_opener(redis.call('HGET', conv_key, 'opener')) end
+    return 1, 0, {fresh and 1 or 0, ids}
   end
   local state = redis.call('HGETALL', conv_key)
-  local keys, keep_owner = {conv_key, history_key}, ''
+  local keys, keep_owner, opener = {conv_key, history_key}, '', ''
   local registry = prefix .. 'reg:'
   for k = 1, #state, 2 do
     local name = state[k]
     if name == 'owner' then
       keep_owner = state[k + 1]
+    elseif name == 'opener' then
+      opener = state[k + 1]
     elseif string.sub(name, 1, #registry) == registry then
       keys[#keys + 1] = name
     end
@@ -230,26 +251,35 @@ local function commit(c, base)
   if last_reply then
     last_reply[#last_reply + 1] = 'end'
     last_reply[#last_reply + 1] = '1'
-    redis.call('XADD', replies_key, '*', unpack(last_reply))
+    add_reply(last_reply)
   else
-    redis.call('XADD', replies_key, '*', 'end', '1')
+    add_reply({'end', '1'})
   end
+  tell_opener(opener)
   redis.call('EXPIRE', replies_key, retention)
   if keep_owner ~= '' then
     -- Who may collect the replies, kept as long as they are.
     redis.call('SET', prefix .. 'r-owner:' .. conv, keep_owner, 'EX', retention)
   end
-  return 1, 1
+  return 1, 1, {fresh and 1 or 0, ids}
 end
 
 local answers = {}
-local k = 4
+local k = 5
 while k <= #ARGV do
   local c = cmsgpack.unpack(ARGV[k])
-  local written, ended = commit(c, k)
+  local written, ended, wrote = commit(c, k)
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
   answers[#answers + 1] = ended
+  if wrote then
+    answers[#answers + 1] = wrote[1]
+    answers[#answers + 1] = #wrote[2]
+    for _, id in ipairs(wrote[2]) do answers[#answers + 1] = id end
+  else
+    answers[#answers + 1] = 0
+    answers[#answers + 1] = 0
+  end
   k = k + 1 + c[10]
 end
 return answers
@@ -287,6 +317,31 @@ class ClientReply:
     envelope: bytes
     payload_type: str
     payload_xml: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a commit wrote for its conversation's client."""
+
+    ended: bool
+    """The conversation ended (and its state is gone)."""
+    reply_ids: list[bytes]
+    """The ids of the reply-stream entries it wrote, in order (the last one holds the end, if it ended)."""
+    fresh: bool
+    """The reply stream held nothing before them: they are all of it, and a waiter here may take them as read."""
+
+
+NO_REPLIES = Committed(False, [], False)
+
+
+@dataclass(slots=True)
+class RepliesRead:
+    replies: dict[str, list[tuple[bytes, ClientReply | None]]]
+    """Per conversation, its new entries: (id, reply), with None for the end."""
+    notices: list[str]
+    """Conversations this daemon opened that another daemon wrote replies for."""
+    inbox_after: bytes | None
+    """Where the next read of the inbox starts."""
 
 
 class BacklogFull(Exception):
@@ -363,6 +418,9 @@ class Keys:
     def daemon(self, daemon_id: str) -> str:
         return f"{self.prefix}daemon:{daemon_id}"
 
+    def inbox(self, daemon_id: str) -> str:
+        return f"{self.prefix}inbox:{daemon_id}"
+
 
 @dataclass(frozen=True, slots=True)
 class PendingEntry:
@@ -375,8 +433,12 @@ class PendingEntry:
 class ClusterStore:
     """The async Redis client of one daemon, and the few operations the engine needs."""
 
-    def __init__(self, url: str, prefix: str, *, socket_timeout: float, reply_retention: float) -> None:
+    def __init__(
+        self, url: str, prefix: str, *, socket_timeout: float, reply_retention: float, daemon_id: str = ""
+    ) -> None:
         self.keys = Keys(prefix)
+        self.daemon_id = daemon_id
+        """Whose commits these are: conversations this store opens name it as where their replies are awaited."""
         self.reply_retention = max(1, round(reply_retention))
         """Seconds an ended conversation's replies are kept for its client (the organism's setting)."""
         # A connection Redis closed (a restart) is retried on a fresh one. Retrying a commit is safe: one
@@ -392,7 +454,7 @@ class ClusterStore:
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._commit = self.client.register_script(_COMMIT)
-        self._commits: Batcher[list[bytes], tuple[int, int]] = Batcher(
+        self._commits: Batcher[list[bytes], tuple[int, Committed]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
         self._look_script = self.client.register_script(_LOOK)
@@ -421,8 +483,8 @@ class ClusterStore:
         owner: str | None = None,
         continues: str = "",
         unless_live: str = "",
-    ) -> bool:
-        """Write ``effects`` and finish ``done`` (stream, entry id) in one step; True when the conversation ended.
+    ) -> Committed:
+        """Write ``effects`` and finish ``done`` (stream, entry id) in one step; what it wrote for the client.
 
         ``opening`` (initiator, target, backlog cap) opens the conversation at
         the door, refused with BacklogFull when the target's stream is full.
@@ -432,8 +494,8 @@ class ClusterStore:
         An opening with ``unless_live`` (a conversation id) is refused with
         StillLive when that conversation is live and the same initiator's and
         owner's: the client meant to continue it.
-        Returns False too when ``done`` was no longer pending (someone else
-        finished it): then nothing was written. The commits of one loop turn
+        When ``done`` was no longer pending (someone else finished it),
+        nothing was written: the answer is ``NO_REPLIES``. The commits of one loop turn
         go to Redis in one script call (:mod:`.batching`), each still all or
         nothing on its own.
         """
@@ -457,22 +519,29 @@ class ClusterStore:
             ],
             use_bin_type=False,  # Redis's cmsgpack reads the classic raw strings only, not bin
         )
-        written, ended = await self._commits.submit([packed, *blobs])
+        written, committed = await self._commits.submit([packed, *blobs])
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         if written == 3:
             raise NotLive(f"conversation {conversation} is over, or not {initiator}'s")
         if written == 4:
             raise StillLive(f"conversation {unless_live} is live and {initiator}'s")
-        return bool(ended)
+        return committed
 
-    async def _commit_batch(self, batch: list[list[bytes]]) -> list[tuple[int, int]]:
+    async def _commit_batch(self, batch: list[list[bytes]]) -> list[tuple[int, Committed]]:
         """One script call for ``batch``, each commit packed already (its array, then its blobs)."""
-        args: list[Any] = [self.keys.prefix, GROUP, self.reply_retention]
+        args: list[Any] = [self.keys.prefix, GROUP, self.reply_retention, self.daemon_id]
         for commit in batch:
             args += commit
         answers: Any = await self._commit(args=args)
-        return [(int(answers[i]), int(answers[i + 1])) for i in range(0, len(answers), 2)]
+        found: list[tuple[int, Committed]] = []
+        i = 0
+        while i < len(answers):
+            written, ended, fresh, count = answers[i : i + 4]
+            ids = answers[i + 4 : i + 4 + count]
+            found.append((int(written), Committed(bool(ended), ids, bool(fresh)) if ids else NO_REPLIES))
+            i += 4 + count
+        return found
 
     async def read(self, consumer: str, counts: dict[str, int], block_ms: int) -> list[tuple[str, bytes, Hop]]:
         """New hops for the listeners in ``counts``, at most that many each: (listener, entry id, hop)."""
@@ -535,17 +604,36 @@ class ClusterStore:
         return aioredis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
 
     async def replies_of(
-        self, wanted: dict[str, bytes], block_ms: int, client: aioredis.Redis
-    ) -> dict[str, list[tuple[bytes, ClientReply | None]]]:
-        """One blocking read of many reply streams on ``client``: each conversation's entries after its id."""
+        self, wanted: dict[str, bytes], block_ms: int, client: aioredis.Redis, inbox_after: bytes | None = None
+    ) -> RepliesRead:
+        """One blocking read of many reply streams on ``client``: each conversation's entries after its id;
+        with ``inbox_after``, this daemon's inbox too: the conversations it was told have news."""
         streams = {self.keys.replies(conversation): after for conversation, after in wanted.items()}
+        inbox = self.keys.inbox(self.daemon_id)
+        if inbox_after is not None:
+            streams[inbox] = inbox_after
         answer: Any = await client.xread(streams, block=block_ms)  # type: ignore[arg-type]
-        found: dict[str, list[tuple[bytes, ClientReply | None]]] = {}
+        read = RepliesRead({}, [], inbox_after)
         prefix = self.keys.replies("")
         for stream, rows in answer or []:
-            conversation = stream.decode().removeprefix(prefix)
-            found[conversation] = [item for entry_id, fields in rows for item in _entry(entry_id, fields)]
-        return found
+            name = stream.decode()
+            if name == inbox:
+                read.notices.extend(fields[b"c"].decode() for _, fields in rows if b"c" in fields)
+                read.inbox_after = rows[-1][0] if rows else inbox_after
+            else:
+                read.replies[name.removeprefix(prefix)] = [
+                    item for entry_id, fields in rows for item in _entry(entry_id, fields)
+                ]
+        return read
+
+    async def open_inbox(self, ttl_seconds: int) -> bytes:
+        """This daemon's inbox, made (again) with a TTL the heartbeat renews; the id to read after."""
+        inbox = self.keys.inbox(self.daemon_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(inbox, {"opened": "1"}, maxlen=10_000, approximate=True)
+            pipe.expire(inbox, ttl_seconds)
+            entry_id, _ = await pipe.execute()
+        return bytes(entry_id)
 
     async def look(self, conversation: str) -> tuple[str | None, bool]:
         """Who opened ``conversation`` (their identity, None without a token) and whether it is known at all:
@@ -574,11 +662,16 @@ class ClusterStore:
         await self.client.unlink(*keys)
         return [None] * len(keys)
 
-    async def heartbeat(self, daemon_id: str, about: dict[str, Any], ttl_seconds: int) -> None:
-        await self.client.set(self.keys.daemon(daemon_id), json.dumps({**about, "seen": time.time()}), ex=ttl_seconds)
+    async def heartbeat(self, daemon_id: str, about: dict[str, Any], ttl_seconds: int) -> bool:
+        """Say this daemon lives, and keep its inbox; False if the inbox was gone (it missed notices)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.daemon(daemon_id), json.dumps({**about, "seen": time.time()}), ex=ttl_seconds)
+            pipe.expire(self.keys.inbox(daemon_id), ttl_seconds)
+            _, kept = await pipe.execute()
+        return bool(kept)
 
     async def forget_daemon(self, daemon_id: str) -> None:
-        await self.client.unlink(self.keys.daemon(daemon_id))
+        await self.client.unlink(self.keys.daemon(daemon_id), self.keys.inbox(daemon_id))
 
     async def daemons(self) -> list[dict[str, Any]]:
         found = []
