@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.durable_support import started
 from tests.redis_server import RedisServer
-from tests.support import Ping, Pong, echo, envelope, ping_xml
+from tests.support import Ping, Pong, echo, envelope, hangs, ping_xml
 from xml_pipeline import ErrorCode
 from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
@@ -417,6 +417,26 @@ async def test_the_heartbeat_makes_an_expired_inbox_again_and_its_waiters_read_w
             b"<Pong><text>missed</text></Pong>",
             None,
         ]
+
+
+async def test_a_handler_that_overruns_its_timeout_answers_handler_timeout_and_the_engine_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """The durable engine keeps in-process deadlines on the pump's one shared timer, with the same outcome
+    as a timer per call: the client hears handler-timeout and every other message is served."""
+    hanger = Listener("hanger", [Ping], hangs, peers=[], ingress=True, timeout_seconds=0.2)
+    async with started(redis_server, "deadline:", [hanger, echo_listener()]) as durable:
+        stuck = await durable.accept(envelope(ping_xml("stuck"), to="hanger"))
+        served = await durable.accept(envelope(ping_xml("served"), to="echo"))
+        assert isinstance(stuck, Accepted)
+        assert isinstance(served, Accepted)
+        assert await payloads_collected(durable, served.thread, "end") == [b"<Pong><text>served</text></Pong>"]
+        collected = await durable.collect(stuck.thread, "end", 10)
+        assert collected is not None
+        assert collected.ended
+        [error] = collected.replies
+        assert b"handler-timeout" in error.envelope
+        assert b"did not finish within 0.2s" in error.envelope
 
 
 async def test_a_wait_gets_its_replies_while_more_conversations_than_one_read_covers_are_awaited(

@@ -57,12 +57,14 @@ from xml_pipeline.message.safe_xml import XmlRejected, parse_checked
 from xml_pipeline.message.system_payloads import ErrorCode, SystemErrorPayload
 from xml_pipeline.message_bus.admission import Admitted, admit
 from xml_pipeline.message_bus.client_access import IN_PROCESS, ClientAccess
+from xml_pipeline.message_bus.deadlines import Deadlines
 from xml_pipeline.message_bus.engine import Accepted, Refused
-from xml_pipeline.message_bus.invocation import call_in_process, call_in_worker
+from xml_pipeline.message_bus.invocation import call_in_worker, call_watched
 from xml_pipeline.message_bus.metrics import PumpMetrics
 from xml_pipeline.message_bus.outcome import Failure, Refusal, error_payload
 from xml_pipeline.message_bus.outputs import OutputPreparer
 from xml_pipeline.message_bus.pump import PumpStats, ShutdownReport
+from xml_pipeline.message_bus.slots import Slots
 from xml_pipeline.message_bus.thread_registry import ThreadRegistry, new_thread_id, set_registry
 from xml_pipeline.observe.events import Observation
 from xml_pipeline.organism import Listener, Organism, register_generic
@@ -162,7 +164,8 @@ class DurableEngine:
         """Client collects in progress, which stopping lets finish (up to the grace)."""
         self._collect_done = asyncio.Event()
         self._decoded = DecodedPayloads(capacity=max(1024, 2 * self.limits.max_in_flight))
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, Slots] = {}
+        self._deadlines = Deadlines()
         self._freed = asyncio.Event()
         self._consuming = False
         self._accepting = False
@@ -618,8 +621,11 @@ class DurableEngine:
             is_self_call=hop.sender == listener.name,
             delivery_attempt=attempt,
         )
-        slots = self._slots.setdefault(listener.name, asyncio.Semaphore(listener.max_concurrency))
-        async with slots:
+        slots = self._slots.get(listener.name)
+        if slots is None:
+            slots = self._slots[listener.name] = Slots(listener.max_concurrency)
+        await slots.take()
+        try:
             self.metrics.message_in(listener.name)
             self.observe.handling(hop.trace, hop.conversation, listener.name)
             started = time.perf_counter()
@@ -635,9 +641,12 @@ class DurableEngine:
                     )
                     result = await call_in_worker(self._process_pool(), listener, task, self._xml_limits)
                 else:
-                    result = await call_in_process(listener, payload, metadata)
+                    # the handler's deadline on the one timer of every in-process call (its task is this one)
+                    result = await call_watched(listener, payload, metadata, self._deadlines, _this_task())
             finally:
                 self.metrics.handler_finished(listener.name, time.perf_counter() - started)
+        finally:
+            slots.release()
         self.observe.handled(result)
         return self._router.route(hop, listener, result)
 
@@ -825,3 +834,10 @@ class DurableEngine:
                 max_threads=self.limits.max_conversations,
             )
         return self._pool
+
+
+def _this_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    if task is None:  # a handler is always called from a task of the engine's group
+        raise RuntimeError("a handler's call must run in a task")
+    return task

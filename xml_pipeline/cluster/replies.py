@@ -137,12 +137,11 @@ class ReplyWatcher:
         self._someone_waits.set()
         if not expects_news:
             await self._nudge()
+        expiry = asyncio.get_running_loop().call_later(timeout, _answer_nothing, waiter.arrived)
         try:
-            async with asyncio.timeout(timeout):
-                return await waiter.arrived
-        except TimeoutError:
-            return []
+            return await waiter.arrived
         finally:
+            expiry.cancel()
             waiting = self._waiters.get(conversation, [])
             if waiter in waiting:
                 waiting.remove(waiter)
@@ -251,6 +250,12 @@ class ReplyWatcher:
                     mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                     if mine and not waiter.arrived.done():
                         waiter.arrived.set_result(mine)
+
+
+def _answer_nothing(arrived: asyncio.Future[list[Entry]]) -> None:
+    """A wait's timeout: it ends with nothing (one timer handle, cheaper than an ``asyncio.timeout``)."""
+    if not arrived.done():
+        arrived.set_result([])
 
 
 def _after(entry_id: bytes, after: bytes) -> bool:
