@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks.cpu_time import cpu_microseconds
+from benchmarks.durable_cpu import durable_cpu_microseconds
 from benchmarks.shared_floor import DEFAULT_SHARED, SCRIPT
 from tests.conftest import ROOT
 
@@ -98,4 +99,10 @@ def test_quick_benchmark_run_without_the_shared_folder_says_so(tmp_path: Path) -
 async def test_cpu_time_per_unit_runs_end_to_end() -> None:
     spent = await cpu_microseconds(1, hops=50, items=50)
     assert sorted(spent) == ["buffer item", "floor hop", "pump round trip"]
+    assert all(value > 0 for value in spent.values())
+
+
+async def test_durable_cpu_per_round_trip_runs_end_to_end() -> None:
+    spent = await durable_cpu_microseconds(1, conversations=50)
+    assert sorted(spent) == ["engine", "redis"]
     assert all(value > 0 for value in spent.values())
