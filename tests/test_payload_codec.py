@@ -385,6 +385,26 @@ class Tree:
     children: list[Tree]
 
 
+def plain_writer(cls: type) -> Any:
+    """The writer of ``cls`` without the fast paths: float fields through their spec's own writer."""
+    namespace = codec_for(cls).namespace
+    return _TypeAnalyzer(f"{{{namespace}}}" if namespace else "", fast=False).dataclass_spec(cls).write
+
+
+def _written(write: Any, codec: PayloadCodec[Any], payload: Any) -> Any:
+    element = etree.Element(codec.tag, nsmap={None: codec.namespace} if codec.namespace else None)
+    try:
+        write(element, payload, codec.xml_name)
+    except PayloadTypeError as exc:
+        return ("refused", str(exc))
+    return ("written", etree.tostring(element))
+
+
+def writers_agree(payload: Any) -> None:
+    codec = codec_for(type(payload))
+    assert _written(codec._spec.write, codec, payload) == _written(plain_writer(type(payload)), codec, payload)
+
+
 def plain_reader(cls: type) -> Any:
     """The reader of ``cls`` without the fast paths: instances made by ``cls(...)``, lists by their own reader."""
     codec = codec_for(cls)
@@ -430,6 +450,7 @@ def _shapes(element: etree._Element) -> list[etree._Element]:
 
 
 def agree(payload: Any) -> None:
+    writers_agree(payload)
     codec = codec_for(type(payload))
     fast, plain = codec._spec.read, plain_reader(type(payload))
     for element in _shapes(codec.to_element(payload)):
@@ -520,3 +541,26 @@ def test_directly_filled_instances_are_whole_instances() -> None:
     assert list(vars(decoded)) == [field.name for field in dataclasses.fields(Order)]
     with pytest.raises(dataclasses.FrozenInstanceError):
         decoded.city = "Paris"  # type: ignore[misc]
+
+
+@dataclass
+class Measured:
+    value: float
+    maybe: float | None = None
+    many: list[float] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.0, -0.0, 1.5, -2, 10**20, True, math.inf, -math.inf, math.nan, 1e308, 5e-324, "1.5", None, Level.HIGH, 10**400],
+)
+def test_the_fast_writer_writes_and_refuses_floats_as_the_plain_one(value: Any) -> None:
+    codec = codec_for(Measured)
+    for payload in (Measured(value), Measured(0.5, value), Measured(0.5, None, [value])):
+        try:
+            plain = _written(plain_writer(Measured), codec, payload)
+        except OverflowError:
+            with pytest.raises(OverflowError):
+                _written(codec._spec.write, codec, payload)
+            continue
+        assert _written(codec._spec.write, codec, payload) == plain

@@ -322,7 +322,7 @@ def _compile(spec: _DataclassSpec, *, fast: bool = True) -> tuple[Callable[[etre
             write.append(f"        sub(element, {tag}).set(XSI_NIL, 'true')")
         else:
             write.append("        pass")
-        write += ["    else:", *_write_statements(plan, tag, field_spec)]
+        write += ["    else:", *_write_statements(plan, tag, field_spec, fast=fast)]
     exec(
         compile("\n".join(read) + "\n\n" + "\n".join(write), f"<payload codec {spec.cls.__qualname__}>", "exec"),
         namespace,
@@ -415,7 +415,7 @@ def _list_expression(spec: _ListSpec, name: str, namespace: dict[str, Any], elem
     return f"[{read} for {item} in {element}]"
 
 
-def _write_statements(plan: _FieldPlan, tag: str, name: str) -> list[str]:
+def _write_statements(plan: _FieldPlan, tag: str, name: str, *, fast: bool) -> list[str]:
     where = f"f'{{path}}.{plan.name}'"
     if isinstance(plan.spec, _StrSpec):
         return [
@@ -433,6 +433,15 @@ def _write_statements(plan: _FieldPlan, tag: str, name: str) -> list[str]:
             "        if type(x) is bool or not isinstance(x, int):",
             f"            raise PayloadTypeError(f'{{path}}.{plan.name}: expected int, got {{type(x).__name__}}')",
             f"        sub(element, {tag}).text = str(int(x))",
+        ]
+    if isinstance(plan.spec, _FloatSpec) and fast:  # _FloatSpec.write inlined: x - x is 0.0 for finite numbers only
+        return [
+            "        if type(x) is bool or not isinstance(x, (int, float)):",
+            f"            raise PayloadTypeError(f'{{path}}.{plan.name}: expected float, got {{type(x).__name__}}')",
+            "        x = float(x)",
+            f"        sub(element, {tag}).text = (",
+            "            repr(x) if x - x == 0.0 else 'NaN' if x != x else 'INF' if x > 0 else '-INF'",
+            "        )",
         ]
     if isinstance(plan.spec, _BoolSpec):
         return [
@@ -617,8 +626,10 @@ class PayloadCodec(typing.Generic[T]):
 
     def to_element(self, payload: T) -> etree._Element:
         """Build the payload element; raises PayloadTypeError on a value that does not fit."""
-        nsmap = typing.cast(dict[str, str], {None: self.namespace}) if self.namespace else None
-        element = etree.Element(self.tag, nsmap=nsmap)
+        if self.namespace:
+            element = etree.Element(self.tag, nsmap=typing.cast(dict[str, str], {None: self.namespace}))
+        else:
+            element = etree.Element(self.tag)  # without an nsmap argument: a quarter of a microsecond less
         self._spec.write(element, payload, self.xml_name)
         return element
 
