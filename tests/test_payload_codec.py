@@ -380,6 +380,33 @@ class Guarded:
 
 
 @dataclass(frozen=True)
+class Counted:
+    """A class whose ``__new__`` counts the instances made: decoding must still go through it."""
+
+    made: typing.ClassVar[list[str]] = []
+    name: str
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Counted:
+        cls.made.append("new")
+        return super().__new__(cls)
+
+
+class Registering(type):
+    """A metaclass whose ``__call__`` sees every instance made."""
+
+    made: typing.ClassVar[list[str]] = []
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        Registering.made.append(cls.__name__)
+        return super().__call__(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Registered(metaclass=Registering):
+    name: str
+
+
+@dataclass(frozen=True)
 class Tree:
     label: str
     children: list[Tree]
@@ -478,6 +505,8 @@ def test_the_fast_reader_reads_and_refuses_as_the_plain_one(payload: Any) -> Non
         SelfChecked(2),
         Slotted(1, "a"),
         Guarded("a"),
+        Counted("a"),
+        Registered("a"),
         Tree("root", [Tree("leaf", []), Tree("other", [Tree("deep", [])])]),
     ],
 )
@@ -522,6 +551,17 @@ def test_only_classes_whose_init_just_stores_the_fields_are_filled_directly() ->
     assert not _builds_directly(SelfChecked)
     assert not _builds_directly(Slotted)
     assert not _builds_directly(Guarded)
+
+
+def test_a_class_new_and_a_metaclass_call_still_run_when_decoding() -> None:
+    assert not _builds_directly(Counted)
+    assert not _builds_directly(Registered)
+    Counted.made.clear()
+    Registering.made.clear()
+    assert through_the_wire(Counted("a")) == Counted("a")
+    assert through_the_wire(Registered("a")) == Registered("a")
+    assert len(Counted.made) == 3  # the two made here, and the one decoded
+    assert Registering.made == ["Registered"] * 3
 
 
 def test_post_init_still_runs_and_refuses_when_decoding() -> None:

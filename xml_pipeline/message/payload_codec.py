@@ -253,7 +253,8 @@ def _builds_directly(cls: type) -> bool:
     True only when ``__init__`` is the one ``@dataclass`` generated for ``cls``
     itself, taking exactly the fields in order (no InitVar, no keyword-only
     field), with no ``__post_init__``, no slots, no field that is a data
-    descriptor and no ``__setattr__`` of the class's own to run: then that
+    descriptor, no ``__new__`` or metaclass of its own, and no ``__setattr__``
+    of the class's own to run: then that
     ``__init__`` does nothing but store each argument in ``__dict__`` in field
     order, and filling the dict directly makes an equal object without the
     call (a frozen dataclass's ``__init__`` stores each field through
@@ -271,7 +272,10 @@ def _builds_directly(cls: type) -> bool:
         return False
     if any("__slots__" in vars(klass) for klass in cls.__mro__[:-1]):
         return False
-    if not params.frozen and cls.__setattr__ is not object.__setattr__:  # type: ignore[comparison-overlap]
+    special: Any = cls  # typed loosely: the stubs' signatures make the identity checks look impossible
+    if type(cls) is not type or special.__new__ is not object.__new__:  # cls(...) would run a metaclass or __new__
+        return False
+    if not params.frozen and special.__setattr__ is not object.__setattr__:
         return False
     return not any(hasattr(inspect.getattr_static(cls, name, None), "__set__") for name in names)
 
