@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import itertools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+import workers.cpu
+import workers.hello
+from benchmarks import workload
+from benchmarks.workload import Greeting, Order, Receipt, sample_order
+from xml_pipeline.message import system_payloads
 from xml_pipeline.message.envelope import envelope_bytes, read_envelope, serialize_envelope
-from xml_pipeline.message.payload_codec import PayloadCodec, PayloadDecodeError, PayloadTypeError, codec_for
+from xml_pipeline.message.payload_codec import (
+    PayloadCodec,
+    PayloadDecodeError,
+    PayloadTypeError,
+    _builds_directly,
+    _TypeAnalyzer,
+    codec_for,
+)
 from xml_pipeline.message.safe_xml import XmlLimits, parse_checked
+from xml_pipeline.primitives import payloads as primitive_payloads
 
 THREAD = "3f2a9c1e-0b7d-4e7a-9a51-6d2b8f1c0e42"
 
@@ -332,3 +347,260 @@ def test_any_supported_dataclass_round_trips_through_the_wire(payload: Any) -> N
 )
 def test_the_everything_payload_round_trips(payload: Everything) -> None:
     assert through_the_wire(payload) == payload
+
+
+# ------------------------------------------------- the fast reader against the plain one
+
+
+@dataclass(frozen=True)
+class SelfChecked:
+    """A class whose ``__post_init__`` refuses values: the decoder must still call it."""
+
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError("count must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Slotted:
+    number: int
+    name: str
+
+
+@dataclass
+class Guarded:
+    """A mutable class with its own ``__setattr__``: ``__init__`` goes through it."""
+
+    name: str
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value.upper() if isinstance(value, str) else value)
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A class whose ``__new__`` counts the instances made: decoding must still go through it."""
+
+    made: typing.ClassVar[list[str]] = []
+    name: str
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Counted:
+        cls.made.append("new")
+        return super().__new__(cls)
+
+
+class Registering(type):
+    """A metaclass whose ``__call__`` sees every instance made."""
+
+    made: typing.ClassVar[list[str]] = []
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        Registering.made.append(cls.__name__)
+        return super().__call__(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Registered(metaclass=Registering):
+    name: str
+
+
+@dataclass(frozen=True)
+class Tree:
+    label: str
+    children: list[Tree]
+
+
+def plain_writer(cls: type) -> Any:
+    """The writer of ``cls`` without the fast paths: float fields through their spec's own writer."""
+    namespace = codec_for(cls).namespace
+    return _TypeAnalyzer(f"{{{namespace}}}" if namespace else "", fast=False).dataclass_spec(cls).write
+
+
+def _written(write: Any, codec: PayloadCodec[Any], payload: Any) -> Any:
+    element = etree.Element(codec.tag, nsmap={None: codec.namespace} if codec.namespace else None)
+    try:
+        write(element, payload, codec.xml_name)
+    except PayloadTypeError as exc:
+        return ("refused", str(exc))
+    return ("written", etree.tostring(element))
+
+
+def writers_agree(payload: Any) -> None:
+    codec = codec_for(type(payload))
+    assert _written(codec._spec.write, codec, payload) == _written(plain_writer(type(payload)), codec, payload)
+
+
+def plain_reader(cls: type) -> Any:
+    """The reader of ``cls`` without the fast paths: instances made by ``cls(...)``, lists by their own reader."""
+    codec = codec_for(cls)
+    namespace = codec.namespace
+    return _TypeAnalyzer(f"{{{namespace}}}" if namespace else "", fast=False).dataclass_spec(cls).read
+
+
+def _outcome(read: Any, element: etree._Element) -> Any:
+    try:
+        value = read(element)
+    except (ValueError, KeyError, TypeError) as exc:
+        return ("refused", type(exc).__name__)
+    return ("read", _state(value))
+
+
+def _state(value: Any) -> Any:
+    """Everything a value holds, class and attributes all the way down (``==`` alone may be a custom ``__eq__``, and NaN
+    is never equal to itself); the attributes in the order the instance holds them, where it has a ``__dict__``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = list(vars(value)) if hasattr(value, "__dict__") else [f.name for f in dataclasses.fields(value)]
+        return (type(value), [(name, _state(getattr(value, name))) for name in names])
+    if isinstance(value, list):
+        return [_state(item) for item in value]
+    return (type(value), repr(value))
+
+
+def _shapes(element: etree._Element) -> list[etree._Element]:
+    """``element`` as written, and unvalidated variants: a child dropped, a child doubled, texts emptied or garbled."""
+    variants = [element]
+    for index in range(len(element)):
+        dropped = copy.deepcopy(element)
+        del dropped[index]
+        doubled = copy.deepcopy(element)
+        doubled.insert(index, copy.deepcopy(element[index]))
+        variants += [dropped, doubled]
+    for text in ("", "x", " 7 ", "true", "NaN"):
+        garbled = copy.deepcopy(element)
+        for node in garbled.iter():
+            if len(node) == 0 and node is not garbled:
+                node.text = text
+        variants.append(garbled)
+    return variants
+
+
+def agree(payload: Any) -> None:
+    writers_agree(payload)
+    codec = codec_for(type(payload))
+    fast, plain = codec._spec.read, plain_reader(type(payload))
+    for element in _shapes(codec.to_element(payload)):
+        assert _outcome(fast, element) == _outcome(plain, element), etree.tostring(element)
+    assert _state(codec.from_element(codec.to_element(payload))) == _state(payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload_classes_and_values())
+def test_the_fast_reader_reads_and_refuses_as_the_plain_one(payload: Any) -> None:
+    agree(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        Everything("t & <u> ü 😀", -3, -0.0, False, Mood.GRUMPY, Level.HIGH, Point(1, 2), [Point(3, 4)], b"\x00\xff"),
+        Everything("", 0, math.inf, True, Mood.HAPPY, Level.LOW, Point(0, 0), [], b"", "m", ["", "a"], [None, 1]),
+        Everything("x", 1, 1e-300, True, Mood.HAPPY, Level.LOW, Point(0, 0), [], b"", None, [], [], [["a"], []], None),
+        sample_order(3),
+        Receipt("ORD-1", 12.5, 2),
+        Greeting("ada", 2),
+        Single(-1.5),
+        Spaced("a & b"),
+        SelfChecked(2),
+        Slotted(1, "a"),
+        Guarded("a"),
+        Counted("a"),
+        Registered("a"),
+        Tree("root", [Tree("leaf", []), Tree("other", [Tree("deep", [])])]),
+    ],
+)
+def test_the_fast_reader_agrees_on_the_example_payloads(payload: Any) -> None:
+    agree(payload)
+
+
+def _payload_classes(*modules: Any) -> list[type]:
+    return [
+        value
+        for module in modules
+        for value in vars(module).values()
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__
+    ]
+
+
+EXAMPLE_CLASSES = _payload_classes(workers.cpu, workers.hello, workload, system_payloads, primitive_payloads)
+
+
+@pytest.mark.parametrize("cls", EXAMPLE_CLASSES, ids=lambda cls: cls.__qualname__)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_the_fast_reader_agrees_on_every_example_payload_class(cls: type, data: st.DataObject) -> None:
+    values = {field.name: data.draw(st.from_type(hint)) for field, hint in _hints(cls)}
+    try:
+        payload = cls(**values)
+        codec_for(cls).to_element(payload)
+    except (ValueError, TypeError):  # text XML cannot carry, or a value the class itself refuses
+        assume(False)
+    agree(payload)
+
+
+def _hints(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(field, hints[field.name]) for field in dataclasses.fields(cls)]
+
+
+def test_only_classes_whose_init_just_stores_the_fields_are_filled_directly() -> None:
+    assert _builds_directly(Point)
+    assert _builds_directly(Everything)
+    assert _builds_directly(Tree)
+    assert not _builds_directly(SelfChecked)
+    assert not _builds_directly(Slotted)
+    assert not _builds_directly(Guarded)
+
+
+def test_a_class_new_and_a_metaclass_call_still_run_when_decoding() -> None:
+    assert not _builds_directly(Counted)
+    assert not _builds_directly(Registered)
+    Counted.made.clear()
+    Registering.made.clear()
+    assert through_the_wire(Counted("a")) == Counted("a")
+    assert through_the_wire(Registered("a")) == Registered("a")
+    assert len(Counted.made) == 3  # the two made here, and the one decoded
+    assert Registering.made == ["Registered"] * 3
+
+
+def test_post_init_still_runs_and_refuses_when_decoding() -> None:
+    with pytest.raises(PayloadDecodeError, match="negative"):
+        codec_for(SelfChecked).from_element(etree.fromstring(b"<SelfChecked><count>-1</count></SelfChecked>"))
+
+
+def test_a_class_setattr_still_runs_when_decoding() -> None:
+    assert codec_for(Guarded).from_element(etree.fromstring(b"<Guarded><name>ada</name></Guarded>")).name == "ADA"
+
+
+def test_directly_filled_instances_are_whole_instances() -> None:
+    decoded = through_the_wire(sample_order(1))
+    assert type(decoded) is Order
+    assert decoded == sample_order(1)
+    assert hash(through_the_wire(Point(1, 2))) == hash(Point(1, 2))
+    assert list(vars(decoded)) == [field.name for field in dataclasses.fields(Order)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.city = "Paris"  # type: ignore[misc]
+
+
+@dataclass
+class Measured:
+    value: float
+    maybe: float | None = None
+    many: list[float] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.0, -0.0, 1.5, -2, 10**20, True, math.inf, -math.inf, math.nan, 1e308, 5e-324, "1.5", None, Level.HIGH, 10**400],
+)
+def test_the_fast_writer_writes_and_refuses_floats_as_the_plain_one(value: Any) -> None:
+    codec = codec_for(Measured)
+    for payload in (Measured(value), Measured(0.5, value), Measured(0.5, None, [value])):
+        try:
+            plain = _written(plain_writer(Measured), codec, payload)
+        except OverflowError:
+            with pytest.raises(OverflowError):
+                _written(codec._spec.write, codec, payload)
+            continue
+        assert _written(codec._spec.write, codec, payload) == plain

@@ -96,14 +96,21 @@ def _deeper_than(max_depth: int) -> etree.XPath:
     return etree.XPath("boolean(" + "/*" * (max_depth + 1) + ")")
 
 
-def _could_be_deeper(raw: bytes, max_depth: int) -> bool:
+def _could_be_deeper(raw: bytes, max_depth: int, *, closed: bool = True) -> bool:
     """Cheap bounds first: depth needs that many start tags, and each needs bytes.
 
-    ``<`` not followed by ``/`` counts every start tag (and some other markup),
-    so it bounds the depth from above without parsing.
+    An element below ``max_depth`` levels has ``max_depth`` ancestors, each
+    opened and, in a well-formed document (``closed``), closed again: at least
+    ``2 * max_depth + 1`` ``<`` characters. Every ``<`` is a ``0x3C`` byte in
+    UTF-8 and in UTF-16 alike (other UTF-16 characters may add more), so one
+    byte count bounds the depth from above without parsing. A document the
+    repairing parser mended may leave its elements open; there each start tag
+    alone counts (``<`` not followed by ``/``, in UTF-8).
     """
     if len(raw) < 7 * max_depth + 4:  # the smallest document deeper than max_depth
         return False
+    if closed:
+        return raw.count(b"<") > 2 * max_depth
     return raw.count(b"<") - raw.count(b"</") > max_depth
 
 
@@ -114,6 +121,8 @@ _UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _EBCDIC_DECLARATION = b"\x4c\x6f\xa7\x94"  # "<?xm" in EBCDIC, which starts with the ASCII letters "Lo"
+_NEEDS_A_LOOK = (b"?", b"\x00")
+"""After a first ``<``: a declaration (which may name UTF-16), or UTF-16 without its byte order mark."""
 _DECLARES_UTF16 = re.compile(rb"<\?xml\s[^>]*?\bencoding\s*=\s*[\"']utf-16[\"']", re.IGNORECASE)
 
 
@@ -123,6 +132,8 @@ def _refuse_foreign_encoding(raw: bytes) -> None:
     The bytes alone settle the family before libxml2 guesses; the declared
     encoding is checked after parsing, from ``docinfo``.
     """
+    if raw[:1] == b"<" and raw[1:2] not in _NEEDS_A_LOOK:  # markup in UTF-8 (or ASCII), no declaration: settled
+        return
     if raw.startswith(_UTF32_BOMS):
         raise XmlRejected(ErrorCode.UNSUPPORTED_ENCODING, "UTF-32 is not accepted; send UTF-8 or UTF-16")
     if raw.startswith(_EBCDIC_DECLARATION):
@@ -197,6 +208,7 @@ def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
         raise XmlRejected(ErrorCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {limits.max_bytes}")
     _refuse_foreign_encoding(raw)
     repairs: tuple[str, ...] = ()
+    well_formed = True
     try:
         root = etree.fromstring(raw, _STRICT)
     except _ExternalFetchRefused as exc:
@@ -205,10 +217,12 @@ def parse_checked(raw: bytes, limits: XmlLimits) -> Parsed:
         if not limits.repair or not _repairable(exc, raw):
             raise _refusal_for(exc, raw, limits) from None
         root, repairs = _repaired(raw)
+        well_formed = False
     except ValueError as exc:  # e.g. a str with an encoding declaration
         raise XmlRejected(ErrorCode.MALFORMED_XML, f"not parseable: {exc}") from None
     _refuse_foreign_declaration_and_dtd(root)
-    if _could_be_deeper(raw, limits.max_depth) and _deeper_than(limits.max_depth)(root):
+    deeper = _could_be_deeper(raw, limits.max_depth, closed=well_formed)
+    if deeper and _deeper_than(limits.max_depth)(root):
         raise XmlRejected(ErrorCode.TOO_DEEP, f"nesting is deeper than the limit of {limits.max_depth}")
     return Parsed(root, repairs)
 

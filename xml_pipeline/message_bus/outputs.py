@@ -78,8 +78,9 @@ class OutputPreparer:
         self, codec: PayloadCodec[Any], payload: Any, sender: str, to: str, *, validate: bool
     ) -> Prepared | Failure:
         primitive = is_reserved(sender)
+        limits = self._limits_of_primitives if primitive else self.limits
         try:
-            refuse_if_beyond(payload, self._limits_of_primitives if primitive else self.limits)
+            refuse_if_beyond(payload, limits)
             element = codec.to_element(payload)
         except XmlRejected as refused:
             return Failure(refused.code, f"{sender}'s output to {to}: {refused.detail}")
@@ -88,7 +89,7 @@ class OutputPreparer:
         except PayloadTypeError as exc:
             return Failure(ErrorCode.BAD_RESPONSE, f"{sender} sent an invalid {codec.xml_name}: {exc}")
         payload_xml = etree.tostring(element)
-        beyond = self.beyond_limits(payload_xml, element, sender, to)
+        beyond = self._beyond(payload_xml, element, sender, to, limits)
         if beyond is not None:
             return beyond
         if validate:
@@ -110,7 +111,13 @@ class OutputPreparer:
         outcome gathers one answer per item, each of which met the size bound
         on its own way in, and refusing it would throw away the whole run.
         """
-        limits = self._limits_of_primitives if is_reserved(sender) else self.limits
+        return self._beyond(
+            payload_xml, element, sender, to, self._limits_of_primitives if is_reserved(sender) else self.limits
+        )
+
+    def _beyond(
+        self, payload_xml: bytes, element: etree._Element, sender: str, to: str, limits: XmlLimits
+    ) -> Failure | None:
         try:
             check_outgoing(
                 payload_xml, element, limits, envelope_size=lambda: len(envelope_bytes(sender, to, _THREAD_SIZED, b""))
