@@ -28,6 +28,7 @@ class Recorder:
         self._state = state
         self._chains = chains
         self._max_slots_per_thread = max_slots_per_thread
+        self._type_names: dict[type, str] = {}
 
     async def record(
         self,
@@ -40,19 +41,22 @@ class Recorder:
         registrations: list[RegisterThread] | None = None,
     ) -> Failure | None:
         """Write the hop to history (and any new thread to the registry): one batched call."""
-        ops: list[StateOp] = list(registrations or ())
-        ops.append(
-            self._buffer.append_op(
-                conversation.id,
-                from_id=sender,
-                to_id=to,
-                hop_thread=thread,
-                payload_type=payload_type_name(type(payload)),
-                payload_xml=payload_xml,
-            )
+        cls = type(payload)
+        type_name = self._type_names.get(cls)
+        if type_name is None:
+            type_name = self._type_names[cls] = payload_type_name(cls)
+        append = self._buffer.append_op(
+            conversation.id,
+            from_id=sender,
+            to_id=to,
+            hop_thread=thread,
+            payload_type=type_name,
+            payload_xml=payload_xml,
         )
+        ops: list[StateOp] = [*registrations, append] if registrations else [append]
+        state = self._state
         try:
-            outcomes = await self._state.run(ops)
+            outcomes = state.backend.apply(ops) if state.immediate else await state.run(ops)
         except BackendUnavailable as exc:
             self._chains.unclaim(op.uuid for op in registrations or ())
             return Failure(ErrorCode.BACKEND_UNAVAILABLE, str(exc))
