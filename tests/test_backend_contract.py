@@ -122,3 +122,13 @@ def test_apply_refuses_a_thread_past_the_thread_cap(backend: SharedBackend) -> N
     outcomes = backend.apply([AppendSlot("t1", b"<a/>", 5, 1), AppendSlot("t2", b"<b/>", 5, 1)])
     assert outcomes[0] == 0
     assert isinstance(outcomes[1], TooManyThreads)
+
+
+def test_apply_registers_a_chain_again_as_registry_set_does(backend: SharedBackend) -> None:
+    outcomes = backend.apply(
+        [RegisterThread("c/a", "u1"), RegisterThread("c/a", "u2"), ForgetThread("u1"), RegisterThread("c/b", "u3")]
+    )
+    assert outcomes == [None, None, False, None]
+    assert backend.registry_get_uuid("c/a") == "u2"
+    assert backend.registry_get_chain("u1") is None
+    assert backend.registry_list_all() == {"u2": "c/a", "u3": "c/b"}

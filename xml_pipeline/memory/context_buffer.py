@@ -50,8 +50,7 @@ class BufferSlot:
 
 
 def _encode(from_id: str, to_id: str, hop_thread: str, payload_type: str, timestamp: float, xml: bytes) -> bytes:
-    header = "\x1f".join((from_id, to_id, hop_thread, payload_type, repr(timestamp)))
-    return header.encode() + _SEP + xml
+    return f"{from_id}\x1f{to_id}\x1f{hop_thread}\x1f{payload_type}\x1f{timestamp!r}\x1f".encode() + xml
 
 
 def _decode(thread_id: str, index: int, data: bytes) -> BufferSlot:

@@ -146,25 +146,44 @@ class InMemoryBackend:
                 del self._records[key]
 
     def apply(self, ops: Sequence[StateOp]) -> list[object]:
-        """Each op through its method, dispatched by exact type: this runs for every hop."""
+        """Each op as its method does it, dispatched by exact type, all under one hold of the lock.
+
+        This runs for every hop, so the methods' bodies are inlined here (the lock is not reentrant); the
+        reference tests hold both ways to the same outcomes.
+        """
         results: list[object] = []
-        for op in ops:
-            if type(op) is AppendSlot:
-                try:
-                    results.append(
-                        self.buffer_append(op.thread_id, op.slot, max_slots=op.max_slots, max_threads=op.max_threads)
-                    )
-                except (BufferFull, TooManyThreads) as refused:
-                    results.append(refused)
-            elif type(op) is RegisterThread:
-                self.registry_set(op.chain, op.uuid)
-                results.append(None)
-            elif type(op) is ForgetThread:
-                results.append(self.registry_delete(op.uuid))
-            elif type(op) is DeleteHistory:
-                results.append(self.buffer_delete_thread(op.thread_id))
-            else:
-                raise TypeError(f"not a state op: {op!r}")
+        buffers, chain_to_uuid, uuid_to_chain = self._buffers, self._chain_to_uuid, self._uuid_to_chain
+        with self._lock:
+            for op in ops:
+                if type(op) is AppendSlot:
+                    slots = buffers.get(op.thread_id)
+                    if slots is None:
+                        if op.max_threads is not None and len(buffers) >= op.max_threads:
+                            results.append(TooManyThreads(f"the buffer holds {len(buffers)} threads already"))
+                            continue
+                        slots = buffers[op.thread_id] = []
+                    elif op.max_slots is not None and len(slots) >= op.max_slots:
+                        results.append(BufferFull(f"thread {op.thread_id} holds {len(slots)} slots already"))
+                        continue
+                    slots.append(op.slot)
+                    results.append(len(slots) - 1)
+                elif type(op) is RegisterThread:
+                    chain, uuid = op.chain, op.uuid
+                    previous = chain_to_uuid.get(chain)
+                    if previous is not None and previous != uuid:
+                        uuid_to_chain.pop(previous, None)
+                    chain_to_uuid[chain] = uuid
+                    uuid_to_chain[uuid] = chain
+                    results.append(None)
+                elif type(op) is ForgetThread:
+                    forgotten = uuid_to_chain.pop(op.uuid, None)
+                    if forgotten is not None and chain_to_uuid.get(forgotten) == op.uuid:
+                        del chain_to_uuid[forgotten]
+                    results.append(forgotten is not None)
+                elif type(op) is DeleteHistory:
+                    results.append(buffers.pop(op.thread_id, None) is not None)
+                else:
+                    raise TypeError(f"not a state op: {op!r}")
         return results
 
     def ping(self) -> bool:

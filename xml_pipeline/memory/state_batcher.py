@@ -68,6 +68,9 @@ class StateBatcher:
     def __init__(self, backend: SharedBackend) -> None:
         self.backend = backend
         self._batching = backend.is_shared
+        self.immediate = not self._batching
+        """The store is not shared, so its writes run at once: ``backend.apply(ops)`` is what :meth:`run` does,
+        and a caller on the hot path may call it without the coroutine."""
         self._ops: list[StateOp] = []
         self._waiters: list[_Waiter] = []
         self._scheduled = False

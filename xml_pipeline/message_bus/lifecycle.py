@@ -84,10 +84,11 @@ class Lifecycle:
                 self._on_conversation_end(conversation.id, self._buffer.get_thread(conversation.id))
             except Exception:
                 log.exception("on_conversation_end hook failed conversation=%s", conversation.id)
-        forget: list[StateOp] = [ForgetThread(thread) for thread in conversation.chains.values()]
+        ops: list[StateOp] = list(map(ForgetThread, conversation.chains.values()))
+        ops.append(DeleteHistory(conversation.id))
         self._chains.forget(conversation)
         self.live.pop(conversation.id, None)
-        self._state.run_later([*forget, DeleteHistory(conversation.id)], then=lambda: _ended(conversation))
+        self._state.run_later(ops, then=lambda: _ended(conversation))
 
 
 def _ended(conversation: Conversation) -> None:

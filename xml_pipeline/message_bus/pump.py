@@ -342,9 +342,15 @@ class Pump:
         on_started(conversation.id)
         lifecycle.begin_one(conversation)  # held while the writes are made, so it cannot end under them
         try:
-            failure = await self._recorder.record(
-                conversation, initiator, target_name, thread, fresh, payload_xml, registrations
-            )
+            recorder = self._recorder
+            if recorder.immediate:
+                failure = recorder.record_now(
+                    conversation, initiator, target_name, thread, fresh, payload_xml, registrations
+                )
+            else:
+                failure = await recorder.record(
+                    conversation, initiator, target_name, thread, fresh, payload_xml, registrations
+                )
             if failure is None:
                 delivery = Delivery(target, fresh, payload_xml, initiator, thread, conversation)
                 failure = await self._dispatcher.enqueue(conversation, delivery)

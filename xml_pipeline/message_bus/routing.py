@@ -128,9 +128,11 @@ class Router:
         registrations: list[RegisterThread] = []
         if thread is None:
             thread, registrations = self._chains.extend(from_thread, target.name)
-        failure = await self._recorder.record(
-            conversation, sender, target.name, thread, fresh, payload_xml, registrations
-        )
+        recorder, to = self._recorder, target.name
+        if recorder.immediate:
+            failure = recorder.record_now(conversation, sender, to, thread, fresh, payload_xml, registrations)
+        else:
+            failure = await recorder.record(conversation, sender, to, thread, fresh, payload_xml, registrations)
         if failure is not None:
             return failure
         return await self._enqueue(conversation, Delivery(target, fresh, payload_xml, sender, thread, conversation))
@@ -143,7 +145,11 @@ class Router:
         if isinstance(prepared, Failure):
             return prepared
         fresh, payload_xml = prepared
-        failure = await self._recorder.record(conversation, sender, to, thread, fresh, payload_xml)
+        recorder = self._recorder
+        if recorder.immediate:
+            failure = recorder.record_now(conversation, sender, to, thread, fresh, payload_xml)
+        else:
+            failure = await recorder.record(conversation, sender, to, thread, fresh, payload_xml)
         self._instruments.observe.hop(conversation.id, sender, to, thread, type(fresh), payload_xml)
         if failure is not None:
             log.warning("reply delivered unrecorded listener=%s thread=%s: %s", sender, thread, failure.detail)
