@@ -20,6 +20,7 @@ import uvloop
 from benchmarks.floor import floor_rate
 from benchmarks.measure import CLIENTS, closed_loop, envelope, orders_organism, running
 from benchmarks.workload import sample_order
+from xml_pipeline.collector import settle_for_serving
 from xml_pipeline.primitives import BufferComplete, BufferStart
 
 
@@ -50,6 +51,7 @@ async def cpu_microseconds(repeats: int, hops: int = 10_000, items: int = 10_000
 def main() -> int:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     logging.getLogger("xml_pipeline").setLevel(logging.CRITICAL)
+    settle_for_serving()  # measure what a daemon runs: its collector settings too
     spent = uvloop.run(cpu_microseconds(repeats))
     floor, hop, item = spent["floor hop"], spent["pump round trip"], spent["buffer item"]
     print(f"CPU per unit, median of {repeats}: floor hop {floor:.1f} us; pump round trip {hop:.1f} us")

@@ -21,6 +21,7 @@ import uvloop
 from benchmarks.durable import CLIENTS, durable_engine, durable_loop, redis_cpu_seconds
 from benchmarks.measure import envelope
 from benchmarks.workload import sample_order
+from xml_pipeline.collector import settle_for_serving
 
 
 async def durable_cpu_microseconds(repeats: int, conversations: int = 3000) -> dict[str, float]:
@@ -47,6 +48,7 @@ async def durable_cpu_microseconds(repeats: int, conversations: int = 3000) -> d
 def main() -> int:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     logging.getLogger("xml_pipeline").setLevel(logging.CRITICAL)
+    settle_for_serving()  # measure what a daemon runs: its collector settings too
     spent = uvloop.run(durable_cpu_microseconds(repeats))
     engine, redis = spent["engine"], spent["redis"]
     print(f"CPU per one-hop round trip, median of {repeats}: engine {engine:.0f} us; redis {redis:.1f} us")

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from xml_pipeline import __version__
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
+from xml_pipeline.collector import settle_for_serving
 from xml_pipeline.config.loader import ConfigError, load_organism, parse_tcp_address
 from xml_pipeline.daemon.auth import DoorAuth
 from xml_pipeline.daemon.dead_letter_view import DeadLetterView
@@ -231,6 +232,7 @@ class Daemon:
             await self.engine.stop(drain_timeout=0)
             raise
         await self.observing.start()  # what the engine reported meanwhile is buffered, bounded
+        settle_for_serving()  # loaded: what is alive now lives as long as the daemon
         self._accepting = True
         where = str(self.options.socket_path) + (
             f" and {self.options.tcp[0]}:{self.options.tcp[1]}" if self.options.tcp else ""
