@@ -198,7 +198,6 @@ async def test_an_inbox_made_again_may_have_missed_news_so_every_waiter_reads(ho
     assert await waiting == REPLY_AND_END
 
 
-@pytest.mark.xfail(strict=True, reason="news a waiter was told of is lost when a read missing it answers the waiter")
 async def test_news_a_waiter_was_told_of_outlives_an_answer_that_does_not_hold_it(home: Any) -> None:
     """Several replies in one conversation, the first from another daemon, the second from this one.
 

@@ -62,6 +62,11 @@ class _Waiter:
     for an earlier waiter of the same conversation) may hold entries collected and deleted since."""
     joins_at: float
     """When its stream joins the reads (monotonic seconds; 0: at once)."""
+    told: int = 0
+    """The first read that holds the news it was told of (0: none): an answer from an earlier read, or handed
+    over by a commit, may not hold that news, which then must outlive this waiter (its next wait reads)."""
+    answered_by: int = 0
+    """The read that answered it (0: none, or a commit here)."""
 
 
 class ReplyWatcher:
@@ -142,6 +147,8 @@ class ReplyWatcher:
             return await waiter.arrived
         finally:
             expiry.cancel()
+            if waiter.told > waiter.answered_by:  # told of news its answer may not hold: the next wait reads
+                self._stir(conversation)
             waiting = self._waiters.get(conversation, [])
             if waiter in waiting:
                 waiting.remove(waiter)
@@ -155,18 +162,27 @@ class ReplyWatcher:
         them as if it had read them. Otherwise its waiters must read. Returns
         whether a waiter had to be told to read (the caller then :meth:`nudge`s).
         """
-        waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
-        if not waiting:
-            self._stir(conversation)  # its next waiter reads at once
-            return False
         if whole:
+            waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+            if not waiting:
+                self._stir(conversation)  # its next waiter reads at once
             for waiter in waiting:
                 mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                 if mine:
                     waiter.arrived.set_result(mine)
             return False
+        return self._told(conversation, self._reads + 1)  # a read issued from now on holds the entries
+
+    def _told(self, conversation: str, holding: int) -> bool:
+        """``conversation`` has news that read number ``holding`` and later ones hold: its waiters read;
+        nobody waits: its next waiter reads at once. Whether a waiter was told."""
+        waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+        if not waiting:
+            self._stir(conversation)
+            return False
         for waiter in waiting:
             waiter.joins_at = 0.0
+            waiter.told = max(waiter.told, holding)
         return True
 
     async def nudge(self) -> None:
@@ -242,13 +258,16 @@ class ReplyWatcher:
             if opened == self._inbox_opened:
                 self._inbox_after = found.inbox_after
             for conversation in found.notices:
-                self.delivered(conversation, (), whole=False)  # its waiters join the next read, which is now
+                # its waiters join the next read, which is now; this read holds the reply too if it read the
+                # stream (the commit wrote the reply and the notice at once)
+                self._told(conversation, read if conversation in wanted else read + 1)
             for conversation, entries in found.replies.items():
                 for waiter in self._waiters.get(conversation, []):
                     if waiter.first_read > read:
                         continue  # it came after this read was issued: the next read is its own
                     mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                     if mine and not waiter.arrived.done():
+                        waiter.answered_by = read
                         waiter.arrived.set_result(mine)
 
 
