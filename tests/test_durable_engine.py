@@ -667,3 +667,27 @@ async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl
     rest = await engine.collect(first.thread, "end", 10)
     assert rest is not None
     assert rest.ended
+
+
+@pytest.mark.xfail(strict=True, reason="reply streams and the inbox are read only in the shape RESP2 answers")
+async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:
+    """Hops are read in either protocol's shape; so must replies and notices be. With ``protocol=3`` in the
+    URL, an XREAD answers a map: taken for a list of pairs, the watcher's read raised ValueError, which ended
+    the daemon's task group at its first wait for a reply."""
+    store = ClusterStore(
+        redis_server.url + "?protocol=3", "resp3-store:", socket_timeout=5, reply_retention=30, daemon_id="d1"
+    )
+    replies = store.keys.replies("c")
+    reader = store.dedicated_client()
+    try:
+        await store.client.xadd(replies, {"end": "1"})
+        after = await store.open_inbox(10)
+        await store.client.xadd(store.keys.inbox("d1"), {"c": "c"})
+        assert [reply for _, reply in await store.replies("c", b"0")] == [None]
+        read = await store.replies_of({"c": b"0"}, 100, reader, after)
+        assert [reply for _, reply in read.replies["c"]] == [None]
+        assert read.notices == ["c"]
+    finally:
+        await store.client.unlink(replies, store.keys.inbox("d1"))
+        await reader.aclose()
+        await store.close()
