@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import redis
@@ -669,7 +670,6 @@ async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl
     assert rest.ended
 
 
-@pytest.mark.xfail(strict=True, reason="reply streams and the inbox are read only in the shape RESP2 answers")
 async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:
     """Hops are read in either protocol's shape; so must replies and notices be. With ``protocol=3`` in the
     URL, an XREAD answers a map: taken for a list of pairs, the watcher's read raised ValueError, which ended
@@ -691,3 +691,25 @@ async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redi
         await store.client.unlink(replies, store.keys.inbox("d1"))
         await reader.aclose()
         await store.close()
+
+
+async def test_replies_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:
+    """Two daemons on a RESP3 connection: a reply another daemon wrote reaches the door's waiter through its
+    inbox, and a look (``none``) reads a reply stream."""
+    resp3 = cast(RedisServer, SimpleNamespace(url=redis_server.url + "?protocol=3"))
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with asyncio.timeout(30):
+        async with (
+            started(resp3, "resp3:", [echo_listener()], settings=door_only) as door,
+            started(resp3, "resp3:", [echo_listener()]) as worker,
+        ):
+            accepted = await door.accept(envelope(ping_xml("far")))
+            assert isinstance(accepted, Accepted)
+            assert await payloads_collected(door, accepted.thread, "end") == [b"<Pong><text>far</text></Pong>"]
+            near = await worker.accept(envelope(ping_xml("near")))
+            assert isinstance(near, Accepted)
+            replies = worker.store.keys.replies(near.thread)
+            assert await worker.store.client.exists(replies) or await worker.store.client.xread(
+                {replies: "0"}, block=10_000
+            )
+            assert await payloads_collected(door, near.thread, "none") == [b"<Pong><text>near</text></Pong>"]
