@@ -229,7 +229,6 @@ async def test_news_a_waiter_was_told_of_outlives_an_answer_that_does_not_hold_i
     assert await again == [(b"2-0", REPLY)]
 
 
-@pytest.mark.xfail(strict=True, reason="the read starts after the least id as bytes compare, not as stream ids do")
 async def test_a_read_for_two_waiters_of_a_conversation_starts_after_the_earlier_entry(home: Any) -> None:
     """Two waits of one conversation (a client's collect retried while its first still waits) read from the
     earlier of their ids: 7-9 comes before 7-10, although b"7-10" < b"7-9" as bytes."""

@@ -233,7 +233,7 @@ class ReplyWatcher:
             start = self._window % windows * MAX_STREAMS_PER_READ
             self._window += 1
             wanted = {
-                conversation: min(waiter.after for waiter in self._waiters[conversation])
+                conversation: min((waiter.after for waiter in self._waiters[conversation]), key=_id_key)
                 for conversation in included[start : start + MAX_STREAMS_PER_READ]
             }
             block_ms = max(10, min(int(BLOCK_SECONDS * 1000 / windows), int((next_join - now) * 1000) + 1))
@@ -277,9 +277,11 @@ def _answer_nothing(arrived: asyncio.Future[list[Entry]]) -> None:
         arrived.set_result([])
 
 
-def _after(entry_id: bytes, after: bytes) -> bool:
-    def key(value: bytes) -> tuple[int, int]:
-        milliseconds, _, sequence = value.partition(b"-")
-        return int(milliseconds), int(sequence or 0)
+def _id_key(value: bytes) -> tuple[int, int]:
+    """A stream entry id as it orders: numbers, not bytes (b"7-10" comes after b"7-9")."""
+    milliseconds, _, sequence = value.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
 
-    return key(entry_id) > key(after)
+
+def _after(entry_id: bytes, after: bytes) -> bool:
+    return _id_key(entry_id) > _id_key(after)
