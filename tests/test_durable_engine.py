@@ -715,7 +715,6 @@ async def test_replies_are_read_when_redis_speaks_resp3(redis_server: RedisServe
             assert await payloads_collected(door, near.thread, "none") == [b"<Pong><text>near</text></Pong>"]
 
 
-@pytest.mark.xfail(strict=True, reason="replies committed here for conversations opened elsewhere crowd out news")
 async def test_news_of_a_conversation_opened_here_is_not_crowded_out_by_others_answered_here(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

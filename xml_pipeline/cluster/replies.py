@@ -155,30 +155,33 @@ class ReplyWatcher:
             if not waiting:
                 self._waiters.pop(conversation, None)
 
-    def delivered(self, conversation: str, entries: Sequence[Entry], *, whole: bool) -> bool:
+    def delivered(self, conversation: str, entries: Sequence[Entry], *, whole: bool, home: bool = True) -> bool:
         """A step committed here wrote ``entries`` to ``conversation``'s reply stream.
 
         ``whole``: the stream held nothing before them, so a waiter may take
         them as if it had read them. Otherwise its waiters must read. Returns
         whether a waiter had to be told to read (the caller then :meth:`nudge`s).
+        ``home``: the conversation was opened here. Only then is news that
+        nobody waits for yet remembered (a wait for any other reads at once).
         """
         if whole:
             waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
-            if not waiting:
+            if not waiting and home:
                 self._stir(conversation)  # its next waiter reads at once
             for waiter in waiting:
                 mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                 if mine:
                     waiter.arrived.set_result(mine)
             return False
-        return self._told(conversation, self._reads + 1)  # a read issued from now on holds the entries
+        return self._told(conversation, self._reads + 1, home)  # a read issued from now on holds the entries
 
-    def _told(self, conversation: str, holding: int) -> bool:
+    def _told(self, conversation: str, holding: int, home: bool = True) -> bool:
         """``conversation`` has news that read number ``holding`` and later ones hold: its waiters read;
         nobody waits: its next waiter reads at once. Whether a waiter was told."""
         waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
         if not waiting:
-            self._stir(conversation)
+            if home:
+                self._stir(conversation)
             return False
         for waiter in waiting:
             waiter.joins_at = 0.0
