@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import redis
@@ -667,3 +668,81 @@ async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl
     rest = await engine.collect(first.thread, "end", 10)
     assert rest is not None
     assert rest.ended
+
+
+async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:
+    """Hops are read in either protocol's shape; so must replies and notices be. With ``protocol=3`` in the
+    URL, an XREAD answers a map: taken for a list of pairs, the watcher's read raised ValueError, which ended
+    the daemon's task group at its first wait for a reply."""
+    store = ClusterStore(
+        redis_server.url + "?protocol=3", "resp3-store:", socket_timeout=5, reply_retention=30, daemon_id="d1"
+    )
+    replies = store.keys.replies("c")
+    reader = store.dedicated_client()
+    try:
+        await store.client.xadd(replies, {"end": "1"})
+        after = await store.open_inbox(10)
+        await store.client.xadd(store.keys.inbox("d1"), {"c": "c"})
+        assert [reply for _, reply in await store.replies("c", b"0")] == [None]
+        read = await store.replies_of({"c": b"0"}, 100, reader, after)
+        assert [reply for _, reply in read.replies["c"]] == [None]
+        assert read.notices == ["c"]
+    finally:
+        await store.client.unlink(replies, store.keys.inbox("d1"))
+        await reader.aclose()
+        await store.close()
+
+
+async def test_replies_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:
+    """Two daemons on a RESP3 connection: a reply another daemon wrote reaches the door's waiter through its
+    inbox, and a look (``none``) reads a reply stream."""
+    resp3 = cast(RedisServer, SimpleNamespace(url=redis_server.url + "?protocol=3"))
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with asyncio.timeout(30):
+        async with (
+            started(resp3, "resp3:", [echo_listener()], settings=door_only) as door,
+            started(resp3, "resp3:", [echo_listener()]) as worker,
+        ):
+            accepted = await door.accept(envelope(ping_xml("far")))
+            assert isinstance(accepted, Accepted)
+            assert await payloads_collected(door, accepted.thread, "end") == [b"<Pong><text>far</text></Pong>"]
+            near = await worker.accept(envelope(ping_xml("near")))
+            assert isinstance(near, Accepted)
+            replies = worker.store.keys.replies(near.thread)
+            assert await worker.store.client.exists(replies) or await worker.store.client.xread(
+                {replies: "0"}, block=10_000
+            )
+            assert await payloads_collected(door, near.thread, "none") == [b"<Pong><text>near</text></Pong>"]
+
+
+async def test_news_of_a_conversation_opened_here_is_not_crowded_out_by_others_answered_here(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends, then collects later, is answered at once only because its conversation was
+    remembered as stirred. Conversations opened on other daemons and answered here have no wait here that the
+    memory could spare a grace; remembering them too pushes out the conversations opened here, whose waits
+    then sit out the grace (here longer than the collect) although their replies are in Redis."""
+    monkeypatch.setattr(replies_module, "STIRRED_REMEMBERED", 4)
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with (
+        started(redis_server, "crowded:", [echo_listener()]) as worker,
+        started(redis_server, "crowded:", [echo_listener()], settings=door_only) as door,
+    ):
+        worker._replies._home_grace = 60.0
+        mine = await worker.accept(envelope(ping_xml("mine")))
+        assert isinstance(mine, Accepted)
+        replies = worker.store.keys.replies(mine.thread)
+        assert await worker.store.client.xread({replies: "0"}, block=10_000)
+        for n in range(8):  # opened on the door, answered by the worker, collected on the door
+            other = await door.accept(envelope(ping_xml(f"other {n}")))
+            assert isinstance(other, Accepted)
+            assert await payloads_collected(door, other.thread, "end") == [
+                f"<Pong><text>other {n}</text></Pong>".encode()
+            ]
+        async with asyncio.timeout(10):
+            while any(worker._held.values()):  # the worker is done with every commit, news told
+                worker._freed.clear()
+                await worker._freed.wait()
+        collected = await worker.collect(mine.thread, "end", 3)
+        assert collected is not None
+        assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>mine</text></Pong>"]

@@ -196,3 +196,52 @@ async def test_an_inbox_made_again_may_have_missed_news_so_every_waiter_reads(ho
     assert reads.inbox_reads[-1] == b"9-0"
     answer.set_result({"c": REPLY_AND_END})
     assert await waiting == REPLY_AND_END
+
+
+async def test_news_a_waiter_was_told_of_outlives_an_answer_that_does_not_hold_it(home: Any) -> None:
+    """Several replies in one conversation, the first from another daemon, the second from this one.
+
+    The inbox's notice makes the waiter read; that read answers the first reply
+    only, while this daemon's commit of the second (not all of the stream) tells
+    the waiter to read, too late for the read in progress. The client's next
+    wait must read at once: nothing else will tell it of the second reply, which
+    otherwise waits for the grace (here 30 s; in a daemon one second per such reply).
+    """
+    reads, watcher, group = home
+    waiting = group.create_task(watcher.wait("c", b"0", 5, home=True))
+    wanted, answer = await reads.next_read()
+    assert wanted == {}
+    answer.set_result({"inbox": ["c"]})  # another daemon wrote 1-0
+    wanted, answer = await reads.next_read()
+    assert wanted == {"c": b"0"}  # issued before this daemon wrote 2-0
+    assert watcher.delivered("c", [(b"2-0", REPLY)], whole=False) is True
+    await watcher.nudge()
+    answer.set_result({"c": [(b"1-0", REPLY)]})
+    assert await waiting == [(b"1-0", REPLY)]
+
+    again = group.create_task(watcher.wait("c", b"1-0", 5, home=True))
+    wanted, answer = await reads.next_read()
+    if wanted == {"c": b"0"}:  # issued for the first waiter, before the second came: not the second's
+        answer.set_result({"c": [(b"1-0", REPLY), (b"2-0", REPLY)]})
+        wanted, answer = await reads.next_read()
+    assert wanted == {"c": b"1-0"}  # read at once: 2-0 is in Redis, and no news of it will come again
+    answer.set_result({"c": [(b"2-0", REPLY)]})
+    assert await again == [(b"2-0", REPLY)]
+
+
+async def test_a_read_for_two_waiters_of_a_conversation_starts_after_the_earlier_entry(home: Any) -> None:
+    """Two waits of one conversation (a client's collect retried while its first still waits) read from the
+    earlier of their ids: 7-9 comes before 7-10, although b"7-10" < b"7-9" as bytes."""
+    reads, watcher, group = home
+    later = group.create_task(watcher.wait("c", b"7-10", 5))
+    wanted, answer = await reads.next_read()
+    assert wanted == {"c": b"7-10"}
+    earlier = group.create_task(watcher.wait("c", b"7-9", 5))
+    async with asyncio.timeout(5):
+        await reads.unblocked.wait()
+    answer.set_result({})
+    wanted, answer = await reads.next_read()
+    assert wanted == {"c": b"7-9"}
+    answer.set_result({"c": [(b"7-10", REPLY), (b"7-11", REPLY)]})
+    assert await earlier == [(b"7-10", REPLY), (b"7-11", REPLY)]
+    assert await later == [(b"7-11", REPLY)]

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,9 @@ class DurableEngine:
             daemon_id=self.daemon_id,
         )
         self._opened_here = OpenedHere(settings.reply_retention_seconds)
+        self._storing: dict[str, int] = {}
+        """Conversations whose client message this daemon is storing (noted as opened here once stored): a
+        reply committed before the store's answer is read is news for a wait here all the same."""
         self.registry = ThreadRegistry(backend)
         self.buffer = ContextBuffer(
             backend, max_slots_per_thread=self.limits.max_slots_per_thread, max_threads=self.limits.max_conversations
@@ -260,14 +263,15 @@ class DurableEngine:
         hop, effects = self._router.opening(initiator, target, fresh, payload_xml)
         self._keep_decoded(effects)
         try:
-            await self.store.commit(
-                hop.conversation,
-                effects,
-                opening=(initiator, target.name, -1),
-            )
+            with self._storing_here(hop.conversation):
+                await self.store.commit(
+                    hop.conversation,
+                    effects,
+                    opening=(initiator, target.name, -1),
+                )
+                self._opened_here.note(hop.conversation, None)  # its caller waits here
         except (RedisError, OSError) as exc:
             return Failure(ErrorCode.BACKEND_UNAVAILABLE, f"redis is unreachable: {exc}")
-        self._opened_here.note(hop.conversation, None)  # its caller waits here
         return hop.conversation
 
     def reload(self, organism: Organism) -> None:
@@ -448,12 +452,13 @@ class DurableEngine:
         self, hop: Hop, effects: Effects, cap: tuple[str, str, int], access: ClientAccess, unless_live: str
     ) -> Hop:
         try:
-            await self.store.commit(
-                hop.conversation, effects, opening=cap, owner=access.identity, unless_live=unless_live
-            )
+            with self._storing_here(hop.conversation):
+                await self.store.commit(
+                    hop.conversation, effects, opening=cap, owner=access.identity, unless_live=unless_live
+                )
+                self._opened_here.note(hop.conversation, access.identity)
         except RedisTimeoutError as exc:
             raise _MaybeStored(hop.conversation) from exc
-        self._opened_here.note(hop.conversation, access.identity)
         return hop
 
     async def _continue(self, admitted: Admitted, access: ClientAccess, cap: tuple[str, str, int]) -> Hop | None:
@@ -462,13 +467,24 @@ class DurableEngine:
         hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
         self._keep_decoded(effects)
         try:
-            await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
+            with self._storing_here(thread):
+                await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
+                self._opened_here.note(thread, access.identity)  # stored, and its owner matched
         except NotLive:
             return None
         except RedisTimeoutError as exc:
             raise _MaybeStored(thread) from exc
-        self._opened_here.note(thread, access.identity)  # stored, and its owner matched
         return hop
+
+    @contextlib.contextmanager
+    def _storing_here(self, conversation: str) -> Iterator[None]:
+        self._storing[conversation] = self._storing.get(conversation, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._storing.pop(conversation) - 1
+            if left:
+                self._storing[conversation] = left
 
     def refuse(self, code: ErrorCode, detail: str) -> Refused:
         """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
@@ -659,7 +675,9 @@ class DurableEngine:
         if committed.ended:
             entries.append((ids[-1], None))
         whole = committed.fresh and len(ids) == max(1, len(effects.replies))
-        if self._replies.delivered(conversation, entries, whole=whole):
+        # news nobody waits for yet is remembered only for a conversation opened here: any other's wait reads
+        home = conversation in self._storing or self._opened_here.recall(conversation) is not None
+        if self._replies.delivered(conversation, entries, whole=whole, home=home):
             await self._replies.nudge()
 
     def _keep_decoded(self, effects: Effects) -> None:

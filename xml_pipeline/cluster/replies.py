@@ -62,6 +62,11 @@ class _Waiter:
     for an earlier waiter of the same conversation) may hold entries collected and deleted since."""
     joins_at: float
     """When its stream joins the reads (monotonic seconds; 0: at once)."""
+    told: int = 0
+    """The first read that holds the news it was told of (0: none): an answer from an earlier read, or handed
+    over by a commit, may not hold that news, which then must outlive this waiter (its next wait reads)."""
+    answered_by: int = 0
+    """The read that answered it (0: none, or a commit here)."""
 
 
 class ReplyWatcher:
@@ -142,31 +147,45 @@ class ReplyWatcher:
             return await waiter.arrived
         finally:
             expiry.cancel()
+            if waiter.told > waiter.answered_by:  # told of news its answer may not hold: the next wait reads
+                self._stir(conversation)
             waiting = self._waiters.get(conversation, [])
             if waiter in waiting:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(conversation, None)
 
-    def delivered(self, conversation: str, entries: Sequence[Entry], *, whole: bool) -> bool:
+    def delivered(self, conversation: str, entries: Sequence[Entry], *, whole: bool, home: bool = True) -> bool:
         """A step committed here wrote ``entries`` to ``conversation``'s reply stream.
 
         ``whole``: the stream held nothing before them, so a waiter may take
         them as if it had read them. Otherwise its waiters must read. Returns
         whether a waiter had to be told to read (the caller then :meth:`nudge`s).
+        ``home``: the conversation was opened here. Only then is news that
+        nobody waits for yet remembered (a wait for any other reads at once).
         """
-        waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
-        if not waiting:
-            self._stir(conversation)  # its next waiter reads at once
-            return False
         if whole:
+            waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+            if not waiting and home:
+                self._stir(conversation)  # its next waiter reads at once
             for waiter in waiting:
                 mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                 if mine:
                     waiter.arrived.set_result(mine)
             return False
+        return self._told(conversation, self._reads + 1, home)  # a read issued from now on holds the entries
+
+    def _told(self, conversation: str, holding: int, home: bool = True) -> bool:
+        """``conversation`` has news that read number ``holding`` and later ones hold: its waiters read;
+        nobody waits: its next waiter reads at once. Whether a waiter was told."""
+        waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+        if not waiting:
+            if home:
+                self._stir(conversation)
+            return False
         for waiter in waiting:
             waiter.joins_at = 0.0
+            waiter.told = max(waiter.told, holding)
         return True
 
     async def nudge(self) -> None:
@@ -217,7 +236,7 @@ class ReplyWatcher:
             start = self._window % windows * MAX_STREAMS_PER_READ
             self._window += 1
             wanted = {
-                conversation: min(waiter.after for waiter in self._waiters[conversation])
+                conversation: min((waiter.after for waiter in self._waiters[conversation]), key=_id_key)
                 for conversation in included[start : start + MAX_STREAMS_PER_READ]
             }
             block_ms = max(10, min(int(BLOCK_SECONDS * 1000 / windows), int((next_join - now) * 1000) + 1))
@@ -242,13 +261,16 @@ class ReplyWatcher:
             if opened == self._inbox_opened:
                 self._inbox_after = found.inbox_after
             for conversation in found.notices:
-                self.delivered(conversation, (), whole=False)  # its waiters join the next read, which is now
+                # its waiters join the next read, which is now; this read holds the reply too if it read the
+                # stream (the commit wrote the reply and the notice at once)
+                self._told(conversation, read if conversation in wanted else read + 1)
             for conversation, entries in found.replies.items():
                 for waiter in self._waiters.get(conversation, []):
                     if waiter.first_read > read:
                         continue  # it came after this read was issued: the next read is its own
                     mine = [entry for entry in entries if _after(entry[0], waiter.after)]
                     if mine and not waiter.arrived.done():
+                        waiter.answered_by = read
                         waiter.arrived.set_result(mine)
 
 
@@ -258,9 +280,11 @@ def _answer_nothing(arrived: asyncio.Future[list[Entry]]) -> None:
         arrived.set_result([])
 
 
-def _after(entry_id: bytes, after: bytes) -> bool:
-    def key(value: bytes) -> tuple[int, int]:
-        milliseconds, _, sequence = value.partition(b"-")
-        return int(milliseconds), int(sequence or 0)
+def _id_key(value: bytes) -> tuple[int, int]:
+    """A stream entry id as it orders: numbers, not bytes (b"7-10" comes after b"7-9")."""
+    milliseconds, _, sequence = value.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
 
-    return key(entry_id) > key(after)
+
+def _after(entry_id: bytes, after: bytes) -> bool:
+    return _id_key(entry_id) > _id_key(after)

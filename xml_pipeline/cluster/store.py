@@ -456,6 +456,7 @@ class ClusterStore:
         # Hops are read as Redis answers them: the client's own parsing of each entry into a dict cost more
         # than reading the hop itself. Nothing else reads a group on this client.
         self.client.set_response_callback("XREADGROUP", _as_answered)
+        self.client.set_response_callback("XREAD", _as_answered)  # reply streams and inboxes: as Redis answers
         self._commit = self.client.register_script(_COMMIT)
         self._commits: Batcher[list[bytes], tuple[int, Committed]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
@@ -601,11 +602,18 @@ class ClusterStore:
     async def replies(self, conversation: str, after: bytes) -> list[tuple[bytes, ClientReply | None]]:
         """Reply entries after ``after`` (without waiting): (id, reply), with None for the end marker."""
         answer: Any = await self.client.xread({self.keys.replies(conversation): after})
-        return [item for _, rows in answer or [] for entry_id, fields in rows for item in _entry(entry_id, fields)]
+        return [
+            item
+            for _, rows in _per_stream(answer)
+            for entry_id, fields in rows
+            for item in _entry(entry_id, _pairs(fields))
+        ]
 
     def dedicated_client(self) -> aioredis.Redis:
         """A client that keeps one connection of the pool, so its CLIENT ID can be unblocked."""
-        return aioredis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
+        client = aioredis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
+        client.set_response_callback("XREAD", _as_answered)  # read as Redis answers, in either protocol
+        return client
 
     async def replies_of(
         self, wanted: dict[str, bytes], block_ms: int, client: aioredis.Redis, inbox_after: bytes | None = None
@@ -619,14 +627,14 @@ class ClusterStore:
         answer: Any = await client.xread(streams, block=block_ms)  # type: ignore[arg-type]
         read = RepliesRead({}, [], inbox_after)
         prefix = self.keys.replies("")
-        for stream, rows in answer or []:
+        for stream, rows in _per_stream(answer):
             name = stream.decode()
             if name == inbox:
-                read.notices.extend(fields[b"c"].decode() for _, fields in rows if b"c" in fields)
+                read.notices.extend(_pairs(fields)[b"c"].decode() for _, fields in rows if b"c" in fields[::2])
                 read.inbox_after = rows[-1][0] if rows else inbox_after
             else:
                 read.replies[name.removeprefix(prefix)] = [
-                    item for entry_id, fields in rows for item in _entry(entry_id, fields)
+                    item for entry_id, fields in rows for item in _entry(entry_id, _pairs(fields))
                 ]
         return read
 
@@ -716,6 +724,11 @@ def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> list[tuple[bytes, Cli
 
 def _as_answered(response: Any, **options: Any) -> Any:
     return response
+
+
+def _pairs(fields: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields as Redis answers them (name, value, ...), as a dict."""
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _per_stream(answer: Any) -> Any:
