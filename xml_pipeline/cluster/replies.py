@@ -47,7 +47,8 @@ MAX_STREAMS_PER_READ = 1000
 HOME_GRACE_SECONDS = 1.0
 """How long a wait for a conversation opened here relies on being told of news before it reads anyway."""
 STIRRED_REMEMBERED = 65_536
-"""Conversations remembered at most as having news nobody waited for yet (a forgotten one is read at once)."""
+"""Conversations opened here remembered at most as having news nobody waited for yet; the wait for a forgotten
+one relies on news to come, and reads after its grace."""
 
 Entry = tuple[bytes, ClientReply | None]
 
