@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -476,15 +476,8 @@ class DurableEngine:
             raise _MaybeStored(thread) from exc
         return hop
 
-    @contextlib.contextmanager
-    def _storing_here(self, conversation: str) -> Iterator[None]:
-        self._storing[conversation] = self._storing.get(conversation, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._storing.pop(conversation) - 1
-            if left:
-                self._storing[conversation] = left
+    def _storing_here(self, conversation: str) -> _Storing:
+        return _Storing(self._storing, conversation)
 
     def refuse(self, code: ErrorCode, detail: str) -> Refused:
         """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
@@ -859,3 +852,22 @@ def _this_task() -> asyncio.Task[Any]:
     if task is None:  # a handler is always called from a task of the engine's group
         raise RuntimeError("a handler's call must run in a task")
     return task
+
+
+class _Storing:
+    """Counts ``conversation`` as being stored here while the block runs (a class: it is on the door's path, where a
+    generator-based context manager cost more than the count itself)."""
+
+    __slots__ = ("_conversation", "_counts")
+
+    def __init__(self, counts: dict[str, int], conversation: str) -> None:
+        self._counts = counts
+        self._conversation = conversation
+
+    def __enter__(self) -> None:
+        self._counts[self._conversation] = self._counts.get(self._conversation, 0) + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        left = self._counts.pop(self._conversation) - 1
+        if left:
+            self._counts[self._conversation] = left
