@@ -56,11 +56,6 @@ class Hop:
         ]  # fmt: skip
 
     @classmethod
-    def from_flat(cls, fields: list[bytes]) -> Hop:
-        """From XADD's field/value pairs as Redis answers them."""
-        return cls.from_fields(dict(zip(fields[::2], fields[1::2], strict=True)))
-
-    @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Hop:
         return cls(
             conversation=fields[b"conv"].decode(),

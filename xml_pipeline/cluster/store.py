@@ -559,7 +559,7 @@ class ClusterStore:
         for stream, entries in _per_stream(answer):
             listener = stream.decode().removeprefix(prefix)
             for entry_id, fields in entries:
-                found.append((listener, entry_id, Hop.from_flat(fields)))
+                found.append((listener, entry_id, Hop.from_fields(_pairs(fields))))
         return found
 
     async def pending(self, listener: str, min_idle_ms: int, count: int) -> list[PendingEntry]:
@@ -602,12 +602,7 @@ class ClusterStore:
     async def replies(self, conversation: str, after: bytes) -> list[tuple[bytes, ClientReply | None]]:
         """Reply entries after ``after`` (without waiting): (id, reply), with None for the end marker."""
         answer: Any = await self.client.xread({self.keys.replies(conversation): after})
-        return [
-            item
-            for _, rows in _per_stream(answer)
-            for entry_id, fields in rows
-            for item in _entry(entry_id, _pairs(fields))
-        ]
+        return [item for _, rows in _per_stream(answer) for item in _entries(rows)]
 
     def dedicated_client(self) -> aioredis.Redis:
         """A client that keeps one connection of the pool, so its CLIENT ID can be unblocked."""
@@ -630,12 +625,11 @@ class ClusterStore:
         for stream, rows in _per_stream(answer):
             name = stream.decode()
             if name == inbox:
-                read.notices.extend(_pairs(fields)[b"c"].decode() for _, fields in rows if b"c" in fields[::2])
+                notices = (_pairs(fields).get(b"c") for _, fields in rows)
+                read.notices.extend(notice.decode() for notice in notices if notice is not None)
                 read.inbox_after = rows[-1][0] if rows else inbox_after
             else:
-                read.replies[name.removeprefix(prefix)] = [
-                    item for entry_id, fields in rows for item in _entry(entry_id, _pairs(fields))
-                ]
+                read.replies[name.removeprefix(prefix)] = _entries(rows)
         return read
 
     async def open_inbox(self, ttl_seconds: int) -> bytes:
@@ -707,6 +701,11 @@ class ClusterStore:
     async def close(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+def _entries(rows: list[Any]) -> list[tuple[bytes, ClientReply | None]]:
+    """A reply stream's rows, as Redis answers them, as (id, reply) items (see :func:`_entry`)."""
+    return [item for entry_id, fields in rows for item in _entry(entry_id, _pairs(fields))]
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> list[tuple[bytes, ClientReply | None]]:
