@@ -142,7 +142,7 @@ class ReplyWatcher:
         self._waiters.setdefault(conversation, []).append(waiter)
         self._someone_waits.set()
         if not expects_news:
-            await self._nudge()
+            await self.nudge()
         expiry = asyncio.get_running_loop().call_later(timeout, _answer_nothing, waiter.arrived)
         try:
             return await waiter.arrived
@@ -166,20 +166,18 @@ class ReplyWatcher:
         nobody waits for yet remembered (a wait for any other reads at once).
         """
         if whole:
-            waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+            waiting = self._pending(conversation)
             if not waiting and home:
                 self._stir(conversation)  # its next waiter reads at once
             for waiter in waiting:
-                mine = [entry for entry in entries if _after(entry[0], waiter.after)]
-                if mine:
-                    waiter.arrived.set_result(mine)
+                _answer(waiter, entries)
             return False
         return self._told(conversation, self._reads + 1, home)  # a read issued from now on holds the entries
 
     def _told(self, conversation: str, holding: int, home: bool = True) -> bool:
         """``conversation`` has news that read number ``holding`` and later ones hold: its waiters read;
         nobody waits: its next waiter reads at once. Whether a waiter was told."""
-        waiting = [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
+        waiting = self._pending(conversation)
         if not waiting:
             if home:
                 self._stir(conversation)
@@ -189,9 +187,9 @@ class ReplyWatcher:
             waiter.told = max(waiter.told, holding)
         return True
 
-    async def nudge(self) -> None:
-        """Waiters were told to read: start the next read now rather than when the one in progress ends."""
-        await self._nudge()
+    def _pending(self, conversation: str) -> list[_Waiter]:
+        """``conversation``'s waiters not answered yet."""
+        return [waiter for waiter in self._waiters.get(conversation, ()) if not waiter.arrived.done()]
 
     def _stir(self, conversation: str) -> None:
         self._stirred[conversation] = None
@@ -199,8 +197,9 @@ class ReplyWatcher:
         while len(self._stirred) > STIRRED_REMEMBERED:
             self._stirred.popitem(last=False)
 
-    async def _nudge(self) -> None:
-        """Interrupt the read in progress (once per read), so that it starts again with the new streams."""
+    async def nudge(self) -> None:
+        """Interrupt the read in progress (once per read), so that it starts again with the new streams: waiters
+        were told to read, or joined, and should not wait for the read in progress to end."""
         if not self._reading or self._nudged or self._reader_id is None:
             return
         self._nudged = True
@@ -269,10 +268,16 @@ class ReplyWatcher:
                 for waiter in self._waiters.get(conversation, []):
                     if waiter.first_read > read:
                         continue  # it came after this read was issued: the next read is its own
-                    mine = [entry for entry in entries if _after(entry[0], waiter.after)]
-                    if mine and not waiter.arrived.done():
+                    if not waiter.arrived.done() and _answer(waiter, entries):
                         waiter.answered_by = read
-                        waiter.arrived.set_result(mine)
+
+
+def _answer(waiter: _Waiter, entries: Sequence[Entry]) -> bool:
+    """Answer ``waiter`` (not answered yet) with the entries it has not seen; whether there were any."""
+    mine = [entry for entry in entries if _after(entry[0], waiter.after)]
+    if mine:
+        waiter.arrived.set_result(mine)
+    return bool(mine)
 
 
 def _answer_nothing(arrived: asyncio.Future[list[Entry]]) -> None:
