@@ -263,13 +263,7 @@ class DurableEngine:
         hop, effects = self._router.opening(initiator, target, fresh, payload_xml)
         self._keep_decoded(effects)
         try:
-            with self._storing_here(hop.conversation):
-                await self.store.commit(
-                    hop.conversation,
-                    effects,
-                    opening=(initiator, target.name, -1),
-                )
-                self._opened_here.note(hop.conversation, None)  # its caller waits here
+            await self._store_opened(hop.conversation, effects, None, opening=(initiator, target.name, -1))
         except (RedisError, OSError) as exc:
             return Failure(ErrorCode.BACKEND_UNAVAILABLE, f"redis is unreachable: {exc}")
         return hop.conversation
@@ -452,11 +446,7 @@ class DurableEngine:
         self, hop: Hop, effects: Effects, cap: tuple[str, str, int], access: ClientAccess, unless_live: str
     ) -> Hop:
         try:
-            with self._storing_here(hop.conversation):
-                await self.store.commit(
-                    hop.conversation, effects, opening=cap, owner=access.identity, unless_live=unless_live
-                )
-                self._opened_here.note(hop.conversation, access.identity)
+            await self._store_opened(hop.conversation, effects, access.identity, opening=cap, unless_live=unless_live)
         except RedisTimeoutError as exc:
             raise _MaybeStored(hop.conversation) from exc
         return hop
@@ -467,17 +457,19 @@ class DurableEngine:
         hop, effects = self._router.continuing(sender, target, thread, admitted.payload, admitted.payload_xml)
         self._keep_decoded(effects)
         try:
-            with self._storing_here(thread):
-                await self.store.commit(thread, effects, opening=cap, owner=access.identity, continues=hop.thread)
-                self._opened_here.note(thread, access.identity)  # stored, and its owner matched
+            await self._store_opened(thread, effects, access.identity, opening=cap, continues=hop.thread)
         except NotLive:
             return None
         except RedisTimeoutError as exc:
             raise _MaybeStored(thread) from exc
         return hop
 
-    def _storing_here(self, conversation: str) -> _Storing:
-        return _Storing(self._storing, conversation)
+    async def _store_opened(self, conversation: str, effects: Effects, owner: str | None, **options: Any) -> None:
+        """Commit a message this daemon stores for its client (or a primitive's run), and remember the
+        conversation as opened here once stored (its owner matched): its replies are awaited here."""
+        with _Storing(self._storing, conversation):
+            await self.store.commit(conversation, effects, owner=owner, **options)
+            self._opened_here.note(conversation, owner)
 
     def refuse(self, code: ErrorCode, detail: str) -> Refused:
         """Refuse a message the door could not even read (too large, too slow): the same SystemError and log line."""
