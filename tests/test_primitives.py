@@ -364,6 +364,19 @@ class Outer:
     nested: Nested
 
 
+def calls_to(monkeypatch: pytest.MonkeyPatch, owner: object, method: str) -> list[object]:
+    """The argument of every call of ``owner.method`` from now on, which still does what it did."""
+    calls: list[object] = []
+    original = getattr(owner, method)
+
+    def counted(argument: Any) -> Any:
+        calls.append(argument)
+        return original(argument)
+
+    monkeypatch.setattr(owner, method, counted)
+    return calls
+
+
 async def nested_echo(payload: Outer, metadata: HandlerMetadata) -> HandlerResponse:
     return HandlerResponse.respond(Count(payload.nested.middle.leaf.value))
 
@@ -371,15 +384,7 @@ async def nested_echo(payload: Outer, metadata: HandlerMetadata) -> HandlerRespo
 async def test_buffer_items_are_checked_against_the_targets_schema_once(
     pump: Pump, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    codec = codec_for(Count)
-    checks: list[object] = []
-    validate = codec.validate
-
-    def counted(element: Any) -> str | None:
-        checks.append(element)
-        return validate(element)
-
-    monkeypatch.setattr(codec, "validate", counted)
+    checks = calls_to(monkeypatch, codec_for(Count), "validate")
     items = [xml(Count(i)) for i in range(5)]
     result = (await ask(pump, BufferStart(target="add1", items=items), to="system.buffer")).payload
     assert len(checks) == 5 + 5  # each item on its way out, each answer on its way back: never twice
@@ -402,15 +407,7 @@ async def test_a_checked_buffer_item_is_still_held_to_the_depth_bound_of_an_outg
 async def test_a_primitives_outcome_is_written_and_checked_but_not_decoded_again(
     pump: Pump, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    codec = codec_for(BufferComplete)
-    decoded: list[object] = []
-    from_element = codec.from_element
-
-    def counted(element: Any) -> BufferComplete:
-        decoded.append(element)
-        return from_element(element)
-
-    monkeypatch.setattr(codec, "from_element", counted)
+    decoded = calls_to(monkeypatch, codec_for(BufferComplete), "from_element")
     reply = await ask(pump, BufferStart(target="add1", items=[xml(Count(1))]), to="system.buffer")
     assert isinstance(reply.payload, BufferComplete)
     assert decoded == []  # the buffer made it and keeps nothing of it: the client gets it without a copy
