@@ -26,7 +26,7 @@ from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Refused
-from xml_pipeline.message_bus.thread_registry import new_thread_id
+from xml_pipeline.message_bus.thread_registry import ThreadRecord, chain_key, new_thread_id
 from xml_pipeline.organism import Listener, Organism, PumpLimits
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
@@ -668,6 +668,36 @@ async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl
     rest = await engine.collect(first.thread, "end", 10)
     assert rest is not None
     assert rest.ended
+
+
+async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_finds_them(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """A durable conversation keeps its threads' registrations in its hash: its own thread has no registry key,
+    a hop's thread one (for lookups by thread) instead of two. The registry (the reference's API, on the same
+    Redis) still finds each by thread and by chain, lists them, hands out the same thread for a chain it
+    knows, and forgets a thread with its chain."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    conversation = first.thread
+    [slot] = engine.buffer.get_thread(conversation)
+    hop_thread = slot.hop_thread
+    client, prefix = engine.store.client, engine.store.keys.prefix
+    assert [key async for key in client.scan_iter(match=f"{prefix}reg:*")] == [f"{prefix}reg:u:{hop_thread}".encode()]
+    registry = engine.registry
+    assert registry.lookup_record(conversation) == ThreadRecord(conversation, ("console",))
+    assert registry.lookup_record(hop_thread) == ThreadRecord(conversation, ("console", "gate"))
+    assert registry.get_or_create(("console", "gate"), conversation) == hop_thread
+    assert registry.get_or_create(("console",), conversation) == conversation
+    assert registry.debug_dump() == {conversation: "console", hop_thread: "console.gate"}
+    assert registry.cleanup(hop_thread)
+    assert registry.lookup(hop_thread) is None
+    assert engine.backend.registry_get_uuid(chain_key(conversation, ("console", "gate"))) is None
+    gate.opened.set()
+    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
+    left = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
+    assert left == []
 
 
 async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:

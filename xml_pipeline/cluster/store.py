@@ -6,8 +6,11 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}s:{listener}          STREAM  hops waiting for or being handled by ``listener``
     {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed), owner (the
                                           identity of the client that opened it, with tokens only), opener
-                                          (the daemon whose door stored its latest client message), and one
-                                          field per registry key of its threads, to delete at the end
+                                          (the daemon whose door stored its latest client message), and its
+                                          threads: ``/{chain}`` -> thread (the chain's registration, the
+                                          chain key after the conversation's id), ``#{thread}`` for each
+                                          thread whose ``reg:u`` key it wrote, to delete at the end; its own
+                                          thread (the conversation's id) needs neither
     {prefix}r:{conversation}      STREAM  replies for the client, then the end (an entry of its own, or
                                           the last reply's ``end`` field when one step wrote both)
     {prefix}r-owner:{conv}        STRING  after the end, the owner, kept as long as the replies
@@ -81,7 +84,8 @@ _COMMIT = """
 --   unless live (when opening: a conversation id; if it is live, this initiator's and this owner's, nothing
 --   is written and the answer is 4, so that the client continues it instead; '' for none), then the ops:
 --   x stream n field value ... (a number as value: that blob) | y envelope-blob type payload-offset |
---   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) | r chain uuid |
+--   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) |
+--   r chain-key uuid (the chain key starts with the conversation's id and '/') |
 --   q n field value ...
 -- Answers per commit, in order: written, ended, fresh, n, then the ids of the n reply-stream entries it wrote;
 -- fresh is 1 when the reply stream held nothing before them (so they are all of it). Written is 1, 0 (the
@@ -92,13 +96,15 @@ _COMMIT = """
 --
 -- A live conversation's state has no TTL: it lasts exactly as long as the conversation, which the pending
 -- count ends (a hop is always committed or dead-lettered). A TTL could only expire the state of a
--- conversation whose hop waits in a long backlog. Its hash holds, besides initiator, pending and owner,
--- one field per registry key it wrote (named by the key itself), so the end deletes them in one UNLINK.
+-- conversation whose hop waits in a long backlog. Its hash holds, besides initiator, pending and owner, the
+-- registrations of its threads (the registry's layout, redis_backend, reads them there), so that a thread
+-- costs one registry key (for lookups by thread) instead of two, and the end deletes them in one UNLINK.
 --
 -- A conversation's replies are waited for on the daemon that opened it (its door stored the client's
 -- message); a step committed on another daemon tells that one, in its inbox, which conversation has news.
 -- A daemon's inbox lives only while the daemon does (NOMKSTREAM: a gone daemon's is not made again).
 local prefix, group, retention, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local uuid_prefix = prefix .. 'reg:u:'
 
 local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
@@ -193,17 +199,25 @@ local function commit(c, base)
       i = i + 2
     elseif code == 'p' then
       if not ending then
-        history[#history + 1] = c[i + 1] .. string.sub(ARGV[base + c[i + 2]], c[i + 3], c[i + 4])
+        local blob, from, to = ARGV[base + c[i + 2]], c[i + 3], c[i + 4]
+        -- A hop's blob is its payload: cutting it whole would still hash its every byte again (Redis's Lua
+        -- hashes all of a string it makes), only to find the same string.
+        if from ~= 1 or to ~= #blob then blob = string.sub(blob, from, to) end
+        history[#history + 1] = c[i + 1] .. blob
       end
       i = i + 5
     elseif code == 'r' then
-      if not ending then
-        local chain_key, uuid_key = prefix .. 'reg:c:' .. c[i + 1], prefix .. 'reg:u:' .. c[i + 2]
+      -- The conversation's own thread (its id) needs nothing: its hash is its registration. Any other
+      -- thread: its chain (after the conversation's id) names it in the hash, and a registry key names its
+      -- chain, for lookups by thread; the hash also names that key's thread, so the end deletes the key
+      -- even after a later thread took the chain over.
+      local uuid = c[i + 2]
+      if not ending and uuid ~= conv then
         local n = #registered
-        registered[n + 1], registered[n + 2] = chain_key, c[i + 2]
-        registered[n + 3], registered[n + 4] = uuid_key, c[i + 1]
+        registered[n + 1], registered[n + 2] = uuid_prefix .. uuid, c[i + 1]
         n = #named
-        named[n + 1], named[n + 2], named[n + 3], named[n + 4] = chain_key, '', uuid_key, ''
+        named[n + 1], named[n + 2] = string.sub(c[i + 1], #conv + 1), uuid
+        named[n + 3], named[n + 4] = '#' .. uuid, ''
       end
       i = i + 3
     else
@@ -233,15 +247,14 @@ local function commit(c, base)
   end
   local state = redis.call('HGETALL', conv_key)
   local keys, keep_owner, opener = {conv_key, history_key}, '', ''
-  local registry = prefix .. 'reg:'
   for k = 1, #state, 2 do
     local name = state[k]
     if name == 'owner' then
       keep_owner = state[k + 1]
     elseif name == 'opener' then
       opener = state[k + 1]
-    elseif string.sub(name, 1, #registry) == registry then
-      keys[#keys + 1] = name
+    elseif string.byte(name, 1) == 35 then  -- '#': a thread whose registry key this conversation wrote
+      keys[#keys + 1] = uuid_prefix .. string.sub(name, 2)
     end
   end
   -- In slices: however many threads it had, never more values than one unpack takes (about 8,000).

@@ -8,6 +8,17 @@ share a server and a prefix can be wiped with ``SCAN`` + ``UNLINK``:
     {prefix}reg:c:{chain key}   STRING thread UUID of a chain
     {prefix}reg:u:{uuid}        STRING chain key of a UUID
     {prefix}rec:{kind}:{id}     HASH orchestration state (buffers, sequences)
+    {prefix}conv:{conversation} HASH a live conversation of the durable engine (see
+                                :mod:`xml_pipeline.cluster.store`), which holds its threads'
+                                registrations itself: ``/{chain}`` -> UUID (the chain key
+                                after the conversation's id), and its own thread (the
+                                conversation's id) stands for the chain of its ``initiator``
+
+A durable conversation's other threads still have their ``reg:u`` keys (a
+lookup by UUID has nothing else to go by), but no ``reg:c`` keys, and its own
+thread has neither: two keys fewer to write and delete for every thread, and
+four for a conversation of one hop. Reads by chain or by UUID look in the
+conversation's hash when the key is not there.
 
 Every write (thread registered or forgotten, slot appended, history deleted)
 runs inside one Lua script that takes a whole batch of them (see
@@ -131,6 +142,14 @@ while i <= n do
       if redis.call('GET', chain_key) == uuid then
         redis.call('UNLINK', chain_key)
       end
+      -- A durable conversation's thread: its chain is a field of the conversation's hash (see the layout).
+      local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
+      if conv then
+        local conv_key = prefix .. 'conv:' .. conv
+        if redis.call('HGET', conv_key, rest) == uuid then
+          redis.call('HDEL', conv_key, rest)
+        end
+      end
       result = 1
     end
     results[#results + 1] = result
@@ -151,8 +170,16 @@ return results
 """
 
 _GET_OR_SET = """
+-- KEYS: the chain's key, the UUID's key, the hash of the conversation the chain key names (see _CHAIN_THREAD);
+-- ARGV: uuid, chain, ttl, the registry's UUID key prefix, the chain after the conversation's id ('' if none),
+-- the conversation's id.
 local ttl = tonumber(ARGV[3])
 local existing = redis.call('GET', KEYS[1])
+if not existing and ARGV[5] ~= '' then
+  local found = redis.call('HMGET', KEYS[3], ARGV[5], 'initiator')
+  if found[1] then return found[1] end
+  if found[2] and '/' .. found[2] == ARGV[5] then return ARGV[6] end
+end
 if existing then
   if ttl > 0 and redis.call('TTL', KEYS[1]) > 0 then  -- a key kept without a TTL (see _REFRESH) stays so
     redis.call('EXPIRE', KEYS[1], ttl)
@@ -171,13 +198,44 @@ return ARGV[1]
 """
 
 
+_CHAIN_THREAD = """
+-- The UUID of a chain. KEYS: the chain's registry key, and the hash of the durable conversation its key names
+-- (the part before the first '/'; a key of the reference's dotted API names none, and the hash is not there).
+-- ARGV: ttl, the chain key after the conversation's id (from its '/'), the conversation's id. A durable
+-- conversation keeps its chains in its hash (see the layout), its own thread being its initiator's chain.
+local uuid = redis.call('GET', KEYS[1])
+if uuid then
+  if tonumber(ARGV[1]) > 0 and redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+  return uuid
+end
+if ARGV[2] == '' then return false end
+local found = redis.call('HMGET', KEYS[2], ARGV[2], 'initiator')
+if found[1] then return found[1] end
+if found[2] and '/' .. found[2] == ARGV[2] then return ARGV[3] end
+return false
+"""
+
+
+_THREAD_CHAIN = """
+-- The chain key of a UUID. KEYS: its registry key, and the hash of the durable conversation it would be the
+-- own thread of; ARGV: ttl, the UUID. Such a thread has no key: its conversation's hash stands for it.
+local chain = redis.call('GET', KEYS[1])
+if chain then
+  if tonumber(ARGV[1]) > 0 and redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+  return chain
+end
+local initiator = redis.call('HGET', KEYS[2], 'initiator')
+if initiator then return ARGV[2] .. '/' .. initiator end
+return false
+"""
+
+
 _REFRESH = """
--- KEYS: one key; ARGV: ttl, and what to read: 'get' (a string's value) or 'list' (a list's items). A read
--- refreshes the TTL of what it reads only when it has one: the durable engine keeps a live conversation's
--- history and thread registrations without a TTL (its end deletes them), and a handler's look at them must
--- not make them expire.
-local value
-if ARGV[2] == 'list' then value = redis.call('LRANGE', KEYS[1], 0, -1) else value = redis.call('GET', KEYS[1]) end
+-- KEYS: a history list; ARGV: ttl. A read refreshes the TTL of what it reads only when it has one (so do the
+-- registry's reads, _CHAIN_THREAD and _THREAD_CHAIN): the durable engine keeps a live conversation's history
+-- and thread registrations without a TTL (its end deletes them), and a handler's look at them must not make
+-- them expire.
+local value = redis.call('LRANGE', KEYS[1], 0, -1)
 if redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return value
 """
@@ -224,6 +282,8 @@ class RedisBackend:
         self._apply = self._client.register_script(_APPLY)
         self._get_or_set = self._client.register_script(_GET_OR_SET)
         self._refresh = self._client.register_script(_REFRESH)
+        self._chain_thread = self._client.register_script(_CHAIN_THREAD)
+        self._thread_chain = self._client.register_script(_THREAD_CHAIN)
         self.circuit = Circuit(retry_after=fail_fast_seconds)
 
     @classmethod
@@ -244,17 +304,13 @@ class RedisBackend:
     def _uuid_key(self, uuid: str) -> str:
         return f"{self.prefix}reg:u:{uuid}"
 
+    def _conversation_key(self, conversation: str) -> str:
+        return f"{self.prefix}conv:{conversation}"
+
     def _touch(self, pipe: Any, key: str) -> None:
         """Refresh ``key``'s TTL in ``pipe``; with ttl 0 keys never expire, so nothing to refresh."""
         if self.ttl > 0:
             pipe.expire(key, self.ttl)
-
-    def _get_touching(self, key: str) -> bytes | None:
-        if self.ttl > 0:  # the TTL refreshed only if it has one (see _REFRESH)
-            result: bytes | None = self._run(self._refresh, keys=[key], args=[self.ttl, "get"])
-        else:
-            result = self._run(self._client.get, key)
-        return result
 
     def _run(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
         with self._answering():
@@ -367,7 +423,7 @@ class RedisBackend:
     def buffer_get_thread(self, thread_id: str) -> list[bytes]:
         key = self._buffer_key(thread_id)
         if self.ttl > 0:  # the TTL refreshed only if it has one (see _REFRESH)
-            slots = self._run(self._refresh, keys=[key], args=[self.ttl, "list"])
+            slots = self._run(self._refresh, keys=[key], args=[self.ttl])
         else:
             slots = self._run(self._client.lrange, key, 0, -1)
         return list(slots)
@@ -400,16 +456,21 @@ class RedisBackend:
         self._apply_one(RegisterThread(chain, uuid))
 
     def registry_get_or_set(self, chain: str, uuid: str) -> str:
-        keys = [self._chain_key(chain), self._uuid_key(uuid)]
-        result = self._run(self._get_or_set, keys=keys, args=[uuid, chain, self.ttl, self._uuid_key("")])
+        conversation, rest = _conversation_of(chain)
+        keys = [self._chain_key(chain), self._uuid_key(uuid), self._conversation_key(conversation)]
+        args = [uuid, chain, self.ttl, self._uuid_key(""), rest, conversation]
+        result = self._run(self._get_or_set, keys=keys, args=args)
         return result.decode() if isinstance(result, bytes) else str(result)
 
     def registry_get_uuid(self, chain: str) -> str | None:
-        result = self._get_touching(self._chain_key(chain))
+        conversation, rest = _conversation_of(chain)
+        keys = [self._chain_key(chain), self._conversation_key(conversation)]
+        result = self._run(self._chain_thread, keys=keys, args=[self.ttl, rest, conversation])
         return result.decode() if result is not None else None
 
     def registry_get_chain(self, uuid: str) -> str | None:
-        result = self._get_touching(self._uuid_key(uuid))
+        keys = [self._uuid_key(uuid), self._conversation_key(uuid)]
+        result = self._run(self._thread_chain, keys=keys, args=[self.ttl, uuid])
         return result.decode() if result is not None else None
 
     def registry_delete(self, uuid: str) -> bool:
@@ -424,6 +485,20 @@ class RedisBackend:
             for key, chain in zip(batch, self._run(self._client.mget, batch), strict=True):
                 if chain is not None:  # expired between SCAN and MGET
                     found[key.decode()[start:]] = chain.decode()
+        # The own threads of durable conversations, which their hashes stand for.
+        conversations = list(self._scan(self._conversation_key("*")))
+        start = len(self._conversation_key(""))
+        for offset in range(0, len(conversations), SCAN_BATCH):
+            batch = conversations[offset : offset + SCAN_BATCH]
+            with self._answering():
+                pipe = self._client.pipeline(transaction=False)
+                for key in batch:
+                    pipe.hget(key, "initiator")
+                initiators = pipe.execute()
+            for key, initiator in zip(batch, initiators, strict=True):
+                if initiator is not None:  # ended between SCAN and HGET
+                    conversation = key.decode()[start:]
+                    found[conversation] = f"{conversation}/{initiator.decode()}"
         return found
 
     def registry_clear(self) -> None:
@@ -495,6 +570,13 @@ class RedisBackend:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _conversation_of(chain: str) -> tuple[str, str]:
+    """A chain key as the conversation it names and the rest from its ``/``; ``("", "")`` for a key that names
+    none (the reference's dotted keys, and the shared namespace's)."""
+    conversation, slash, rest = chain.partition("/")
+    return (conversation, slash + rest) if conversation and slash else ("", "")
 
 
 def glob_under(prefix: str, pattern: str) -> str:
