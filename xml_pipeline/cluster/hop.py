@@ -28,8 +28,13 @@ class Hop:
     decoded: Any = field(default=None, compare=False, repr=False)
     """The payload as the daemon that made this hop decoded it; never stored (see :mod:`.decoded`)."""
 
-    FIELD_NAMES: ClassVar[tuple[str, ...]] = ("conv", "chain", "threads", "from", "type", "payload", "trace")
-    """The names of :meth:`fields`, in order."""
+    FIELD_NAMES: ClassVar[tuple[str, ...]] = ("h", "payload")
+    """The names of :meth:`fields`, in order: everything but the payload in one field, ``h``, because each
+    field of an entry costs Redis work on every write and read (the names below in order, one per line)."""
+
+    HEADER_NAMES: ClassVar[tuple[str, ...]] = ("conv", "chain", "threads", "from", "type", "trace")
+    """What ``h`` holds, a line each (no name, chain, thread, type or trace reference contains a newline),
+    and the fields of an entry written before ``h`` (one each), which are still read."""
 
     @property
     def thread(self) -> str:
@@ -45,24 +50,34 @@ class Hop:
 
     def fields(self) -> list[bytes | str]:
         """Flat field/value pairs for XADD."""
-        return [
-            "conv", self.conversation,
-            "chain", _SEP.join(self.chain),
-            "threads", _SEP.join(self.threads),
-            "from", self.sender,
-            "type", self.payload_type,
-            "payload", self.payload_xml,
-            "trace", self.trace,
-        ]  # fmt: skip
+        header = "\n".join(
+            (
+                self.conversation,
+                _SEP.join(self.chain),
+                _SEP.join(self.threads),
+                self.sender,
+                self.payload_type,
+                self.trace,
+            )
+        )
+        return ["h", header, "payload", self.payload_xml]
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Hop:
+        header = fields.get(b"h")
+        if header is None:  # written by a daemon of an earlier version: still in a stream or the dead letters
+            conversation, chain, threads, sender, payload_type = (
+                fields[name.encode()].decode() for name in cls.HEADER_NAMES[:-1]
+            )
+            trace = fields.get(b"trace", b"").decode()
+        else:
+            conversation, chain, threads, sender, payload_type, trace = header.decode().split("\n")
         return cls(
-            conversation=fields[b"conv"].decode(),
-            chain=tuple(fields[b"chain"].decode().split(_SEP)),
-            threads=tuple(fields[b"threads"].decode().split(_SEP)),
-            sender=fields[b"from"].decode(),
-            payload_type=fields[b"type"].decode(),
+            conversation=conversation,
+            chain=tuple(chain.split(_SEP)),
+            threads=tuple(threads.split(_SEP)),
+            sender=sender,
+            payload_type=payload_type,
             payload_xml=fields[b"payload"],
-            trace=fields.get(b"trace", b"").decode(),
+            trace=trace,
         )
