@@ -721,6 +721,25 @@ async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_fin
     assert left == []
 
 
+async def test_registry_keys_a_conversation_named_the_earlier_way_are_deleted_at_its_end(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """Daemons before this layout named each registry key of a conversation in its hash (the key's name as the
+    field); a conversation they opened that ends after an upgrade must not leave those keys behind (they have
+    no TTL)."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    client, keys = engine.store.client, engine.store.keys
+    earlier = [f"{keys.prefix}reg:c:{first.thread}/console/gate", f"{keys.prefix}reg:u:{new_thread_id()}"]
+    for key in earlier:
+        await client.set(key, "x")
+    await client.hset(keys.conversation(first.thread), mapping=dict.fromkeys(earlier, ""))
+    gate.opened.set()
+    assert await payloads_collected(engine, first.thread, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
+    assert await client.exists(*earlier) == 0
+
+
 async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:
     """Hops are read in either protocol's shape; so must replies and notices be. With ``protocol=3`` in the
     URL, an XREAD answers a map: taken for a list of pairs, the watcher's read raised ValueError, which ended

@@ -247,6 +247,7 @@ local function commit(c, base)
   end
   local state = redis.call('HGETALL', conv_key)
   local keys, keep_owner, opener = {conv_key, history_key}, '', ''
+  local legacy = prefix .. 'reg:'
   for k = 1, #state, 2 do
     local name = state[k]
     if name == 'owner' then
@@ -255,6 +256,10 @@ local function commit(c, base)
       opener = state[k + 1]
     elseif string.byte(name, 1) == 35 then  -- '#': a thread whose registry key this conversation wrote
       keys[#keys + 1] = uuid_prefix .. string.sub(name, 2)
+    elseif string.sub(name, 1, #legacy) == legacy then
+      -- A registry key by its name: how daemons before 2026-12-02 kept them, for a conversation they opened
+      -- that ends after an upgrade.
+      keys[#keys + 1] = name
     end
   end
   -- In slices: however many threads it had, never more values than one unpack takes (about 8,000).
