@@ -70,6 +70,32 @@ async def durable_loop(engine: DurableEngine, raw: bytes, count: int, concurrenc
     return count / (time.perf_counter() - started)
 
 
+REFERENCE_SETS = 20_000
+_REFERENCE_VALUE = b"x" * 1024
+
+
+def redis_reference_us(url: str, count: int = REFERENCE_SETS) -> float:
+    """Redis CPU (us) per ``SET`` of 1 KB sent in pipelines of 100: a unit of Redis work on this machine.
+
+    Machines differ by several times in what one Redis core does (the per-hop
+    figure went from 47-54 us to 113-136 us between two machines on the same
+    code), so the per-hop figure is also given in these units, to compare machines by.
+    """
+    client = redis.Redis.from_url(url)
+    try:
+        before = redis_cpu_seconds(url)
+        for start in range(0, count, 100):
+            pipe = client.pipeline(transaction=False)
+            for i in range(start, start + 100):
+                pipe.set(f"bench-reference:{i % 1000}", _REFERENCE_VALUE)
+            pipe.execute()
+        spent = redis_cpu_seconds(url) - before
+        client.unlink(*(f"bench-reference:{i}" for i in range(1000)))
+        return spent * 1e6 / count
+    finally:
+        client.close()
+
+
 def redis_cpu_seconds(url: str) -> float:
     client = redis.Redis.from_url(url)
     try:
@@ -114,6 +140,7 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
                 },
             )
             relayed = await relay_cost(server.url, durable, count, repeats)
+            reference = redis_reference_us(server.url)
         backend.close()
         scaling = await daemon_scaling(server.url, max(count // 4, 100), repeats, daemon_count)
     finally:
@@ -128,7 +155,8 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
     return Result(
         "9. delivery at-least-once (durable engine, Redis Streams) vs the memory and at-most-once Redis pumps",
         f"{versus_memory.subject_figure.text(',.0f')} hops/s; Redis CPU {redis_us_per_hop:.0f} us per hop"
-        f" (accept, commit and reply reads); {daemon_count} daemons / 1: {scaling.ratio.text('.2f')}",
+        f" (accept, commit and reply reads) = {redis_us_per_hop / reference:.1f} pipelined 1 KB SETs"
+        f" ({reference:.2f} us each here); {daemon_count} daemons / 1: {scaling.ratio.text('.2f')}",
         f"memory pump {versus_memory.baseline_figure.text(',.0f')} hops/s; "
         f"at-most-once Redis {versus_redis.baseline_figure.text(',.0f')} hops/s; Redis CPU in conversations of "
         f"{RELAY_HOPS} hops: {per_relayed_hop:.0f} us per hop, {added_hop:.0f} us for each hop past the first",
@@ -139,6 +167,7 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
             "redis_cpu_us_per_hop": redis_us_per_hop,
             "redis_cpu_us_per_conversation_of_3_hops": relayed,
             "redis_cpu_us_per_added_hop": added_hop,
+            "redis_cpu_us_per_reference_set": reference,
         },
     )
 

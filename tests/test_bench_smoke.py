@@ -55,6 +55,9 @@ def test_quick_benchmark_run_reports_paired_medians_with_ranges_and_both_floors(
     assert set(ratios["8."]) == {"tracing on", "OpenTelemetry on"}
     assert set(ratios["9."]) == {"memory", "at-most-once", "daemons"}
     assert results[8]["details"]["redis_cpu_us_per_hop"] > 0
+    assert results[8]["details"]["redis_cpu_us_per_reference_set"] > 0  # the per-hop figure in units of this machine
+    assert "pipelined 1 KB SETs" in results[8]["figure"]
+    assert "x the development machine's" in text  # the machine's speed against where the absolute targets were set
     for paired in (paired for entry in results for paired in entry["ratios"].values()):
         assert len(paired["pairs"]) == repeats
         for pair in paired["pairs"]:
