@@ -21,9 +21,10 @@ from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import BacklogFull, ClusterStore, Effects, StillLive
+from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, StillLive
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.redis_backend import RedisBackend
+from xml_pipeline.message.envelope import MESSAGE_END, envelope_bytes
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Refused
@@ -738,6 +739,57 @@ async def test_registry_keys_a_conversation_named_the_earlier_way_are_deleted_at
     gate.opened.set()
     assert await payloads_collected(engine, first.thread, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
     assert await client.exists(*earlier) == 0
+
+
+async def test_replies_written_before_its_end_are_collected_when_the_hash_does_not_say_so(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """A conversation's hash says whether replies were written while it lived, so that its end need not ask
+    the stream. One opened by an earlier daemon says nothing: its end must then ask, or a waiter here would
+    take the end's entries for all of the stream and miss the reply written before (here by another daemon,
+    which tells no one)."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    client, keys = engine.store.client, engine.store.keys
+    assert await client.hget(keys.conversation(first.thread), "replied") == b"0"
+    await client.hdel(keys.conversation(first.thread), "replied")
+    early = envelope_bytes("elsewhere", "console", first.thread, b"<Pong><text>early</text></Pong>")
+    end = len(early) - len(MESSAGE_END)
+    at = f"{end - len(b'<Pong><text>early</text></Pong>')}:{end}"
+    await client.xadd(keys.replies(first.thread), {"reply": early, "type": "tests.support:Pong", "at": at})
+    gate.opened.set()
+    assert await payloads_collected(engine, first.thread, "end", ended=True) == [
+        b"<Pong><text>early</text></Pong>",
+        b"<Pong><text>slow</text></Pong>",
+    ]
+
+
+async def test_a_reply_written_while_the_conversation_lives_is_collected_with_the_end_committed_here(
+    gated: tuple[DurableEngine, Gate], redis_server: RedisServer
+) -> None:
+    """A step that writes a reply while its conversation lives marks the hash, so that the step that ends it
+    does not take its own entries for all of the stream: a waiter here would then miss a reply this daemon
+    was never handed (here: committed through a store of its own, as by a daemon restarted since)."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    keys = engine.store.keys
+    other = ClusterStore(
+        redis_server.url, keys.prefix, socket_timeout=5, reply_retention=30, daemon_id=engine.store.daemon_id
+    )
+    payload = b"<Pong><text>early</text></Pong>"
+    early = envelope_bytes("echo", "console", first.thread, payload)
+    try:
+        await other.commit(first.thread, Effects(replies=[ClientReply(early, "tests.support:Pong", payload)]))
+    finally:
+        await other.close()
+    assert await engine.store.client.hget(keys.conversation(first.thread), "replied") == b"1"
+    gate.opened.set()
+    assert await payloads_collected(engine, first.thread, "end", ended=True) == [
+        payload,
+        b"<Pong><text>slow</text></Pong>",
+    ]
 
 
 async def test_reply_streams_and_the_inbox_are_read_when_redis_speaks_resp3(redis_server: RedisServer) -> None:

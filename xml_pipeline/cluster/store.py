@@ -6,7 +6,9 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}s:{listener}          STREAM  hops waiting for or being handled by ``listener``
     {prefix}conv:{conversation}   HASH    initiator, pending (hops stored and not yet committed), owner (the
                                           identity of the client that opened it, with tokens only), opener
-                                          (the daemon whose door stored its latest client message), and its
+                                          (the daemon whose door stored its latest client message), replied
+                                          ('0' until a step writes a reply while it lives, so that its end
+                                          knows whether its replies are all of the stream), and its
                                           threads: ``/{chain}`` -> thread (the chain's registration, the
                                           chain key after the conversation's id), ``#{thread}`` for each
                                           thread whose ``reg:u`` key it wrote, to delete at the end; its own
@@ -119,13 +121,25 @@ local function commit(c, base)
     return cap >= 0 and redis.call('XLEN', capped) >= cap
   end
   local pending
+  local state = nil  -- the conversation's hash as HGETALL answers it, read when its end is likely
   local opening = initiator ~= '' and continues == ''
   if stream ~= '' then
     if redis.call('XACK', stream, group, id) == 0 then
       return 0, 0
     end
     redis.call('XDEL', stream, id)
-    pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
+    if hops == 0 then
+      -- A step that sends no hop most often ends its conversation, and its end reads the hash anyway:
+      -- read it first, and count down only if other hops are still pending (then no end to read it for).
+      state = redis.call('HGETALL', conv_key)
+      pending = -1
+      for k = 1, #state, 2 do
+        if state[k] == 'pending' then pending = tonumber(state[k + 1]) - 1 end
+      end
+      if pending > 0 then redis.call('HINCRBY', conv_key, 'pending', -1) end
+    else
+      pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
+    end
   elseif continues ~= '' then
     -- A client's message on its own live conversation: only while it lives, and only its initiator's.
     -- Idempotent as an opening is: a retry finds its mark, which outlives the conversation (the hop it
@@ -165,9 +179,17 @@ local function commit(c, base)
   end
   -- A step that ends its conversation writes no history and no threads: the end deletes them.
   local ending = pending <= 0
+  if ending and not state then state = redis.call('HGETALL', conv_key) end
   local history, registered, named = {}, {}, {}
   local last_reply = nil  -- written after the loop: a step that ends its conversation adds the end to it
   local ids, fresh = {}, nil
+  if state then
+    -- The hash says whether replies were written before (a conversation opened by an earlier daemon
+    -- does not: then the stream's length does).
+    for k = 1, #state, 2 do
+      if state[k] == 'replied' then fresh = state[k + 1] == '0' end
+    end
+  end
   local function add_reply(fields)
     if fresh == nil then fresh = redis.call('XLEN', replies_key) == 0 end
     ids[#ids + 1] = redis.call('XADD', replies_key, '*', unpack(fields))
@@ -224,12 +246,17 @@ local function commit(c, base)
       return redis.error_reply('unknown op ' .. tostring(code))
     end
   end
+  if last_reply and not ending then
+    -- Replies written while it lives: its end cannot take them as all of the stream's.
+    named[#named + 1], named[#named + 2] = 'replied', '1'
+  end
   if opening then
     if owner ~= '' then
-      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, 'owner', owner,
-        unpack(named))
+      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, 'replied', '0',
+        'owner', owner, unpack(named))
     else
-      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, unpack(named))
+      redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, 'replied', '0',
+        unpack(named))
     end
   elseif #named > 0 then
     redis.call('HSET', conv_key, unpack(named))
@@ -245,7 +272,6 @@ local function commit(c, base)
     if #ids > 0 then tell_opener(redis.call('HGET', conv_key, 'opener')) end
     return 1, 0, {fresh and 1 or 0, ids}
   end
-  local state = redis.call('HGETALL', conv_key)
   local keys, keep_owner, opener = {conv_key, history_key}, '', ''
   local legacy = prefix .. 'reg:'
   for k = 1, #state, 2 do
