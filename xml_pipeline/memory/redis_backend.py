@@ -105,16 +105,22 @@ while i <= n do
       redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now)
       appended = true
     end
-    local length = redis.call('LLEN', key)
     local max_slots, max_threads = tonumber(ops[i + 3]), tonumber(ops[i + 4])
-    local result
-    if length == 0 and max_threads >= 0 and redis.call('ZSCORE', index_key, thread) == false
-        and redis.call('ZCARD', index_key) >= max_threads then
-      result = -2
-    elseif length > 0 and max_slots >= 0 and length >= max_slots then
+    -- Pushed first and taken back if over a cap (the script runs alone: nobody sees it), so that the
+    -- common case is one call instead of a length check and the push.
+    local length = redis.call('RPUSH', key, ops[i + 2])
+    local result = length - 1
+    if length == 1 then
+      if max_threads >= 0 and redis.call('ZSCORE', index_key, thread) == false
+          and redis.call('ZCARD', index_key) >= max_threads then
+        redis.call('UNLINK', key)  -- a new thread, one too many: it held only this slot
+        result = -2
+      end
+    elseif max_slots >= 0 and length > max_slots then
+      redis.call('RPOP', key)
       result = -1
-    else
-      result = redis.call('RPUSH', key, ops[i + 2]) - 1
+    end
+    if result >= 0 then
       touch(key)
       redis.call('ZADD', index_key, expires_at, thread)
     end
@@ -123,31 +129,36 @@ while i <= n do
   elseif code == 'r' then
     local chain, uuid = ops[i + 1], ops[i + 2]
     local chain_key = chain_prefix .. chain
-    local previous = redis.call('GET', chain_key)
+    local previous  -- SET ... GET: the write and the look at what it replaces, one call
+    if ttl > 0 then
+      previous = redis.call('SET', chain_key, uuid, 'EX', ttl, 'GET')
+    else
+      previous = redis.call('SET', chain_key, uuid, 'GET')
+    end
     if previous and previous ~= uuid then
       redis.call('UNLINK', uuid_prefix .. previous)
     end
-    set(chain_key, uuid)
     set(uuid_prefix .. uuid, chain)
     results[#results + 1] = 1
     i = i + 3
   elseif code == 'f' then
     local uuid = ops[i + 1]
     local uuid_key = uuid_prefix .. uuid
-    local chain = redis.call('GET', uuid_key)
+    local chain = redis.call('GETDEL', uuid_key)
     local result = 0
     if chain then
-      redis.call('UNLINK', uuid_key)
       local chain_key = chain_prefix .. chain
-      if redis.call('GET', chain_key) == uuid then
+      local current = redis.call('GET', chain_key)
+      if current == uuid then
         redis.call('UNLINK', chain_key)
-      end
-      -- A durable conversation's thread: its chain is a field of the conversation's hash (see the layout).
-      local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
-      if conv then
-        local conv_key = prefix .. 'conv:' .. conv
-        if redis.call('HGET', conv_key, rest) == uuid then
-          redis.call('HDEL', conv_key, rest)
+      elseif not current then
+        -- A durable conversation's thread: its chain is a field of the conversation's hash (see the layout).
+        local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
+        if conv then
+          local conv_key = prefix .. 'conv:' .. conv
+          if redis.call('HGET', conv_key, rest) == uuid then
+            redis.call('HDEL', conv_key, rest)
+          end
         end
       end
       result = 1
