@@ -59,6 +59,8 @@ def test_buffer_caps_refuse(backend: SharedBackend) -> None:
     backend.buffer_append("t2", b"a", max_slots=1, max_threads=2)
     with pytest.raises(TooManyThreads):
         backend.buffer_append("t3", b"a", max_slots=1, max_threads=2)
+    # a refused slot is not kept, nor a refused thread made
+    assert (backend.buffer_get_thread("t1"), backend.buffer_thread_exists("t3")) == ([b"a"], False)
     assert backend.buffer_delete_thread("t1") is True
     backend.buffer_append("t3", b"a", max_slots=1, max_threads=2)  # room again
     assert sorted(backend.buffer_list_threads()) == ["t2", "t3"]
@@ -132,3 +134,5 @@ def test_apply_registers_a_chain_again_as_registry_set_does(backend: SharedBacke
     assert backend.registry_get_uuid("c/a") == "u2"
     assert backend.registry_get_chain("u1") is None
     assert backend.registry_list_all() == {"u2": "c/a", "u3": "c/b"}
+    assert backend.registry_delete("u2")  # forgetting the chain's own thread forgets the chain
+    assert (backend.registry_get_uuid("c/a"), backend.registry_list_all()) == (None, {"u3": "c/b"})
