@@ -263,6 +263,20 @@ async def gated(redis_server: RedisServer) -> AsyncIterator[tuple[DurableEngine,
         gate.opened.set()
 
 
+async def test_an_opening_on_a_thread_that_names_no_live_conversation_looks_once(engine: DurableEngine) -> None:
+    """The door's two questions (is this a retry? is the thread the client's live conversation?) are one
+    EXISTS when the answer to both is no, the common case: each call a script makes costs Redis as much
+    as a small command does again."""
+    client = engine.store.client
+    await client.config_resetstat()
+    accepted = await engine.accept(envelope(ping_xml("once"), thread=new_thread_id()))
+    stats = await client.info("commandstats")  # the door's commit is made; the step after it asks neither
+    assert isinstance(accepted, Accepted)
+    assert stats["cmdstat_exists"]["calls"] == 1
+    assert "cmdstat_hmget" not in stats
+    assert await payloads_collected(engine, accepted.thread, "end") == [b"<Pong><text>once</text></Pong>"]
+
+
 async def test_a_client_continues_its_live_conversation_as_on_one_daemon(
     gated: tuple[DurableEngine, Gate],
 ) -> None:

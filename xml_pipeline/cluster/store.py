@@ -162,14 +162,21 @@ local function commit(c, base)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
   else
     -- Opening is idempotent: a retry of this very call (same conversation id) after a lost answer
-    -- finds the conversation (or its replies) there already and writes nothing twice.
-    if redis.call('EXISTS', conv_key, replies_key) > 0 then
-      return 2, 0
+    -- finds the conversation (or its replies) there already and writes nothing twice. And a client's
+    -- message on a thread that names its own live conversation continues it: the door asks here rather
+    -- than in a call of its own before every opening. One look for both, as neither is the common case.
+    local live_key = unless_live ~= '' and prefix .. 'conv:' .. unless_live or nil
+    local seen
+    if live_key then
+      seen = redis.call('EXISTS', conv_key, replies_key, live_key)
+    else
+      seen = redis.call('EXISTS', conv_key, replies_key)
     end
-    -- A client's message on a thread that names its own live conversation continues it: the door asks
-    -- here rather than in a call of its own before every opening.
-    if unless_live ~= '' then
-      local found = redis.call('HMGET', prefix .. 'conv:' .. unless_live, 'initiator', 'owner')
+    if seen > 0 then
+      if not live_key or redis.call('EXISTS', conv_key, replies_key) > 0 then
+        return 2, 0
+      end
+      local found = redis.call('HMGET', live_key, 'initiator', 'owner')
       if found[1] == initiator and (found[2] or '') == owner then
         return 4, 0
       end
