@@ -658,7 +658,7 @@ class RedisBackend:
         return {
             "type": "redis",
             "buffer_threads": int(live_threads),
-            "registry_entries": sum(1 for _ in self._scan(self._uuid_key("*"))),
+            "registry_entries": len(self.registry_list_all()),  # a live durable conversation's own thread has no key
             "ttl_seconds": self.ttl,
             "prefix": self.prefix,
             "redis_version": server.get("redis_version"),
