@@ -736,6 +736,120 @@ async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_fin
     assert left == []
 
 
+async def test_the_registry_forgets_a_live_conversations_own_thread_and_a_chain_registered_again_forgets_its_thread(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """The registry's contract holds for the threads a conversation's hash stands for, as it did when each had
+    its keys: forgetting the conversation's own thread (which has no key) forgets it and its chain, and
+    registering a chain again (through the registry, as a handler may) forgets the thread it had, the
+    conversation's own or a hop's, for good."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    conversation = first.thread
+    [slot] = engine.buffer.get_thread(conversation)
+    hop_thread = slot.hop_thread
+    registry, backend = engine.registry, engine.backend
+    own_chain, hop_chain = chain_key(conversation, ("console",)), chain_key(conversation, ("console", "gate"))
+    assert registry.cleanup(conversation)
+    assert (registry.lookup(conversation), backend.registry_get_uuid(own_chain)) == (None, None)
+    assert not registry.cleanup(conversation)
+    assert registry.debug_dump() == {hop_thread: "console.gate"}
+    again = new_thread_id()
+    backend.registry_set(own_chain, again)
+    assert (backend.registry_get_uuid(own_chain), backend.registry_get_chain(again)) == (again, own_chain)
+    assert registry.cleanup(again)
+    assert (backend.registry_get_uuid(own_chain), registry.lookup(conversation)) == (None, None)
+    backend.registry_set(hop_chain, again)
+    assert (backend.registry_get_uuid(hop_chain), registry.lookup(hop_thread)) == (again, None)
+    assert backend.registry_list_all() == {again: hop_chain}
+    gate.opened.set()
+    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
+    assert await _state_left(engine) == []
+
+
+async def test_threads_a_handler_registers_in_a_live_conversation_end_with_it(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """A handler may register threads of its conversation through the registry (``extend_chain``,
+    ``get_or_create``, ``registry_set``): they are the conversation's, deleted at its end like the threads its
+    hops made, not left behind (for ``redis_ttl``, or for ever with a TTL of 0)."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    conversation = first.thread
+    [slot] = engine.buffer.get_thread(conversation)
+    registry = engine.registry
+    extended = registry.extend_chain(slot.hop_thread, "echo")
+    assert registry.lookup(extended) == "console.gate.echo"
+    assert registry.extend_chain(slot.hop_thread, "echo") == extended
+    made = registry.get_or_create(("console", "elsewhere"), conversation)
+    engine.backend.registry_set(chain_key(conversation, ("console", "set")), new_thread_id())
+    assert registry.lookup(made) == "console.elsewhere"
+    assert len(registry) == engine.backend.info()["registry_entries"] == 5  # the conversation's own thread too
+    gate.opened.set()
+    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
+    assert await _state_left(engine) == []
+    assert (registry.lookup(extended), registry.lookup(made), len(registry)) == (None, None, 0)
+
+
+async def test_a_conversation_opened_the_earlier_way_finds_the_threads_registered_since_in_its_hash(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """Daemons before this layout gave each chain a registry key; in a conversation they opened, a chain
+    registered again since the upgrade (the client sends to the same listener again) is in the hash, and the
+    registry must find that thread, not the one the earlier key still names."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    conversation = first.thread
+    [slot] = engine.buffer.get_thread(conversation)
+    client, keys = engine.store.client, engine.store.keys
+    hop_chain = chain_key(conversation, ("console", "gate"))
+    earlier = f"{keys.prefix}reg:c:{hop_chain}"  # as an earlier daemon registered the first message's thread
+    await client.set(earlier, slot.hop_thread)
+    await client.hset(keys.conversation(conversation), earlier, "")
+    again = await engine.accept(envelope(ping_xml("again"), to="gate", thread=conversation))
+    assert again == Accepted(conversation)
+    later = engine.buffer.get_thread(conversation)[1].hop_thread
+    assert engine.backend.registry_get_uuid(hop_chain) == later
+    assert engine.registry.get_or_create(("console", "gate"), conversation) == later
+    assert engine.registry.cleanup(later)
+    assert engine.backend.registry_get_uuid(hop_chain) is None  # the earlier key's thread is not back
+    gate.opened.set()
+    assert sorted(await payloads_collected(engine, conversation, "end", ended=True)) == [
+        b"<Pong><text>again</text></Pong>",
+        b"<Pong><text>slow</text></Pong>",
+    ]
+    assert await _state_left(engine) == []
+
+
+async def test_clearing_the_registry_forgets_the_threads_of_live_conversations_which_still_end(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """``ThreadRegistry.clear`` forgets every thread in the backend: those a live conversation's hash stands
+    for too. The conversation goes on, and its end leaves nothing."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    conversation = first.thread
+    [slot] = engine.buffer.get_thread(conversation)
+    registry = engine.registry
+    assert len(registry) == 2
+    registry.clear()
+    assert (len(registry), registry.lookup(conversation), registry.lookup(slot.hop_thread)) == (0, None, None)
+    assert engine.backend.registry_get_uuid(chain_key(conversation, ("console", "gate"))) is None
+    gate.opened.set()
+    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
+    assert await _state_left(engine) == []
+
+
+async def _state_left(engine: DurableEngine) -> list[bytes]:
+    """Keys of conversation state and threads under the engine's prefix (none once every conversation ended)."""
+    client, prefix = engine.store.client, engine.store.keys.prefix
+    return [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
+
+
 async def test_registry_keys_a_conversation_named_the_earlier_way_are_deleted_at_its_end(
     gated: tuple[DurableEngine, Gate],
 ) -> None:

@@ -13,12 +13,17 @@ share a server and a prefix can be wiped with ``SCAN`` + ``UNLINK``:
                                 registrations itself: ``/{chain}`` -> UUID (the chain key
                                 after the conversation's id), and its own thread (the
                                 conversation's id) stands for the chain of its ``initiator``
+                                unless that chain has a field (``''``: forgotten)
 
 A durable conversation's other threads still have their ``reg:u`` keys (a
 lookup by UUID has nothing else to go by), but no ``reg:c`` keys, and its own
 thread has neither: two keys fewer to write and delete for every thread, and
-four for a conversation of one hop. Reads by chain or by UUID look in the
-conversation's hash when the key is not there.
+four for a conversation of one hop. Reads by chain look in the live
+conversation's hash first (a ``reg:c`` key an earlier daemon wrote may have
+been registered again there since), reads by UUID when the key is not there.
+Threads registered through the registry while the conversation lives go to
+its hash as well (with ``reg:u`` keys without a TTL, named ``#{uuid}`` in
+the hash), so that its end deletes them with the others.
 
 Every write (thread registered or forgotten, slot appended, history deleted)
 runs inside one Lua script that takes a whole batch of them (see
@@ -77,7 +82,45 @@ DEFAULT_PREFIX = DEFAULT_REDIS_PREFIX
 DEFAULT_TTL = DEFAULT_REDIS_TTL
 SCAN_BATCH = 500
 
-_APPLY = """
+_LIVE_REGISTRATIONS = """
+-- A live durable conversation registers its threads in its hash (see the layout): '/{chain}' -> UUID ('' for
+-- its own chain once its own thread is forgotten or another took the chain: the hash then no longer stands
+-- for its own thread), and '#{uuid}' for each thread whose key (without a TTL) its end deletes. Registrations
+-- made through the registry while it lives go there too, so that they end with it. Needs uuid_prefix.
+local function registration(hash, rest)
+  -- For the hash of the conversation a chain key names (nil: it names none) and the rest of the key: whether
+  -- the conversation lives, the chain's field (false: none), and whether the chain is its own.
+  if not hash then return false, false, false end
+  local found = redis.call('HMGET', hash, 'initiator', rest)
+  if not found[1] then return false, false, false end
+  return true, found[2], '/' .. found[1] == rest
+end
+local function register_in(hash, rest, uuid, chain)
+  redis.call('HSET', hash, rest, uuid, '#' .. uuid, '')
+  redis.call('SET', uuid_prefix .. uuid, chain)
+end
+local function forget_in(hash, rest, own)
+  if own then redis.call('HSET', hash, rest, '') else redis.call('HDEL', hash, rest) end
+end
+local function chain_thread(chain_key, hash, rest, conv, ttl, refresh_uuid)
+  -- The thread of a chain, and whether its conversation lives: the hash first (a key an earlier daemon wrote
+  -- for the chain may have been registered again there since), then the chain's key, which a read refreshes
+  -- only if it has a TTL (see _REFRESH).
+  local live, field, own = registration(hash, rest)
+  if field then return field ~= '' and field, live end
+  local uuid = redis.call('GET', chain_key)
+  if uuid then
+    if ttl > 0 and redis.call('TTL', chain_key) > 0 then
+      redis.call('EXPIRE', chain_key, ttl)
+      if refresh_uuid then redis.call('EXPIRE', uuid_prefix .. uuid, ttl) end
+    end
+    return uuid, live
+  end
+  return own and conv, live
+end
+"""
+
+_APPLY_BODY = """
 -- ARGV: prefix, ttl (0: never expire), then the ops as one MessagePack array (one argument instead of
 -- hundreds: each argument costs the client and Redis alike, whatever its size):
 --   a thread slot max_slots max_threads (a cap below 0: none) | r chain uuid | f uuid | d thread
@@ -94,6 +137,7 @@ local function set(key, value)
 end
 local index_key = prefix .. 'buf-index'
 local uuid_prefix, chain_prefix, buffer_prefix = prefix .. 'reg:u:', prefix .. 'reg:c:', prefix .. 'buf:'
+-- (the functions of _LIVE_REGISTRATIONS)
 local results, appended = {}, false
 local i, n = 1, #ops
 while i <= n do
@@ -129,39 +173,59 @@ while i <= n do
   elseif code == 'r' then
     local chain, uuid = ops[i + 1], ops[i + 2]
     local chain_key = chain_prefix .. chain
-    local previous  -- SET ... GET: the write and the look at what it replaces, one call
-    if ttl > 0 then
-      previous = redis.call('SET', chain_key, uuid, 'EX', ttl, 'GET')
+    local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
+    local hash = conv and prefix .. 'conv:' .. conv
+    local live, field, own = registration(hash, rest)
+    if live then
+      -- A chain of a live durable conversation: registered in its hash, as its hops' are (see the layout).
+      local previous = field
+      if not previous then
+        previous = redis.call('GET', chain_key)  -- registered by a daemon before the hash held chains
+        if previous then redis.call('UNLINK', chain_key) elseif own then previous = conv end
+      end
+      register_in(hash, rest, uuid, chain)
+      if previous and previous ~= '' and previous ~= uuid then
+        redis.call('UNLINK', uuid_prefix .. previous)
+      end
     else
-      previous = redis.call('SET', chain_key, uuid, 'GET')
+      local previous  -- SET ... GET: the write and the look at what it replaces, one call
+      if ttl > 0 then
+        previous = redis.call('SET', chain_key, uuid, 'EX', ttl, 'GET')
+      else
+        previous = redis.call('SET', chain_key, uuid, 'GET')
+      end
+      if previous and previous ~= uuid then
+        redis.call('UNLINK', uuid_prefix .. previous)
+      end
+      set(uuid_prefix .. uuid, chain)
     end
-    if previous and previous ~= uuid then
-      redis.call('UNLINK', uuid_prefix .. previous)
-    end
-    set(uuid_prefix .. uuid, chain)
     results[#results + 1] = 1
     i = i + 3
   elseif code == 'f' then
     local uuid = ops[i + 1]
-    local uuid_key = uuid_prefix .. uuid
-    local chain = redis.call('GETDEL', uuid_key)
+    local chain = redis.call('GETDEL', uuid_prefix .. uuid)
     local result = 0
     if chain then
       local chain_key = chain_prefix .. chain
-      local current = redis.call('GET', chain_key)
-      if current == uuid then
+      local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
+      local hash = conv and prefix .. 'conv:' .. conv
+      local live, field, own = registration(hash, rest)
+      if live and (field == uuid or (not field and own and uuid == conv)) then
+        -- The chain's thread in its live conversation's hash: the chain goes with it, and so does a key an
+        -- earlier daemon wrote for the chain (the hash's registration came after it).
+        forget_in(hash, rest, own)
         redis.call('UNLINK', chain_key)
-      elseif not current then
-        -- A durable conversation's thread: its chain is a field of the conversation's hash (see the layout).
-        local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
-        if conv then
-          local conv_key = prefix .. 'conv:' .. conv
-          if redis.call('HGET', conv_key, rest) == uuid then
-            redis.call('HDEL', conv_key, rest)
-          end
-        end
+      elseif redis.call('GET', chain_key) == uuid then
+        redis.call('UNLINK', chain_key)
       end
       result = 1
+    else
+      -- No key: a live durable conversation's own thread, which its hash stands for, if it still does.
+      local hash = prefix .. 'conv:' .. uuid
+      local initiator = redis.call('HGET', hash, 'initiator')
+      if initiator then
+        result = redis.call('HSETNX', hash, '/' .. initiator, '')
+      end
     end
     results[#results + 1] = result
     i = i + 2
@@ -179,26 +243,20 @@ if appended then
 end
 return results
 """
+_APPLY = _APPLY_BODY.replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
 
 _GET_OR_SET = """
 -- KEYS: the chain's key, the UUID's key, the hash of the conversation the chain key names (see _CHAIN_THREAD);
 -- ARGV: uuid, chain, ttl, the registry's UUID key prefix, the chain after the conversation's id ('' if none),
 -- the conversation's id.
-local ttl = tonumber(ARGV[3])
-local existing = redis.call('GET', KEYS[1])
-if not existing and ARGV[5] ~= '' then
-  local found = redis.call('HMGET', KEYS[3], ARGV[5], 'initiator')
-  if found[1] then return found[1] end
-  if found[2] and '/' .. found[2] == ARGV[5] then return ARGV[6] end
-end
-if existing then
-  if ttl > 0 and redis.call('TTL', KEYS[1]) > 0 then  -- a key kept without a TTL (see _REFRESH) stays so
-    redis.call('EXPIRE', KEYS[1], ttl)
-    redis.call('EXPIRE', ARGV[4] .. existing, ttl)
-  end
-  return existing
-end
-if ttl > 0 then
+local ttl, uuid_prefix = tonumber(ARGV[3]), ARGV[4]
+local hash = ARGV[5] ~= '' and KEYS[3] or nil
+-- (the functions of _LIVE_REGISTRATIONS)
+local existing, live = chain_thread(KEYS[1], hash, ARGV[5], ARGV[6], ttl, true)
+if existing then return existing end
+if live then  -- the conversation's, ended with it
+  register_in(hash, ARGV[5], ARGV[1], ARGV[2])
+elseif ttl > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
   redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
 else
@@ -206,38 +264,68 @@ else
   redis.call('SET', KEYS[2], ARGV[2])
 end
 return ARGV[1]
-"""
+""".replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
 
 
 _CHAIN_THREAD = """
 -- The UUID of a chain. KEYS: the chain's registry key, and the hash of the durable conversation its key names
 -- (the part before the first '/'; a key of the reference's dotted API names none, and the hash is not there).
--- ARGV: ttl, the chain key after the conversation's id (from its '/'), the conversation's id. A durable
--- conversation keeps its chains in its hash (see the layout), its own thread being its initiator's chain.
-local uuid = redis.call('GET', KEYS[1])
-if uuid then
-  if tonumber(ARGV[1]) > 0 and redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-  return uuid
-end
-if ARGV[2] == '' then return false end
-local found = redis.call('HMGET', KEYS[2], ARGV[2], 'initiator')
-if found[1] then return found[1] end
-if found[2] and '/' .. found[2] == ARGV[2] then return ARGV[3] end
-return false
-"""
+-- ARGV: ttl, the chain key after the conversation's id (from its '/'; '' for none), the conversation's id, the
+-- registry's UUID key prefix. A live durable conversation keeps its chains in its hash (see the layout), its
+-- own thread being its initiator's chain unless the hash says otherwise.
+local uuid_prefix = ARGV[4]
+-- (the functions of _LIVE_REGISTRATIONS)
+return (chain_thread(KEYS[1], ARGV[2] ~= '' and KEYS[2] or nil, ARGV[2], ARGV[3], tonumber(ARGV[1]), false))
+""".replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
 
 
 _THREAD_CHAIN = """
 -- The chain key of a UUID. KEYS: its registry key, and the hash of the durable conversation it would be the
--- own thread of; ARGV: ttl, the UUID. Such a thread has no key: its conversation's hash stands for it.
+-- own thread of; ARGV: ttl, the UUID. Such a thread has no key: its conversation's hash stands for it, unless
+-- its chain's field says the thread was forgotten, or the chain registered again (see _LIVE_REGISTRATIONS).
 local chain = redis.call('GET', KEYS[1])
 if chain then
   if tonumber(ARGV[1]) > 0 and redis.call('TTL', KEYS[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
   return chain
 end
 local initiator = redis.call('HGET', KEYS[2], 'initiator')
-if initiator then return ARGV[2] .. '/' .. initiator end
+if initiator then
+  local current = redis.call('HGET', KEYS[2], '/' .. initiator)
+  if not current or current == ARGV[2] then return ARGV[2] .. '/' .. initiator end
+end
 return false
+"""
+
+
+_OWN_THREADS = """
+-- KEYS: durable conversations' hashes. For each, its initiator when the hash stands for its own thread (the
+-- conversation lives, and its own chain was neither forgotten nor registered again), else ''.
+local found = {}
+for k, key in ipairs(KEYS) do
+  local initiator = redis.call('HGET', key, 'initiator')
+  if initiator and redis.call('HEXISTS', key, '/' .. initiator) == 0 then found[k] = initiator else found[k] = '' end
+end
+return found
+"""
+
+
+_FORGET_LIVE_THREADS = """
+-- KEYS: durable conversations' hashes. Each forgets the threads it registers (as _APPLY's 'f' would, one by
+-- one): the fields of its chains go, its own chain stays, as no one's; the '#' fields stay, for its end.
+for _, key in ipairs(KEYS) do
+  local initiator = redis.call('HGET', key, 'initiator')
+  if initiator then
+    local chains = {}
+    for _, name in ipairs(redis.call('HKEYS', key)) do
+      if string.byte(name, 1) == 47 then chains[#chains + 1] = name end  -- '/'
+    end
+    for from = 1, #chains, 1000 do
+      redis.call('HDEL', key, unpack(chains, from, math.min(from + 999, #chains)))
+    end
+    redis.call('HSET', key, '/' .. initiator, '')
+  end
+end
+return 0
 """
 
 
@@ -295,6 +383,8 @@ class RedisBackend:
         self._refresh = self._client.register_script(_REFRESH)
         self._chain_thread = self._client.register_script(_CHAIN_THREAD)
         self._thread_chain = self._client.register_script(_THREAD_CHAIN)
+        self._own_threads = self._client.register_script(_OWN_THREADS)
+        self._forget_live_threads = self._client.register_script(_FORGET_LIVE_THREADS)
         self.circuit = Circuit(retry_after=fail_fast_seconds)
 
     @classmethod
@@ -476,7 +566,8 @@ class RedisBackend:
     def registry_get_uuid(self, chain: str) -> str | None:
         conversation, rest = _conversation_of(chain)
         keys = [self._chain_key(chain), self._conversation_key(conversation)]
-        result = self._run(self._chain_thread, keys=keys, args=[self.ttl, rest, conversation])
+        args = [self.ttl, rest, conversation, self._uuid_key("")]
+        result = self._run(self._chain_thread, keys=keys, args=args)
         return result.decode() if result is not None else None
 
     def registry_get_chain(self, uuid: str) -> str | None:
@@ -496,24 +587,22 @@ class RedisBackend:
             for key, chain in zip(batch, self._run(self._client.mget, batch), strict=True):
                 if chain is not None:  # expired between SCAN and MGET
                     found[key.decode()[start:]] = chain.decode()
-        # The own threads of durable conversations, which their hashes stand for.
+        # The own threads of live durable conversations, which their hashes stand for.
         conversations = list(self._scan(self._conversation_key("*")))
         start = len(self._conversation_key(""))
         for offset in range(0, len(conversations), SCAN_BATCH):
             batch = conversations[offset : offset + SCAN_BATCH]
-            with self._answering():
-                pipe = self._client.pipeline(transaction=False)
-                for key in batch:
-                    pipe.hget(key, "initiator")
-                initiators = pipe.execute()
-            for key, initiator in zip(batch, initiators, strict=True):
-                if initiator is not None:  # ended between SCAN and HGET
+            for key, initiator in zip(batch, self._run(self._own_threads, keys=batch), strict=True):
+                if initiator:  # '' when it ended between SCAN and the script, or its own thread was forgotten
                     conversation = key.decode()[start:]
                     found[conversation] = f"{conversation}/{initiator.decode()}"
         return found
 
     def registry_clear(self) -> None:
         self._unlink_matching(f"{self.prefix}reg:*")
+        conversations = list(self._scan(self._conversation_key("*")))  # the threads live conversations register
+        for offset in range(0, len(conversations), SCAN_BATCH):
+            self._run(self._forget_live_threads, keys=conversations[offset : offset + SCAN_BATCH])
 
     # --- records ---
     def _record_key(self, kind: str, record_id: str) -> str:
@@ -569,7 +658,7 @@ class RedisBackend:
         return {
             "type": "redis",
             "buffer_threads": int(live_threads),
-            "registry_entries": sum(1 for _ in self._scan(self._uuid_key("*"))),
+            "registry_entries": len(self.registry_list_all()),  # a live durable conversation's own thread has no key
             "ttl_seconds": self.ttl,
             "prefix": self.prefix,
             "redis_version": server.get("redis_version"),
