@@ -721,6 +721,7 @@ async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_fin
     hop_thread = slot.hop_thread
     client, prefix = engine.store.client, engine.store.keys.prefix
     assert [key async for key in client.scan_iter(match=f"{prefix}reg:*")] == [f"{prefix}reg:u:{hop_thread}".encode()]
+    assert await client.get(f"{prefix}durable") == b"1"  # so the registry's batch script looks in the hash
     registry = engine.registry
     assert registry.lookup_record(conversation) == ThreadRecord(conversation, ("console",))
     assert registry.lookup_record(hop_thread) == ThreadRecord(conversation, ("console", "gate"))

@@ -146,3 +146,32 @@ def test_a_prefix_with_glob_characters_touches_only_its_own_keys(redis_server: R
         victim.record_clear("buffer")
         victim.close()
         globbing.close()
+
+
+def test_a_prefix_without_durable_conversations_writes_threads_without_looking_for_them(
+    redis_server: RedisServer,
+) -> None:
+    """Registering and forgetting threads (the at-most-once pump's every message) asks no conversation hash
+    under a prefix the durable engine never marked: each such look is a call in the batch script, two per
+    registration and forgetting, and none could find anything there."""
+    prefix = f"plain-{uuid.uuid4().hex[:6]}:"
+    backend = RedisBackend(redis_server.url, prefix=prefix, ttl=100)
+    client = raw_client(redis_server)
+    conversation, thread = str(uuid.uuid4()), str(uuid.uuid4())
+    client.config_resetstat()
+    backend.apply(
+        [
+            RegisterThread(f"{conversation}/console", conversation),
+            RegisterThread(f"{conversation}/console/greeter", thread),
+        ]
+    )
+    backend.apply([ForgetThread(thread), ForgetThread(conversation)])
+    stats = client.info("commandstats")
+    assert not {"cmdstat_hget", "cmdstat_hmget"} & set(stats)
+    assert backend.keys() == []
+    client.set(f"{prefix}durable", "1")  # as the durable engine marks its prefix: then it looks
+    client.config_resetstat()
+    backend.apply([RegisterThread(f"{conversation}/console", conversation)])
+    assert "cmdstat_hmget" in client.info("commandstats")
+    backend.registry_clear()
+    client.unlink(f"{prefix}durable")

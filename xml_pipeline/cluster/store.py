@@ -19,6 +19,8 @@ context buffer, whose layout is :mod:`xml_pipeline.memory.redis_backend`'s)::
     {prefix}cont:{thread}         STRING  a client's continuation stored on hop thread ``thread`` (expires
                                           after the reply retention), so a retried store writes nothing twice
     {prefix}dlq                   STREAM  hops that failed ``max_deliveries`` times
+    {prefix}durable               STRING  '1': the prefix holds durable conversations (their registrations
+                                          in their hashes, which the registry then looks for)
     {prefix}daemon:{id}           STRING  a live daemon's heartbeat (JSON, with a TTL)
     {prefix}inbox:{id}            STREAM  the conversations another daemon wrote replies for, which daemon
                                           ``id`` opened (its replies' waiters are there); TTL as the heartbeat
@@ -466,6 +468,10 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.prefix}dlq"
 
+    @property
+    def durable_marker(self) -> str:
+        return f"{self.prefix}durable"
+
     def daemon(self, daemon_id: str) -> str:
         return f"{self.prefix}daemon:{daemon_id}"
 
@@ -521,6 +527,9 @@ class ClusterStore:
         )
 
     async def ensure_groups(self, listeners: Sequence[str]) -> None:
+        # The registry's batch script (redis_backend) looks for live conversations' registrations in their
+        # hashes only under a prefix that says it holds durable conversations.
+        await self.client.set(self.keys.durable_marker, "1")
         for listener in listeners:
             try:
                 await self.client.xgroup_create(self.keys.stream(listener), GROUP, id="0", mkstream=True)

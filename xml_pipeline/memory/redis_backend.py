@@ -8,6 +8,8 @@ share a server and a prefix can be wiped with ``SCAN`` + ``UNLINK``:
     {prefix}reg:c:{chain key}   STRING thread UUID of a chain
     {prefix}reg:u:{uuid}        STRING chain key of a UUID
     {prefix}rec:{kind}:{id}     HASH orchestration state (buffers, sequences)
+    {prefix}durable             STRING set by the durable engine: this prefix holds durable
+                                conversations (so the batch script looks for them)
     {prefix}conv:{conversation} HASH a live conversation of the durable engine (see
                                 :mod:`xml_pipeline.cluster.store`), which holds its threads'
                                 registrations itself: ``/{chain}`` -> UUID (the chain key
@@ -86,11 +88,13 @@ _LIVE_REGISTRATIONS = """
 -- A live durable conversation registers its threads in its hash (see the layout): '/{chain}' -> UUID ('' for
 -- its own chain once its own thread is forgotten or another took the chain: the hash then no longer stands
 -- for its own thread), and '#{uuid}' for each thread whose key (without a TTL) its end deletes. Registrations
--- made through the registry while it lives go there too, so that they end with it. Needs uuid_prefix.
+-- made through the registry while it lives go there too, so that they end with it. Needs uuid_prefix, and
+-- durable: whether the prefix holds durable conversations at all (the at-most-once pump's batches, which
+-- never meet one, then pay no look per registration).
 local function registration(hash, rest)
   -- For the hash of the conversation a chain key names (nil: it names none) and the rest of the key: whether
   -- the conversation lives, the chain's field (false: none), and whether the chain is its own.
-  if not hash then return false, false, false end
+  if not hash or not durable then return false, false, false end
   local found = redis.call('HMGET', hash, 'initiator', rest)
   if not found[1] then return false, false, false end
   return true, found[2], '/' .. found[1] == rest
@@ -137,6 +141,7 @@ local function set(key, value)
 end
 local index_key = prefix .. 'buf-index'
 local uuid_prefix, chain_prefix, buffer_prefix = prefix .. 'reg:u:', prefix .. 'reg:c:', prefix .. 'buf:'
+local durable = redis.call('EXISTS', prefix .. 'durable') == 1  -- once per batch (see the layout)
 -- (the functions of _LIVE_REGISTRATIONS)
 local results, appended = {}, false
 local i, n = 1, #ops
@@ -222,7 +227,7 @@ while i <= n do
     else
       -- No key: a live durable conversation's own thread, which its hash stands for, if it still does.
       local hash = prefix .. 'conv:' .. uuid
-      local initiator = redis.call('HGET', hash, 'initiator')
+      local initiator = durable and redis.call('HGET', hash, 'initiator')
       if initiator then
         result = redis.call('HSETNX', hash, '/' .. initiator, '')
       end
@@ -249,7 +254,7 @@ _GET_OR_SET = """
 -- KEYS: the chain's key, the UUID's key, the hash of the conversation the chain key names (see _CHAIN_THREAD);
 -- ARGV: uuid, chain, ttl, the registry's UUID key prefix, the chain after the conversation's id ('' if none),
 -- the conversation's id.
-local ttl, uuid_prefix = tonumber(ARGV[3]), ARGV[4]
+local ttl, uuid_prefix, durable = tonumber(ARGV[3]), ARGV[4], true
 local hash = ARGV[5] ~= '' and KEYS[3] or nil
 -- (the functions of _LIVE_REGISTRATIONS)
 local existing, live = chain_thread(KEYS[1], hash, ARGV[5], ARGV[6], ttl, true)
@@ -273,7 +278,7 @@ _CHAIN_THREAD = """
 -- ARGV: ttl, the chain key after the conversation's id (from its '/'; '' for none), the conversation's id, the
 -- registry's UUID key prefix. A live durable conversation keeps its chains in its hash (see the layout), its
 -- own thread being its initiator's chain unless the hash says otherwise.
-local uuid_prefix = ARGV[4]
+local uuid_prefix, durable = ARGV[4], true
 -- (the functions of _LIVE_REGISTRATIONS)
 return (chain_thread(KEYS[1], ARGV[2] ~= '' and KEYS[2] or nil, ARGV[2], ARGV[3], tonumber(ARGV[1]), false))
 """.replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
