@@ -23,6 +23,7 @@ from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, StillLive
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
+from xml_pipeline.memory.context_buffer import BufferSlot
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.envelope import MESSAGE_END, envelope_bytes
 from xml_pipeline.message.safe_xml import XmlLimits
@@ -706,6 +707,21 @@ async def test_reading_a_live_conversations_history_or_threads_gives_them_no_ttl
     assert rest.ended
 
 
+async def held_at_the_gate(engine: DurableEngine) -> tuple[str, BufferSlot]:
+    """A conversation whose one hop the gate holds: its id, and its history's one slot (the hop's thread)."""
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)
+    [slot] = engine.buffer.get_thread(first.thread)
+    return first.thread, slot
+
+
+async def released_leaving_nothing(engine: DurableEngine, gate: Gate, conversation: str) -> None:
+    """Let the gate's hop go: the conversation ends with its reply and leaves no state behind."""
+    gate.opened.set()
+    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
+    assert await _state_left(engine) == []
+
+
 async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_finds_them(
     gated: tuple[DurableEngine, Gate],
 ) -> None:
@@ -714,10 +730,7 @@ async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_fin
     Redis) still finds each by thread and by chain, lists them, hands out the same thread for a chain it
     knows, and forgets a thread with its chain."""
     engine, gate = gated
-    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
-    assert isinstance(first, Accepted)
-    conversation = first.thread
-    [slot] = engine.buffer.get_thread(conversation)
+    conversation, slot = await held_at_the_gate(engine)
     hop_thread = slot.hop_thread
     client, prefix = engine.store.client, engine.store.keys.prefix
     assert [key async for key in client.scan_iter(match=f"{prefix}reg:*")] == [f"{prefix}reg:u:{hop_thread}".encode()]
@@ -731,10 +744,7 @@ async def test_a_live_conversations_threads_are_in_its_hash_and_the_registry_fin
     assert registry.cleanup(hop_thread)
     assert registry.lookup(hop_thread) is None
     assert engine.backend.registry_get_uuid(chain_key(conversation, ("console", "gate"))) is None
-    gate.opened.set()
-    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
-    left = [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
-    assert left == []
+    await released_leaving_nothing(engine, gate, conversation)
 
 
 async def test_the_registry_forgets_a_live_conversations_own_thread_and_a_chain_registered_again_forgets_its_thread(
@@ -745,10 +755,7 @@ async def test_the_registry_forgets_a_live_conversations_own_thread_and_a_chain_
     registering a chain again (through the registry, as a handler may) forgets the thread it had, the
     conversation's own or a hop's, for good."""
     engine, gate = gated
-    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
-    assert isinstance(first, Accepted)
-    conversation = first.thread
-    [slot] = engine.buffer.get_thread(conversation)
+    conversation, slot = await held_at_the_gate(engine)
     hop_thread = slot.hop_thread
     registry, backend = engine.registry, engine.backend
     own_chain, hop_chain = chain_key(conversation, ("console",)), chain_key(conversation, ("console", "gate"))
@@ -764,9 +771,7 @@ async def test_the_registry_forgets_a_live_conversations_own_thread_and_a_chain_
     backend.registry_set(hop_chain, again)
     assert (backend.registry_get_uuid(hop_chain), registry.lookup(hop_thread)) == (again, None)
     assert backend.registry_list_all() == {again: hop_chain}
-    gate.opened.set()
-    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
-    assert await _state_left(engine) == []
+    await released_leaving_nothing(engine, gate, conversation)
 
 
 async def test_threads_a_handler_registers_in_a_live_conversation_end_with_it(
@@ -776,10 +781,7 @@ async def test_threads_a_handler_registers_in_a_live_conversation_end_with_it(
     ``get_or_create``, ``registry_set``): they are the conversation's, deleted at its end like the threads its
     hops made, not left behind (for ``redis_ttl``, or for ever with a TTL of 0)."""
     engine, gate = gated
-    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
-    assert isinstance(first, Accepted)
-    conversation = first.thread
-    [slot] = engine.buffer.get_thread(conversation)
+    conversation, slot = await held_at_the_gate(engine)
     registry = engine.registry
     extended = registry.extend_chain(slot.hop_thread, "echo")
     assert registry.lookup(extended) == "console.gate.echo"
@@ -788,9 +790,7 @@ async def test_threads_a_handler_registers_in_a_live_conversation_end_with_it(
     engine.backend.registry_set(chain_key(conversation, ("console", "set")), new_thread_id())
     assert registry.lookup(made) == "console.elsewhere"
     assert len(registry) == engine.backend.info()["registry_entries"] == 5  # the conversation's own thread too
-    gate.opened.set()
-    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
-    assert await _state_left(engine) == []
+    await released_leaving_nothing(engine, gate, conversation)
     assert (registry.lookup(extended), registry.lookup(made), len(registry)) == (None, None, 0)
 
 
@@ -801,10 +801,7 @@ async def test_a_conversation_opened_the_earlier_way_finds_the_threads_registere
     registered again since the upgrade (the client sends to the same listener again) is in the hash, and the
     registry must find that thread, not the one the earlier key still names."""
     engine, gate = gated
-    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
-    assert isinstance(first, Accepted)
-    conversation = first.thread
-    [slot] = engine.buffer.get_thread(conversation)
+    conversation, slot = await held_at_the_gate(engine)
     client, keys = engine.store.client, engine.store.keys
     hop_chain = chain_key(conversation, ("console", "gate"))
     earlier = f"{keys.prefix}reg:c:{hop_chain}"  # as an earlier daemon registered the first message's thread
@@ -831,18 +828,13 @@ async def test_clearing_the_registry_forgets_the_threads_of_live_conversations_w
     """``ThreadRegistry.clear`` forgets every thread in the backend: those a live conversation's hash stands
     for too. The conversation goes on, and its end leaves nothing."""
     engine, gate = gated
-    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
-    assert isinstance(first, Accepted)
-    conversation = first.thread
-    [slot] = engine.buffer.get_thread(conversation)
+    conversation, slot = await held_at_the_gate(engine)
     registry = engine.registry
     assert len(registry) == 2
     registry.clear()
     assert (len(registry), registry.lookup(conversation), registry.lookup(slot.hop_thread)) == (0, None, None)
     assert engine.backend.registry_get_uuid(chain_key(conversation, ("console", "gate"))) is None
-    gate.opened.set()
-    assert await payloads_collected(engine, conversation, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
-    assert await _state_left(engine) == []
+    await released_leaving_nothing(engine, gate, conversation)
 
 
 async def _state_left(engine: DurableEngine) -> list[bytes]:
