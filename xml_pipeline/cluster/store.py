@@ -110,6 +110,13 @@ _COMMIT = """
 local prefix, group, retention, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local uuid_prefix = prefix .. 'reg:u:'
 
+local function field_of(state, name)
+  -- A field's value in a hash as HGETALL answers it (nil when it has none).
+  for k = 1, #state, 2 do
+    if state[k] == name then return state[k + 1] end
+  end
+end
+
 local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
   local continues, hops, unless_live = c[8], c[9], c[11]
@@ -134,10 +141,7 @@ local function commit(c, base)
       -- A step that sends no hop most often ends its conversation, and its end reads the hash anyway:
       -- read it first, and count down only if other hops are still pending (then no end to read it for).
       state = redis.call('HGETALL', conv_key)
-      pending = -1
-      for k = 1, #state, 2 do
-        if state[k] == 'pending' then pending = tonumber(state[k + 1]) - 1 end
-      end
+      pending = (tonumber(field_of(state, 'pending')) or 0) - 1
       if pending > 0 then redis.call('HINCRBY', conv_key, 'pending', -1) end
     else
       pending = redis.call('HINCRBY', conv_key, 'pending', hops - 1)
@@ -192,12 +196,11 @@ local function commit(c, base)
   local history, registered, named = {}, {}, {}
   local last_reply = nil  -- written after the loop: a step that ends its conversation adds the end to it
   local ids, fresh = {}, nil
-  if state then
+  local replied = state and field_of(state, 'replied')
+  if replied then
     -- The hash says whether replies were written before (a conversation opened by an earlier daemon
     -- does not: then the stream's length does).
-    for k = 1, #state, 2 do
-      if state[k] == 'replied' then fresh = state[k + 1] == '0' end
-    end
+    fresh = replied == '0'
   end
   local function add_reply(fields)
     if fresh == nil then fresh = redis.call('XLEN', replies_key) == 0 end
@@ -278,7 +281,9 @@ local function commit(c, base)
     if #registered > 0 then
       redis.call('MSET', unpack(registered))
     end
-    if #ids > 0 then tell_opener(redis.call('HGET', conv_key, 'opener')) end
+    if #ids > 0 then
+      tell_opener(state and field_of(state, 'opener') or redis.call('HGET', conv_key, 'opener'))
+    end
     return 1, 0, {fresh and 1 or 0, ids}
   end
   local keys, keep_owner, opener = {conv_key, history_key}, '', ''
