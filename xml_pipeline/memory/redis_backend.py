@@ -88,9 +88,19 @@ _LIVE_REGISTRATIONS = """
 -- A live durable conversation registers its threads in its hash (see the layout): '/{chain}' -> UUID ('' for
 -- its own chain once its own thread is forgotten or another took the chain: the hash then no longer stands
 -- for its own thread), and '#{uuid}' for each thread whose key (without a TTL) its end deletes. Registrations
--- made through the registry while it lives go there too, so that they end with it. Needs uuid_prefix, and
+-- made through the registry while it lives go there too, so that they end with it. Needs uuid_prefix (and
+-- prefix, for conversation_of), and
 -- durable: whether the prefix holds durable conversations at all (the at-most-once pump's batches, which
 -- never meet one, then pay no look per registration).
+local function conversation_of(chain)
+  -- The hash of the durable conversation a chain key names, the rest of the key (from its '/'), and the
+  -- conversation's id; nil when it names none, or when the prefix holds no durable conversation (then the
+  -- at-most-once pump's every registration and forgetting costs no string work for them either).
+  if not durable then return nil end
+  local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
+  if not conv then return nil end
+  return prefix .. 'conv:' .. conv, rest, conv
+end
 local function registration(hash, rest)
   -- For the hash of the conversation a chain key names (nil: it names none) and the rest of the key: whether
   -- the conversation lives, the chain's field (false: none), and whether the chain is its own.
@@ -178,8 +188,7 @@ while i <= n do
   elseif code == 'r' then
     local chain, uuid = ops[i + 1], ops[i + 2]
     local chain_key = chain_prefix .. chain
-    local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
-    local hash = conv and prefix .. 'conv:' .. conv
+    local hash, rest, conv = conversation_of(chain)
     local live, field, own = registration(hash, rest)
     if live then
       -- A chain of a live durable conversation: registered in its hash, as its hops' are (see the layout).
@@ -212,8 +221,7 @@ while i <= n do
     local result = 0
     if chain then
       local chain_key = chain_prefix .. chain
-      local conv, rest = string.match(chain, '^([^/]+)(/.*)$')
-      local hash = conv and prefix .. 'conv:' .. conv
+      local hash, rest, conv = conversation_of(chain)
       local live, field, own = registration(hash, rest)
       if live and (field == uuid or (not field and own and uuid == conv)) then
         -- The chain's thread in its live conversation's hash: the chain goes with it, and so does a key an
