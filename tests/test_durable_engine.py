@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any, cast
@@ -989,3 +990,100 @@ async def test_news_of_a_conversation_opened_here_is_not_crowded_out_by_others_a
         collected = await worker.collect(mine.thread, "end", 3)
         assert collected is not None
         assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>mine</text></Pong>"]
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Until ``condition()`` holds (something this loop's other tasks do), for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.001)
+
+
+async def test_a_client_waiting_here_for_the_end_gets_its_replies_without_redis_storing_them(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """The step that ends a conversation opened here hands its replies and end to the client waiting here:
+    no reply stream is made, given its retention and deleted a moment later."""
+    engine, gate = gated
+    accepted = await engine.accept(envelope(ping_xml("straight"), to="gate"))
+    assert isinstance(accepted, Accepted)
+    collecting = asyncio.create_task(engine.collect(accepted.thread, "end", 10))
+    await _until(lambda: engine._replies.awaited_to_end(accepted.thread), "the client waits")
+    client = engine.store.client
+    await client.config_resetstat()
+    gate.opened.set()
+    collected = await collecting
+    assert collected is not None
+    assert collected.ended
+    assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>straight</text></Pong>"]
+    stats = await client.info("commandstats")
+    assert "cmdstat_xadd" not in stats  # the step wrote no hop, and nothing for the client
+    assert "cmdstat_expire" not in stats
+    assert not await client.exists(engine.store.keys.replies(accepted.thread))
+    assert await engine.collect(accepted.thread, "none", 0) is None  # collected: gone
+
+
+async def test_an_end_handed_to_a_waiter_gone_meanwhile_is_stored_for_its_client(
+    engine: DurableEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiter a commit was told of may time out (or its client leave) before the commit returns: the
+    replies are then stored as if never handed, with their owner, for the client to collect later."""
+    monkeypatch.setattr(engine.store, "awaited_to_end", lambda conversation: True)  # told of a waiter; none is
+    accepted = await engine.accept(envelope(ping_xml("later"), sender="alice"), access=ALICE)
+    assert isinstance(accepted, Accepted)
+    client = engine.store.client
+    replies_key = engine.store.keys.replies(accepted.thread)
+    deadline = time.monotonic() + 10
+    while not await client.exists(replies_key):
+        assert time.monotonic() < deadline, "the replies were never stored"
+        await asyncio.sleep(0.01)
+    assert 0 < await client.ttl(replies_key) <= 30  # kept for the reply retention, as a stored end is
+    assert await engine.collect(accepted.thread, "none", 0, owner="bob") is None  # still alice's alone
+    assert await payloads_collected(engine, accepted.thread, "none", owner="alice", ended=True) == [
+        b"<Pong><text>later</text></Pong>"
+    ]
+
+
+async def test_only_a_wait_until_the_end_lets_a_commit_hand_the_end_over(engine: DurableEngine) -> None:
+    """A wait for the first reply may leave before the end: the end is stored unless someone takes it all."""
+    watcher = engine._replies
+    first = asyncio.create_task(watcher.wait("c1", b"0", 5))
+    await asyncio.sleep(0)  # the task runs up to its first wait: its waiter is registered
+    assert not watcher.awaited_to_end("c1")
+    whole = asyncio.create_task(watcher.wait("c1", b"0", 5, until_end=True))
+    await asyncio.sleep(0)
+    assert watcher.awaited_to_end("c1")
+    entries: list[replies_module.Entry] = [(b"0-1", None)]
+    assert watcher.hand_over("c1", entries)
+    assert await first == entries
+    assert await whole == entries
+    assert not watcher.hand_over("c1", entries)  # nobody waits any more: the caller stores them
+
+
+async def test_a_conversation_ended_on_another_daemon_than_its_door_is_stored_for_both_waiters(
+    redis_server: RedisServer,
+) -> None:
+    """Only the daemon that opened a conversation hands its end over: a client waiting on the door's daemon
+    hears of the end through the stored stream, even when a waiter on the handling daemon took it too."""
+    gate = Gate()
+    listeners = [Listener("gate", [Ping], gate.handler, peers=[], ingress=True)]
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    try:
+        async with (
+            started(redis_server, "far-end:", listeners, settings=door_only) as door,
+            started(redis_server, "far-end:", listeners) as worker,
+        ):
+            accepted = await door.accept(envelope(ping_xml("both"), to="gate"))
+            assert isinstance(accepted, Accepted)
+            at_door = asyncio.create_task(door.collect(accepted.thread, "end", 10))
+            at_worker = asyncio.create_task(worker.collect(accepted.thread, "end", 10))
+            await _until(lambda: door._replies.awaited_to_end(accepted.thread), "a client waits at the door")
+            await _until(lambda: worker._replies.awaited_to_end(accepted.thread), "a client waits at the worker")
+            gate.opened.set()
+            for collected in await asyncio.gather(at_door, at_worker):
+                assert collected is not None
+                assert collected.ended
+                assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>both</text></Pong>"]
+    finally:
+        gate.opened.set()

@@ -43,9 +43,18 @@ from xml_pipeline.cluster.calls import DurableCaller
 from xml_pipeline.cluster.decoded import DecodedPayloads
 from xml_pipeline.cluster.hop import Hop
 from xml_pipeline.cluster.opened_here import OpenedHere
-from xml_pipeline.cluster.replies import Entry, ReplyWatcher
+from xml_pipeline.cluster.replies import Entry, ReplyWatcher, handed, was_handed
 from xml_pipeline.cluster.routing import SYSTEM_SENDER, Router
-from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Committed, Effects, NotLive, StillLive
+from xml_pipeline.cluster.store import (
+    NO_REPLIES,
+    BacklogFull,
+    ClientReply,
+    ClusterStore,
+    Committed,
+    Effects,
+    NotLive,
+    StillLive,
+)
 from xml_pipeline.handler import Handler, HandlerMetadata
 from xml_pipeline.memory.context_buffer import ContextBuffer, set_context_buffer
 from xml_pipeline.memory.factory import spec_of
@@ -75,6 +84,10 @@ log = logging.getLogger("xml_pipeline.cluster")
 
 BLOCK_SECONDS = 0.5
 """How long one read waits for new hops or replies before looking around again."""
+KEEP_HANDED_ATTEMPTS = 4
+KEEP_HANDED_PAUSE_SECONDS = 0.5
+"""Storing the replies of an end whose waiter was gone is tried this many times, pausing this much longer each
+time (on top of the client's own retries of a lost connection): 3 seconds of pauses in all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +172,7 @@ class DurableEngine:
         self._xml_limits = organism.limits.xml_limits()
         self._listeners: dict[str, Listener] = dict(organism.listeners)
         self._replies = ReplyWatcher(self.store)
+        self.store.awaited_to_end = self._replies.awaited_to_end
         self._outputs = OutputPreparer(self._xml_limits)
         self._router = Router(lambda: self._listeners, self._outputs, self.buffer, self._note_error, self.observe)
         self._held: dict[str, dict[bytes, _Held]] = {name: {} for name in self._listeners}
@@ -535,12 +549,13 @@ class DurableEngine:
             remaining = deadline - time.monotonic()
             if collected.ended or mode == "none" or (mode == "first" and collected.replies) or remaining <= 0:
                 break
-            entries = await self._replies.wait(conversation, after, remaining, home=home)
+            entries = await self._replies.wait(conversation, after, remaining, home=home, until_end=mode == "end")
             if not entries and self._replies.stopped:
                 break  # the daemon is stopping: what came so far, and the rest from another daemon
         if not seen and not await self.store.conversation_known(conversation):
             return None
-        await self.store.forget_replies(conversation, seen, ended=collected.ended)
+        if not (seen and was_handed(seen[-1])):  # handed over by a commit here: nothing was stored
+            await self.store.forget_replies(conversation, seen, ended=collected.ended)
         if collected.ended:
             self._opened_here.forget(conversation)
         return collected
@@ -590,6 +605,7 @@ class DurableEngine:
                 hop.conversation,
                 effects,
                 done=(self.store.keys.stream(listener_name), entry_id),
+                hand_over=True,
             )
             await self._tell_waiters(hop.conversation, effects, committed)
             if committed.ended:
@@ -653,6 +669,12 @@ class DurableEngine:
 
     async def _tell_waiters(self, conversation: str, effects: Effects, committed: Committed) -> None:
         """Hand what a commit here wrote for the client to its waiters here, so they need not read it back."""
+        if committed.handed:
+            handed_ids = handed(max(1, len(effects.replies)))
+            entries_handed: list[Entry] = [*zip(handed_ids, effects.replies, strict=False), (handed_ids[-1], None)]
+            if self._replies.hand_over(conversation, entries_handed):
+                return
+            committed = await self._keep_handed(conversation, effects.replies, committed.owner)
         ids = committed.reply_ids
         if not ids:
             return
@@ -664,6 +686,25 @@ class DurableEngine:
         home = conversation in self._storing or self._opened_here.recall(conversation) is not None
         if self._replies.delivered(conversation, entries, whole=whole, home=home):
             await self._replies.nudge()
+
+    async def _keep_handed(self, conversation: str, replies: list[ClientReply], owner: str) -> Committed:
+        """The end a commit handed over found its waiter gone (it timed out, or its client left, meanwhile): store
+        the replies after all, as the commit would have, for the client to collect. Until then the conversation
+        reads as unknown; should Redis stay unreachable through every attempt, they are lost, and said so."""
+        for attempt in range(1, KEEP_HANDED_ATTEMPTS + 1):
+            try:
+                return await self.store.keep_replies(conversation, replies, owner)
+            except (RedisError, OSError) as exc:
+                if attempt == KEEP_HANDED_ATTEMPTS:
+                    log.error(
+                        "the replies of ended conversation %s could not be stored for its client, whose wait ended"
+                        " as the conversation did: %s",
+                        conversation,
+                        exc,
+                    )
+                else:
+                    await asyncio.sleep(KEEP_HANDED_PAUSE_SECONDS * attempt)
+        return NO_REPLIES
 
     def _keep_decoded(self, effects: Effects) -> None:
         """Keep the fresh payloads of hops this daemon may handle, for :meth:`_decode` (before the commit:

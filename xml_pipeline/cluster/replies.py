@@ -14,6 +14,12 @@ the replies come from decides how a wait is served:
   every read here includes; the notice makes its waiters read.
 - **Any other conversation** (opened elsewhere, or forgotten here): its
   waiters are read at once, as every waiter was before inboxes.
+- **Never written.** When a client waits here for the end of a conversation
+  opened here, the step that ends it hands its replies and end straight to
+  the waiter and stores nothing (:meth:`awaited_to_end`, :meth:`hand_over`):
+  they are collected the moment they exist. Their ids are below any stream's
+  (``0-1``, ``0-2``...; see :func:`handed`), so the collector knows there is
+  nothing in Redis to delete.
 
 One task reads every awaited reply stream and the inbox in a single blocking
 ``XREAD`` on a connection of its own. A waiter that must be read at once
@@ -68,6 +74,8 @@ class _Waiter:
     over by a commit, may not hold that news, which then must outlive this waiter (its next wait reads)."""
     answered_by: int = 0
     """The read that answered it (0: none, or a commit here)."""
+    until_end: bool = False
+    """It takes every reply until the end (a collect with ``wait=end``), so the end may be handed to it."""
 
 
 class ReplyWatcher:
@@ -124,12 +132,15 @@ class ReplyWatcher:
                 if not waiter.arrived.done():
                     waiter.arrived.set_result([])
 
-    async def wait(self, conversation: str, after: bytes, timeout: float, *, home: bool = False) -> list[Entry]:
+    async def wait(
+        self, conversation: str, after: bytes, timeout: float, *, home: bool = False, until_end: bool = False
+    ) -> list[Entry]:
         """Entries of ``conversation``'s reply stream after ``after``; [] if none came within ``timeout``.
 
         ``home``: the conversation was opened here, so its news reaches this
         daemon (a commit here, or a notice in its inbox) and its stream need
-        not be read until then.
+        not be read until then. ``until_end``: the caller takes every reply
+        until the end, which may then be handed to it without being stored.
         """
         if self._stopped:
             return []
@@ -138,7 +149,8 @@ class ReplyWatcher:
             del self._stirred[conversation]
         expects_news = home and self._inbox_after is not None and not stirred
         joins_at = time.monotonic() + self._home_grace if expects_news else 0.0
-        waiter = _Waiter(conversation, after, asyncio.get_running_loop().create_future(), self._reads + 1, joins_at)
+        arrived = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(conversation, after, arrived, self._reads + 1, joins_at, until_end=until_end)
         self._waiters.setdefault(conversation, []).append(waiter)
         self._someone_waits.set()
         if not expects_news:
@@ -155,6 +167,21 @@ class ReplyWatcher:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(conversation, None)
+
+    def awaited_to_end(self, conversation: str) -> bool:
+        """Whether a waiter here takes every reply of ``conversation`` until its end (a commit may hand them over)."""
+        return any(waiter.until_end for waiter in self._pending(conversation))
+
+    def hand_over(self, conversation: str, entries: Sequence[Entry]) -> bool:
+        """A step committed here ended ``conversation`` and stored nothing: ``entries`` (all of its replies and
+        the end, with :func:`handed` ids) go to its waiters. False if no waiter takes them to the end any more
+        (its wait timed out, or was cancelled, during the commit): the caller must store them after all."""
+        waiting = self._pending(conversation)
+        if not any(waiter.until_end for waiter in waiting):
+            return False
+        for waiter in waiting:
+            _answer(waiter, entries)
+        return True
 
     def delivered(self, conversation: str, entries: Sequence[Entry], *, whole: bool, home: bool = True) -> bool:
         """A step committed here wrote ``entries`` to ``conversation``'s reply stream.
@@ -270,6 +297,16 @@ class ReplyWatcher:
                         continue  # it came after this read was issued: the next read is its own
                     if not waiter.arrived.done() and _answer(waiter, entries):
                         waiter.answered_by = read
+
+
+def handed(count: int) -> list[bytes]:
+    """Ids for ``count`` entries handed over without being stored: below every stream entry's id, and above the
+    ``after`` of a wait that has seen nothing."""
+    return [b"0-%d" % number for number in range(1, count + 1)]
+
+
+def was_handed(entry_id: bytes) -> bool:
+    return entry_id.startswith(b"0-")
 
 
 def _answer(waiter: _Waiter, entries: Sequence[Entry]) -> bool:

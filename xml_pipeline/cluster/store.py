@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +91,13 @@ _COMMIT = """
 --   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) |
 --   r chain-key uuid (the chain key starts with the conversation's id and '/') |
 --   q n field value ...
+-- After the array comes hand over, decided as late as possible (at the call): '1' when a client waits on
+-- this daemon for the conversation's end; then if this step ends it, it was opened here and wrote no reply
+-- before, its replies and end go straight to that client and are not stored; '' otherwise. Then the blobs.
 -- Answers per commit, in order: written, ended, fresh, n, then the ids of the n reply-stream entries it wrote;
--- fresh is 1 when the reply stream held nothing before them (so they are all of it). Written is 1, 0 (the
+-- fresh is 1 when the reply stream held nothing before them (so they are all of it), 2 when the step ended the
+-- conversation and handed its replies over (nothing stored: n is 1, the owner, for the caller to store them
+-- after all should the waiter be gone). Written is 1, 0 (the
 -- hop was no longer pending:
 -- nothing written), 2 (that opening was stored already), 3 (the conversation to continue is not live,
 -- or not this initiator's: nothing written), 4 (opening, but the conversation named unless-live is live and
@@ -119,7 +124,7 @@ end
 
 local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
-  local continues, hops, unless_live = c[8], c[9], c[11]
+  local continues, hops, unless_live, hand_over = c[8], c[9], c[11], ARGV[base] == '1'
   local first, last = 12, #c
   local conv_key = prefix .. 'conv:' .. conv
   local replies_key = prefix .. 'r:' .. conv
@@ -306,6 +311,11 @@ local function commit(c, base)
   for from = 1, #keys, 1000 do
     redis.call('UNLINK', unpack(keys, from, math.min(from + 999, #keys)))
   end
+  if hand_over and opener == me and replied == '0' then
+    -- Its client waits here and takes every reply with the end: a reply stream made to be deleted a moment
+    -- later would cost Redis more than the rest of the step.
+    return 1, 1, {2, {keep_owner}}
+  end
   if last_reply then
     last_reply[#last_reply + 1] = 'end'
     last_reply[#last_reply + 1] = '1'
@@ -326,7 +336,7 @@ local answers = {}
 local k = 5
 while k <= #ARGV do
   local c = cmsgpack.unpack(ARGV[k])
-  local written, ended, wrote = commit(c, k)
+  local written, ended, wrote = commit(c, k + 1)
   if type(written) == 'table' then return written end  -- an error reply
   answers[#answers + 1] = written
   answers[#answers + 1] = ended
@@ -338,7 +348,7 @@ while k <= #ARGV do
     answers[#answers + 1] = 0
     answers[#answers + 1] = 0
   end
-  k = k + 1 + c[10]
+  k = k + 2 + c[10]
 end
 return answers
 """
@@ -387,6 +397,10 @@ class Committed:
     """The ids of the reply-stream entries it wrote, in order (the last one holds the end, if it ended)."""
     fresh: bool
     """The reply stream held nothing before them: they are all of it, and a waiter here may take them as read."""
+    handed: bool = False
+    """It ended the conversation and stored nothing for the client: its replies and end are the waiter's here."""
+    owner: str = ""
+    """When handed: the identity of the client that opened it ('' for none), should they be stored after all."""
 
 
 NO_REPLIES = Committed(False, [], False)
@@ -520,7 +534,9 @@ class ClusterStore:
         self.client.set_response_callback("XREADGROUP", _as_answered)
         self.client.set_response_callback("XREAD", _as_answered)  # reply streams and inboxes: as Redis answers
         self._commit = self.client.register_script(_COMMIT)
-        self._commits: Batcher[list[bytes], tuple[int, Committed]] = Batcher(
+        self.awaited_to_end: Callable[[str], bool] = lambda conversation: False
+        """Whether a client waits on this daemon for a conversation's end (the engine's reply watcher knows)."""
+        self._commits: Batcher[tuple[bytes, list[bytes], str | None], tuple[int, Committed]] = Batcher(
             self._commit_batch, max_batch=COMMITS_PER_CALL, wait_seconds=3 * socket_timeout
         )
         self._look_script = self.client.register_script(_LOOK)
@@ -552,6 +568,7 @@ class ClusterStore:
         owner: str | None = None,
         continues: str = "",
         unless_live: str = "",
+        hand_over: bool = False,
     ) -> Committed:
         """Write ``effects`` and finish ``done`` (stream, entry id) in one step; what it wrote for the client.
 
@@ -562,7 +579,12 @@ class ClusterStore:
         that conversation is over (or another's: another initiator, or another ``owner``).
         An opening with ``unless_live`` (a conversation id) is refused with
         StillLive when that conversation is live and the same initiator's and
-        owner's: the client meant to continue it.
+        owner's: the client meant to continue it. With ``hand_over``, if a
+        client waits here for the end when the call is made (:attr:`awaited_to_end`),
+        a step that ends a conversation opened here,
+        which wrote no reply before, stores neither replies nor end: the answer
+        says so (``handed``), and the caller gives them to the waiter, or
+        stores them after all with :meth:`keep_replies`.
         When ``done`` was no longer pending (someone else finished it),
         nothing was written: the answer is ``NO_REPLIES``. The commits of one loop turn
         go to Redis in one script call (:mod:`.batching`), each still all or
@@ -588,7 +610,7 @@ class ClusterStore:
             ],
             use_bin_type=False,  # Redis's cmsgpack reads the classic raw strings only, not bin
         )
-        written, committed = await self._commits.submit([packed, *blobs])
+        written, committed = await self._commits.submit((packed, blobs, conversation if hand_over else None))
         if written == -1:
             raise BacklogFull(f"{capped} has {cap} messages waiting already")
         if written == 3:
@@ -597,18 +619,23 @@ class ClusterStore:
             raise StillLive(f"conversation {unless_live} is live and {initiator}'s")
         return committed
 
-    async def _commit_batch(self, batch: list[list[bytes]]) -> list[tuple[int, Committed]]:
-        """One script call for ``batch``, each commit packed already (its array, then its blobs)."""
+    async def _commit_batch(self, batch: list[tuple[bytes, list[bytes], str | None]]) -> list[tuple[int, Committed]]:
+        """One script call for ``batch``, each commit packed already (its array, its blobs, and the conversation
+        whose end it may hand over): whether a client waits for that end is asked only now, as late as can be."""
         args: list[Any] = [self.keys.prefix, GROUP, self.reply_retention, self.daemon_id]
-        for commit in batch:
-            args += commit
+        awaited = self.awaited_to_end
+        for packed, blobs, may_hand_over in batch:
+            args += [packed, "1" if may_hand_over is not None and awaited(may_hand_over) else "", *blobs]
         answers: Any = await self._commit(args=args)
         found: list[tuple[int, Committed]] = []
         i = 0
         while i < len(answers):
             written, ended, fresh, count = answers[i : i + 4]
             ids = answers[i + 4 : i + 4 + count]
-            found.append((int(written), Committed(bool(ended), ids, bool(fresh)) if ids else NO_REPLIES))
+            if fresh == 2:
+                found.append((int(written), Committed(True, [], True, handed=True, owner=_text(ids[0]))))
+            else:
+                found.append((int(written), Committed(bool(ended), ids, bool(fresh)) if ids else NO_REPLIES))
             i += 4 + count
         return found
 
@@ -720,6 +747,29 @@ class ClusterStore:
     async def conversation_known(self, conversation: str) -> bool:
         keys = self.keys
         return bool(await self.client.exists(keys.conversation(conversation), keys.replies(conversation)))
+
+    async def keep_replies(self, conversation: str, replies: Sequence[ClientReply], owner: str) -> Committed:
+        """Store the replies and end of a conversation whose ending step handed them to a waiter that was gone by
+        then, as that step would have stored them (kept for the reply retention)."""
+        key = self.keys.replies(conversation)
+        async with self.client.pipeline(transaction=True) as pipe:
+            for number, reply in enumerate(replies, 1):
+                end = len(reply.envelope) - len(MESSAGE_END)
+                fields: dict[str, bytes | str] = {
+                    "reply": reply.envelope,
+                    "type": reply.payload_type,
+                    "at": f"{end - len(reply.payload_xml)}:{end}",
+                }
+                if number == len(replies):
+                    fields["end"] = "1"
+                pipe.xadd(key, fields)  # type: ignore[arg-type]
+            if not replies:
+                pipe.xadd(key, {"end": "1"})
+            pipe.expire(key, self.reply_retention)
+            if owner:
+                pipe.set(f"{self.keys.prefix}r-owner:{conversation}", owner, ex=self.reply_retention)
+            written: list[Any] = await pipe.execute()
+        return Committed(True, [bytes(entry_id) for entry_id in written[: max(1, len(replies))]], True)
 
     async def forget_replies(self, conversation: str, entry_ids: Sequence[bytes], *, ended: bool) -> None:
         """Collected replies are gone; after the end, the whole stream (with the other ends of this loop turn)."""
