@@ -386,6 +386,13 @@ class ClientReply:
     payload_type: str
     payload_xml: bytes
 
+    @property
+    def payload_span(self) -> tuple[int, int]:
+        """Where the payload lies in the envelope (start, end), as a reply entry's ``at`` field says it: it ends
+        where the envelope's closing tag starts."""
+        end = len(self.envelope) - len(MESSAGE_END)
+        return end - len(self.payload_xml), end
+
 
 @dataclass(frozen=True, slots=True)
 class Committed:
@@ -455,8 +462,7 @@ class Effects:
             args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
         for reply in self.replies:
             blobs.append(reply.envelope)
-            end = len(reply.envelope) - len(MESSAGE_END)
-            start = end - len(reply.payload_xml)
+            start, end = reply.payload_span
             where[id(reply.payload_xml)] = (len(blobs), start + 1, end)
             args += ["y", len(blobs), reply.payload_type, f"{start}:{end}"]
         for slot, payload in self.history:
@@ -486,6 +492,9 @@ class Keys:
     @property
     def dead_letters(self) -> str:
         return f"{self.prefix}dlq"
+
+    def reply_owner(self, conversation: str) -> str:
+        return f"{self.prefix}r-owner:{conversation}"
 
     @property
     def durable_marker(self) -> str:
@@ -754,12 +763,8 @@ class ClusterStore:
         key = self.keys.replies(conversation)
         async with self.client.pipeline(transaction=True) as pipe:
             for number, reply in enumerate(replies, 1):
-                end = len(reply.envelope) - len(MESSAGE_END)
-                fields: dict[str, bytes | str] = {
-                    "reply": reply.envelope,
-                    "type": reply.payload_type,
-                    "at": f"{end - len(reply.payload_xml)}:{end}",
-                }
+                start, end = reply.payload_span
+                fields = {"reply": reply.envelope, "type": reply.payload_type, "at": f"{start}:{end}"}
                 if number == len(replies):
                     fields["end"] = "1"
                 pipe.xadd(key, fields)  # type: ignore[arg-type]
@@ -767,7 +772,7 @@ class ClusterStore:
                 pipe.xadd(key, {"end": "1"})
             pipe.expire(key, self.reply_retention)
             if owner:
-                pipe.set(f"{self.keys.prefix}r-owner:{conversation}", owner, ex=self.reply_retention)
+                pipe.set(self.keys.reply_owner(conversation), owner, ex=self.reply_retention)
             written: list[Any] = await pipe.execute()
         return Committed(True, [bytes(entry_id) for entry_id in written[: max(1, len(replies))]], True)
 
