@@ -134,7 +134,17 @@ local function chain_thread(chain_key, hash, rest, conv, ttl, refresh_uuid)
 end
 """
 
-_APPLY_BODY = """
+_LIVE_REGISTRATIONS_MARK = "-- (the functions of _LIVE_REGISTRATIONS)\n"
+
+
+def _with_live_registrations(script: str) -> str:
+    """``script`` with _LIVE_REGISTRATIONS' functions where it marks them (its own locals declared above)."""
+    if script.count(_LIVE_REGISTRATIONS_MARK) != 1:
+        raise ValueError("a script using _LIVE_REGISTRATIONS marks where its functions go, once")
+    return script.replace(_LIVE_REGISTRATIONS_MARK, _LIVE_REGISTRATIONS)
+
+
+_APPLY = _with_live_registrations("""
 -- ARGV: prefix, ttl (0: never expire), then the ops as one MessagePack array (one argument instead of
 -- hundreds: each argument costs the client and Redis alike, whatever its size):
 --   a thread slot max_slots max_threads (a cap below 0: none) | r chain uuid | f uuid | d thread
@@ -255,10 +265,9 @@ if appended then
   touch(index_key)
 end
 return results
-"""
-_APPLY = _APPLY_BODY.replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
+""")
 
-_GET_OR_SET = """
+_GET_OR_SET = _with_live_registrations("""
 -- KEYS: the chain's key, the UUID's key, the hash of the conversation the chain key names (see _CHAIN_THREAD);
 -- ARGV: uuid, chain, ttl, the registry's UUID key prefix, the chain after the conversation's id ('' if none),
 -- the conversation's id.
@@ -277,10 +286,10 @@ else
   redis.call('SET', KEYS[2], ARGV[2])
 end
 return ARGV[1]
-""".replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
+""")
 
 
-_CHAIN_THREAD = """
+_CHAIN_THREAD = _with_live_registrations("""
 -- The UUID of a chain. KEYS: the chain's registry key, and the hash of the durable conversation its key names
 -- (the part before the first '/'; a key of the reference's dotted API names none, and the hash is not there).
 -- ARGV: ttl, the chain key after the conversation's id (from its '/'; '' for none), the conversation's id, the
@@ -289,7 +298,7 @@ _CHAIN_THREAD = """
 local uuid_prefix, durable = ARGV[4], true
 -- (the functions of _LIVE_REGISTRATIONS)
 return (chain_thread(KEYS[1], ARGV[2] ~= '' and KEYS[2] or nil, ARGV[2], ARGV[3], tonumber(ARGV[1]), false))
-""".replace("-- (the functions of _LIVE_REGISTRATIONS)\n", _LIVE_REGISTRATIONS)
+""")
 
 
 _THREAD_CHAIN = """
