@@ -670,17 +670,14 @@ class DurableEngine:
     async def _tell_waiters(self, conversation: str, effects: Effects, committed: Committed) -> None:
         """Hand what a commit here wrote for the client to its waiters here, so they need not read it back."""
         if committed.handed:
-            handed_ids = handed(max(1, len(effects.replies)))
-            entries_handed: list[Entry] = [*zip(handed_ids, effects.replies, strict=False), (handed_ids[-1], None)]
-            if self._replies.hand_over(conversation, entries_handed):
+            entries = _reply_entries(handed(max(1, len(effects.replies))), effects.replies, ended=True)
+            if self._replies.hand_over(conversation, entries):
                 return
             committed = await self._keep_handed(conversation, effects.replies, committed.owner)
         ids = committed.reply_ids
         if not ids:
             return
-        entries: list[Entry] = list(zip(ids, effects.replies, strict=False))
-        if committed.ended:
-            entries.append((ids[-1], None))
+        entries = _reply_entries(ids, effects.replies, ended=committed.ended)
         whole = committed.fresh and len(ids) == max(1, len(effects.replies))
         # news nobody waits for yet is remembered only for a conversation opened here: any other's wait reads
         home = conversation in self._storing or self._opened_here.recall(conversation) is not None
@@ -904,3 +901,11 @@ class _Storing:
         left = self._counts.pop(self._conversation) - 1
         if left:
             self._counts[self._conversation] = left
+
+
+def _reply_entries(ids: list[bytes], replies: list[ClientReply], *, ended: bool) -> list[Entry]:
+    """A commit's replies as the entries a waiter takes: each with its id, then the end (on the last id)."""
+    entries: list[Entry] = list(zip(ids, replies, strict=False))
+    if ended:
+        entries.append((ids[-1], None))
+    return entries
