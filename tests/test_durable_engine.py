@@ -22,7 +22,7 @@ from xml_pipeline.cluster import engine as engine_module
 from xml_pipeline.cluster import replies as replies_module
 from xml_pipeline.cluster.engine import DurableEngine, DurableSettings
 from xml_pipeline.cluster.hop import Hop
-from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, StillLive
+from xml_pipeline.cluster.store import BacklogFull, ClientReply, ClusterStore, Effects, Keys, StillLive
 from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.context_buffer import BufferSlot
 from xml_pipeline.memory.redis_backend import RedisBackend
@@ -522,6 +522,47 @@ async def test_the_history_of_a_live_conversation_holds_each_hop_and_reply_with_
     assert slots[0].hop_thread != slots[1].hop_thread  # each message its own thread
     assert slots[2].hop_thread == first.thread  # the reply, on the client's thread
     gate.opened.set()
+
+
+async def test_a_hop_travels_as_its_history_slot_so_redis_stores_one_blob_for_both(
+    gated: tuple[DurableEngine, Gate],
+) -> None:
+    """Joining a slot's head to its payload in Lua hashes every byte again: the hop's stream entry carries
+    the slot itself, its header saying where the payload starts, and the hop read from it is the one sent."""
+    engine, gate = gated
+    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+    assert isinstance(first, Accepted)  # stored: the gate holds the hop, still in its stream
+    client = engine.store.client
+    [(_, fields)] = await client.xrange(engine.store.keys.stream("gate"))
+    [slot] = await client.lrange(f"continue:buf:{first.thread}", 0, -1)
+    assert fields[b"payload"] == slot
+    hop = Hop.from_fields(fields)
+    assert hop.payload_xml == ping_xml("slow").encode()
+    assert hop.conversation == first.thread
+    gate.opened.set()
+
+
+def test_a_hop_whose_payload_value_holds_more_before_it_says_where_the_payload_starts() -> None:
+    hop = Hop("c", ("console", "echo"), ("c", "t"), "console", "tests.support:Ping", b"<Ping/>", "ab")
+    header = hop.fields(payload_at=5)[1]
+    assert hop.fields(payload_at=5)[::2] == list(Hop.FIELD_NAMES)
+    assert Hop.from_fields({b"h": str(header).encode(), b"payload": b"slot:<Ping/>"}) == hop
+    assert Hop.from_fields({b"h": str(hop.fields()[1]).encode(), b"payload": b"<Ping/>"}) == hop
+
+
+def test_an_opening_sends_no_op_for_the_conversations_own_thread_and_other_chains_without_its_id() -> None:
+    """The conversation's hash is its own thread's registration, so that thread costs the script nothing;
+    another thread's chain goes without the conversation's id, which the script has already."""
+    conversation = new_thread_id()
+    effects = Effects(
+        registrations=[
+            (chain_key(conversation, ["console"]), conversation),
+            (chain_key(conversation, ["console", "echo"]), "t1"),
+        ]
+    )
+    ops, blobs = effects.arguments(Keys("p:"), conversation)
+    assert ops == ["r", "/console/echo", "t1"]
+    assert blobs == []
 
 
 def test_a_hops_fields_are_named_in_order() -> None:

@@ -34,7 +34,8 @@ class Hop:
 
     HEADER_NAMES: ClassVar[tuple[str, ...]] = ("conv", "chain", "threads", "from", "type", "trace")
     """What ``h`` holds, a line each (no name, chain, thread, type or trace reference contains a newline),
-    and the fields of an entry written before ``h`` (one each), which are still read."""
+    and the fields of an entry written before ``h`` (one each), which are still read. A seventh line, when
+    there is one, says where the payload starts in the ``payload`` field (see :meth:`fields`)."""
 
     @property
     def thread(self) -> str:
@@ -48,36 +49,43 @@ class Hop:
     def initiator(self) -> str:
         return self.chain[0]
 
-    def fields(self) -> list[bytes | str]:
-        """Flat field/value pairs for XADD."""
-        header = "\n".join(
-            (
-                self.conversation,
-                _SEP.join(self.chain),
-                _SEP.join(self.threads),
-                self.sender,
-                self.payload_type,
-                self.trace,
-            )
-        )
-        return ["h", header, "payload", self.payload_xml]
+    def fields(self, payload_at: int = 0) -> list[bytes | str]:
+        """Flat field/value pairs for XADD.
+
+        With ``payload_at``, the ``payload`` value the caller puts in (the hop's history slot, which Redis
+        then stores once for both) holds that many bytes before the payload, and the header says so.
+        """
+        lines = [
+            self.conversation,
+            _SEP.join(self.chain),
+            _SEP.join(self.threads),
+            self.sender,
+            self.payload_type,
+            self.trace,
+        ]
+        if payload_at:
+            lines.append(str(payload_at))
+        return ["h", "\n".join(lines), "payload", self.payload_xml]
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Hop:
         header = fields.get(b"h")
+        payload = fields[b"payload"]
         if header is None:  # written by a daemon of an earlier version: still in a stream or the dead letters
             conversation, chain, threads, sender, payload_type = (
                 fields[name.encode()].decode() for name in cls.HEADER_NAMES[:-1]
             )
             trace = fields.get(b"trace", b"").decode()
         else:
-            conversation, chain, threads, sender, payload_type, trace = header.decode().split("\n")
+            conversation, chain, threads, sender, payload_type, trace, *at = header.decode().split("\n")
+            if at:
+                payload = payload[int(at[0]) :]
         return cls(
             conversation=conversation,
             chain=tuple(chain.split(_SEP)),
             threads=tuple(threads.split(_SEP)),
             sender=sender,
             payload_type=payload_type,
-            payload_xml=fields[b"payload"],
+            payload_xml=payload,
             trace=trace,
         )

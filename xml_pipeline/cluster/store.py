@@ -88,8 +88,10 @@ _COMMIT = """
 --   unless live (when opening: a conversation id; if it is live, this initiator's and this owner's, nothing
 --   is written and the answer is 4, so that the client continues it instead; '' for none), then the ops:
 --   x stream n field value ... (a number as value: that blob) | y envelope-blob type payload-offset |
---   a slot | p head blob first last (a slot: head, then the blob's bytes first..last) |
---   r chain-key uuid (the chain key starts with the conversation's id and '/') |
+--   a slot | p head blob first last (a slot: head, then the blob's bytes first..last; a hop whose slot is
+--   in the same commit sends the slot as its payload's blob, its header saying where the payload starts,
+--   and the slot's op names that blob whole with an empty head, so that no slot is joined in Lua) |
+--   r chain uuid (a thread other than the conversation's own: its chain key after the conversation's id) |
 --   q n field value ...
 -- After the array comes hand over, decided as late as possible (at the call): '1' when a client waits on
 -- this daemon for the conversation's end; then if this step ends it, it was opened here and wrote no reply
@@ -114,6 +116,12 @@ _COMMIT = """
 -- A daemon's inbox lives only while the daemon does (NOMKSTREAM: a gone daemon's is not made again).
 local prefix, group, retention, me = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local uuid_prefix = prefix .. 'reg:u:'
+local answers = {}
+local EMPTY = {}
+
+-- Redis's Lua hashes every byte of every string it makes, and each closure and table costs an allocation:
+-- the helpers below live once per call, not once per commit, and a commit makes only the strings and tables
+-- its own path uses (see docs/benchmarks.md, Issue 12, third session).
 
 local function field_of(state, name)
   -- A field's value in a hash as HGETALL answers it (nil when it has none).
@@ -122,24 +130,47 @@ local function field_of(state, name)
   end
 end
 
+local function full(cap, capped)
+  -- The backlog cap is checked after the idempotency checks: a retry of a store that went through is
+  -- answered as stored, not refused as overload because the stream filled meanwhile.
+  return cap >= 0 and redis.call('XLEN', capped) >= cap
+end
+
+local function add_reply(replies_key, ids, fields, fresh)
+  -- Appends a reply entry; the answer's fresh: whether the stream held nothing before this commit's replies.
+  if fresh == nil then fresh = redis.call('XLEN', replies_key) == 0 end
+  ids[#ids + 1] = redis.call('XADD', replies_key, '*', unpack(fields))
+  return fresh
+end
+
+local function tell_opener(conv, opener)
+  if opener and opener ~= '' and opener ~= me then
+    redis.call('XADD', prefix .. 'inbox:' .. opener, 'NOMKSTREAM', 'MAXLEN', '~', 10000, '*', 'c', conv)
+  end
+end
+
+local function answer(written, ended, fresh, ids)
+  local n = #answers
+  answers[n + 1], answers[n + 2] = written, ended
+  if not ids then
+    answers[n + 3], answers[n + 4] = 0, 0
+    return
+  end
+  answers[n + 3], answers[n + 4] = fresh, #ids
+  for j = 1, #ids do answers[n + 4 + j] = ids[j] end
+end
+
 local function commit(c, base)
   local stream, id, conv, cap, capped, initiator, owner = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
   local continues, hops, unless_live, hand_over = c[8], c[9], c[11], ARGV[base] == '1'
   local first, last = 12, #c
   local conv_key = prefix .. 'conv:' .. conv
-  local replies_key = prefix .. 'r:' .. conv
-  local history_key = prefix .. 'buf:' .. conv
-  -- The backlog cap is checked after the idempotency checks: a retry of a store that went through is
-  -- answered as stored, not refused as overload because the stream filled meanwhile.
-  local function full()
-    return cap >= 0 and redis.call('XLEN', capped) >= cap
-  end
   local pending
   local state = nil  -- the conversation's hash as HGETALL answers it, read when its end is likely
   local opening = initiator ~= '' and continues == ''
   if stream ~= '' then
     if redis.call('XACK', stream, group, id) == 0 then
-      return 0, 0
+      return answer(0, 0)
     end
     redis.call('XDEL', stream, id)
     if hops == 0 then
@@ -157,15 +188,15 @@ local function commit(c, base)
     -- stored may end it before the retry comes, and NotLive would then store the message again).
     local mark = prefix .. 'cont:' .. continues
     if redis.call('EXISTS', mark) == 1 then
-      return 2, 0
+      return answer(2, 0)
     end
     -- The same name is not the same client: one with a token continues only its own, one without
     -- (on the socket, any name will do) only one opened without.
     local found = redis.call('HMGET', conv_key, 'initiator', 'owner')
     if found[1] ~= initiator or (found[2] or '') ~= owner then
-      return 3, 0
+      return answer(3, 0)
     end
-    if full() then return -1, 0 end
+    if full(cap, capped) then return answer(-1, 0) end
     redis.call('SET', mark, '1', 'EX', retention)
     pending = redis.call('HINCRBY', conv_key, 'pending', hops)
     redis.call('HSET', conv_key, 'opener', me)  -- the client now waits on this daemon
@@ -176,6 +207,7 @@ local function commit(c, base)
     -- finds the conversation (or its replies) there already and writes nothing twice. And a client's
     -- message on a thread that names its own live conversation continues it: the door asks here rather
     -- than in a call of its own before every opening. One look for both, as neither is the common case.
+    local replies_key = prefix .. 'r:' .. conv
     local live_key = unless_live ~= '' and prefix .. 'conv:' .. unless_live or nil
     local seen
     if live_key then
@@ -185,36 +217,27 @@ local function commit(c, base)
     end
     if seen > 0 then
       if not live_key or redis.call('EXISTS', conv_key, replies_key) > 0 then
-        return 2, 0
+        return answer(2, 0)
       end
       local found = redis.call('HMGET', live_key, 'initiator', 'owner')
       if found[1] == initiator and (found[2] or '') == owner then
-        return 4, 0
+        return answer(4, 0)
       end
     end
-    if full() then return -1, 0 end
+    if full(cap, capped) then return answer(-1, 0) end
     pending = hops
   end
   -- A step that ends its conversation writes no history and no threads: the end deletes them.
   local ending = pending <= 0
   if ending and not state then state = redis.call('HGETALL', conv_key) end
-  local history, registered, named = {}, {}, {}
+  local history, registered, named
   local last_reply = nil  -- written after the loop: a step that ends its conversation adds the end to it
-  local ids, fresh = {}, nil
+  local ids, fresh, replies_key = nil, nil, nil
   local replied = state and field_of(state, 'replied')
   if replied then
     -- The hash says whether replies were written before (a conversation opened by an earlier daemon
     -- does not: then the stream's length does).
     fresh = replied == '0'
-  end
-  local function add_reply(fields)
-    if fresh == nil then fresh = redis.call('XLEN', replies_key) == 0 end
-    ids[#ids + 1] = redis.call('XADD', replies_key, '*', unpack(fields))
-  end
-  local function tell_opener(opener)
-    if #ids > 0 and opener and opener ~= '' and opener ~= me then
-      redis.call('XADD', prefix .. 'inbox:' .. opener, 'NOMKSTREAM', 'MAXLEN', '~', 10000, '*', 'c', conv)
-    end
   end
   local i = first
   while i <= last do
@@ -230,33 +253,41 @@ local function commit(c, base)
       redis.call('XADD', key, '*', unpack(c, offset + 1, offset + 2 * count))
       i = offset + 2 * count + 1
     elseif code == 'y' then
-      if last_reply then add_reply(last_reply) end
+      if last_reply then
+        replies_key = replies_key or prefix .. 'r:' .. conv
+        ids = ids or {}
+        fresh = add_reply(replies_key, ids, last_reply, fresh)
+      end
       last_reply = {'reply', ARGV[base + c[i + 1]], 'type', c[i + 2], 'at', c[i + 3]}
       i = i + 4
     elseif code == 'a' then
-      history[#history + 1] = c[i + 1]
+      if not ending then
+        history = history or {}
+        history[#history + 1] = c[i + 1]
+      end
       i = i + 2
     elseif code == 'p' then
       if not ending then
-        local blob, from, to = ARGV[base + c[i + 2]], c[i + 3], c[i + 4]
-        -- A hop's blob is its payload: cutting it whole would still hash its every byte again (Redis's Lua
-        -- hashes all of a string it makes), only to find the same string.
+        local head, blob, from, to = c[i + 1], ARGV[base + c[i + 2]], c[i + 3], c[i + 4]
+        -- Cutting a blob whole, or joining it to an empty head, would hash its every byte again only to make
+        -- the same string: a hop's blob is often its whole slot already.
         if from ~= 1 or to ~= #blob then blob = string.sub(blob, from, to) end
-        history[#history + 1] = c[i + 1] .. blob
+        history = history or {}
+        history[#history + 1] = head == '' and blob or head .. blob
       end
       i = i + 5
     elseif code == 'r' then
-      -- The conversation's own thread (its id) needs nothing: its hash is its registration. Any other
-      -- thread: its chain (after the conversation's id) names it in the hash, and a registry key names its
+      -- A thread other than the conversation's own (whose hash is its registration): its chain (after the
+      -- conversation's id, as the op gives it) names it in the hash, and a registry key names its whole
       -- chain, for lookups by thread; the hash also names that key's thread, so the end deletes the key
       -- even after a later thread took the chain over.
-      local uuid = c[i + 2]
-      if not ending and uuid ~= conv then
+      if not ending then
+        local suffix, uuid = c[i + 1], c[i + 2]
+        registered, named = registered or {}, named or {}
         local n = #registered
-        registered[n + 1], registered[n + 2] = uuid_prefix .. uuid, c[i + 1]
+        registered[n + 1], registered[n + 2] = uuid_prefix .. uuid, conv .. suffix
         n = #named
-        named[n + 1], named[n + 2] = string.sub(c[i + 1], #conv + 1), uuid
-        named[n + 3], named[n + 4] = '#' .. uuid, ''
+        named[n + 1], named[n + 2], named[n + 3], named[n + 4] = suffix, uuid, '#' .. uuid, ''
       end
       i = i + 3
     else
@@ -265,33 +296,38 @@ local function commit(c, base)
   end
   if last_reply and not ending then
     -- Replies written while it lives: its end cannot take them as all of the stream's.
+    named = named or {}
     named[#named + 1], named[#named + 2] = 'replied', '1'
   end
   if opening then
     if owner ~= '' then
       redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, 'replied', '0',
-        'owner', owner, unpack(named))
+        'owner', owner, unpack(named or EMPTY))
     else
       redis.call('HSET', conv_key, 'initiator', initiator, 'pending', hops, 'opener', me, 'replied', '0',
-        unpack(named))
+        unpack(named or EMPTY))
     end
-  elseif #named > 0 then
+  elseif named then
     redis.call('HSET', conv_key, unpack(named))
   end
-  if last_reply and not ending then add_reply(last_reply) end
   if not ending then
-    if #history > 0 then
-      redis.call('RPUSH', history_key, unpack(history))
+    if last_reply then
+      replies_key = replies_key or prefix .. 'r:' .. conv
+      ids = ids or {}
+      fresh = add_reply(replies_key, ids, last_reply, fresh)
     end
-    if #registered > 0 then
+    if history then
+      redis.call('RPUSH', prefix .. 'buf:' .. conv, unpack(history))
+    end
+    if registered then
       redis.call('MSET', unpack(registered))
     end
-    if #ids > 0 then
-      tell_opener(state and field_of(state, 'opener') or redis.call('HGET', conv_key, 'opener'))
+    if ids then
+      tell_opener(conv, state and field_of(state, 'opener') or redis.call('HGET', conv_key, 'opener'))
     end
-    return 1, 0, {fresh and 1 or 0, ids}
+    return answer(1, 0, fresh and 1 or 0, ids)
   end
-  local keys, keep_owner, opener = {conv_key, history_key}, '', ''
+  local keys, keep_owner, opener = {conv_key, prefix .. 'buf:' .. conv}, '', ''
   local legacy = prefix .. 'reg:'
   for k = 1, #state, 2 do
     local name = state[k]
@@ -314,40 +350,31 @@ local function commit(c, base)
   if hand_over and opener == me and replied == '0' then
     -- Its client waits here and takes every reply with the end: a reply stream made to be deleted a moment
     -- later would cost Redis more than the rest of the step.
-    return 1, 1, {2, {keep_owner}}
+    return answer(1, 1, 2, {keep_owner})
   end
+  replies_key = replies_key or prefix .. 'r:' .. conv
+  ids = ids or {}
   if last_reply then
     last_reply[#last_reply + 1] = 'end'
     last_reply[#last_reply + 1] = '1'
-    add_reply(last_reply)
+    fresh = add_reply(replies_key, ids, last_reply, fresh)
   else
-    add_reply({'end', '1'})
+    fresh = add_reply(replies_key, ids, {'end', '1'}, fresh)
   end
-  tell_opener(opener)
+  tell_opener(conv, opener)
   redis.call('EXPIRE', replies_key, retention)
   if keep_owner ~= '' then
     -- Who may collect the replies, kept as long as they are.
     redis.call('SET', prefix .. 'r-owner:' .. conv, keep_owner, 'EX', retention)
   end
-  return 1, 1, {fresh and 1 or 0, ids}
+  return answer(1, 1, fresh and 1 or 0, ids)
 end
 
-local answers = {}
 local k = 5
 while k <= #ARGV do
   local c = cmsgpack.unpack(ARGV[k])
-  local written, ended, wrote = commit(c, k + 1)
-  if type(written) == 'table' then return written end  -- an error reply
-  answers[#answers + 1] = written
-  answers[#answers + 1] = ended
-  if wrote then
-    answers[#answers + 1] = wrote[1]
-    answers[#answers + 1] = #wrote[2]
-    for _, id in ipairs(wrote[2]) do answers[#answers + 1] = id end
-  else
-    answers[#answers + 1] = 0
-    answers[#answers + 1] = 0
-  end
+  local failed = commit(c, k + 1)
+  if failed then return failed end  -- an error reply
   k = k + 2 + c[10]
 end
 return answers
@@ -446,18 +473,39 @@ class Effects:
     registrations: list[tuple[str, str]] = field(default_factory=list)
     dead_letters: list[list[bytes | str]] = field(default_factory=list)
 
-    def arguments(self, keys: Keys) -> tuple[list[bytes | str | int], list[bytes]]:
-        """The ops for the commit script, and the blobs (payloads) they refer to by number from 1."""
+    def arguments(self, keys: Keys, conversation: str) -> tuple[list[bytes | str | int], list[bytes]]:
+        """The ops for the commit script, and the blobs (payloads) they refer to by number from 1.
+
+        A hop whose history slot is in this commit travels as that slot, its header saying where its payload
+        starts, so the script stores one blob twice instead of joining a slot in Lua (which hashes every byte
+        it makes: about 6% of a one-hop conversation's Redis CPU, docs/benchmarks.md).
+        """
         args: list[bytes | str | int] = []
         blobs: list[bytes] = []
         where: dict[int, tuple[int, int, int]] = {}
         """By the id of a payload object: its blob, and where in the blob it lies (1-based, inclusive)."""
+        whole: dict[int, int] = {}
+        """By the id of a history slot sent as its hop's blob: that blob."""
+        slots: dict[int, list[bytes]] = {}
+        """By the id of a payload object: the history slots that end with it, not yet paired with a hop."""
+        for slot, payload in self.history:
+            if payload and slot.endswith(payload):
+                slots.setdefault(id(payload), []).append(slot)
         for chain, uuid in self.registrations:
-            args += ["r", chain, uuid]
+            if uuid != conversation:  # the conversation's own thread: its hash is its registration
+                args += ["r", chain[len(conversation) :], uuid]
         for hop in self.hops:
-            blobs.append(hop.payload_xml)
-            where[id(hop.payload_xml)] = (len(blobs), 1, len(hop.payload_xml))
-            fields: list[bytes | str | int] = [*hop.fields()]
+            fields: list[bytes | str | int]
+            paired = slots.get(id(hop.payload_xml))
+            if paired:
+                slot = paired.pop(0)
+                blobs.append(slot)
+                whole[id(slot)] = len(blobs)
+                fields = [*hop.fields(payload_at=len(slot) - len(hop.payload_xml))]
+            else:
+                blobs.append(hop.payload_xml)
+                where[id(hop.payload_xml)] = (len(blobs), 1, len(hop.payload_xml))
+                fields = [*hop.fields()]
             fields[_PAYLOAD_VALUE] = len(blobs)
             args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
         for reply in self.replies:
@@ -466,8 +514,11 @@ class Effects:
             where[id(reply.payload_xml)] = (len(blobs), start + 1, end)
             args += ["y", len(blobs), reply.payload_type, f"{start}:{end}"]
         for slot, payload in self.history:
+            number = whole.get(id(slot))
             found = where.get(id(payload))
-            if found is not None and payload and slot.endswith(payload):
+            if number is not None:
+                args += ["p", "", number, 1, len(slot)]
+            elif found is not None and payload and slot.endswith(payload):
                 args += ["p", slot[: len(slot) - len(payload)], *found]
             else:
                 args += ["a", slot]
@@ -601,7 +652,7 @@ class ClusterStore:
         """
         stream, entry_id = done if done is not None else ("", b"")
         initiator, capped, cap = opening if opening is not None else ("", "", -1)
-        ops, blobs = effects.arguments(self.keys)
+        ops, blobs = effects.arguments(self.keys, conversation)
         packed = msgpack.packb(
             [
                 stream,
