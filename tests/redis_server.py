@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -21,7 +22,14 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on 127.0.0.1, without persistence; restartable on the same port."""
 
-    def __init__(self, password: str | None = None, *, tls: bool = False, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        password: str | None = None,
+        *,
+        tls: bool = False,
+        persistent: bool = False,
+        launcher: Sequence[str] = (),
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it (Debian package redis-server)")
@@ -31,6 +39,8 @@ class RedisServer:
         self.tls = tls
         self.persistent = persistent
         """AOF on, fsync on every write: a restart keeps everything acknowledged."""
+        self.launcher = list(launcher)
+        """A command the server runs under (a profiler, say), its own arguments included."""
         self.directory = Path(tempfile.mkdtemp(prefix="xp-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
         if tls:
@@ -56,7 +66,7 @@ class RedisServer:
 
     def _arguments(self) -> list[str]:
         aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        arguments = [self.binary, "--bind", "127.0.0.1", "--save", "", *aof]
+        arguments = [*self.launcher, self.binary, "--bind", "127.0.0.1", "--save", "", *aof]
         arguments += ["--dir", str(self.directory), "--protected-mode", "yes"]
         if self.tls:
             arguments += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]

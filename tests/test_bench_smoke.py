@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from benchmarks import redis_instructions
 from benchmarks.cpu_time import cpu_microseconds
 from benchmarks.durable_cpu import durable_cpu_microseconds
+from benchmarks.redis_instructions import instructions_in
 from benchmarks.shared_floor import DEFAULT_SHARED, SCRIPT
 from tests.conftest import ROOT
 
@@ -109,3 +111,20 @@ async def test_durable_cpu_per_round_trip_runs_end_to_end() -> None:
     spent = await durable_cpu_microseconds(1, conversations=50)
     assert sorted(spent) == ["engine", "redis"]
     assert all(value > 0 for value in spent.values())
+
+
+def test_the_instruction_count_is_read_from_the_callgrind_dump_asked_for(tmp_path: Path) -> None:
+    """benchmarks.redis_instructions reads the count of the dump it asked for, and refuses a file that is none
+    (valgrind itself is not installed by `make test`, so the measurement is run by hand)."""
+    dump = tmp_path / "out.1"
+    dump.write_text("# callgrind format\nversion: 1\nevents: Ir\nfl=(1) x.c\nfn=(1) f\n3 12\nsummary: 270899123\n")
+    assert instructions_in(dump) == 270_899_123
+    other = tmp_path / "other"
+    other.write_text("not a dump\n")
+    with pytest.raises(ValueError, match="no summary"):
+        instructions_in(other)
+
+
+def test_the_instruction_count_says_so_when_valgrind_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_instructions.shutil, "which", lambda name: None)
+    assert redis_instructions.main() == 2
