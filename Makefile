@@ -45,8 +45,11 @@ unit: $(STAMP) test-packages
 ## lint, type-check and run the whole test suite
 test: lint typecheck unit
 
-## measure the pump, the pool and the primitives against their floors (a few minutes)
+## measure the pump, the pool and the primitives against their floors (a few minutes); valgrind counts the
+## instructions redis-server runs per durable conversation (measurement 9, benchmarks.redis_instructions)
 bench: $(STAMP) test-packages
+	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind: measurement 9 counts Redis's instructions"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind; }
 	$(BIN)/python -m benchmarks.run --out bench-results
 
 clean:

@@ -24,6 +24,7 @@ from pathlib import Path
 import aiohttp
 import redis
 
+from benchmarks import redis_instructions
 from benchmarks.measure import Result, closed_loop, envelope, orders_organism, running
 from benchmarks.paired import Paired, interleaved
 from benchmarks.workload import sample_order
@@ -105,7 +106,9 @@ def redis_cpu_seconds(url: str) -> float:
         client.close()
 
 
-async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Result:
+async def durable_throughput(count: int, repeats: int, daemon_count: int, instructions_of: int = 0) -> Result:
+    """Measurement 9; with ``instructions_of``, also the instructions Redis runs per one-hop conversation over
+    that many (:mod:`benchmarks.redis_instructions`, on a Redis of its own under callgrind)."""
     from tests.redis_server import RedisServer
 
     server = RedisServer()
@@ -149,6 +152,7 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
     versus_redis = Paired.of(
         "at-least-once", figures["at-least-once"], "at-most-once Redis pump", figures["at-most-once"]
     )
+    instructions, instructions_note = await counted_instructions(instructions_of)
     redis_us_per_hop = redis_cpu * 1e6 / (count * repeats)
     per_relayed_hop = relayed / RELAY_HOPS
     added_hop = (relayed - redis_us_per_hop) / (RELAY_HOPS - 1)
@@ -156,7 +160,8 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
         "9. delivery at-least-once (durable engine, Redis Streams) vs the memory and at-most-once Redis pumps",
         f"{versus_memory.subject_figure.text(',.0f')} hops/s; Redis CPU {redis_us_per_hop:.0f} us per hop"
         f" (accept, commit and reply reads) = {redis_us_per_hop / reference:.1f} pipelined 1 KB SETs"
-        f" ({reference:.2f} us each here); {daemon_count} daemons / 1: {scaling.ratio.text('.2f')}",
+        f" ({reference:.2f} us each here); {instructions_note}; "
+        f"{daemon_count} daemons / 1: {scaling.ratio.text('.2f')}",
         f"memory pump {versus_memory.baseline_figure.text(',.0f')} hops/s; "
         f"at-most-once Redis {versus_redis.baseline_figure.text(',.0f')} hops/s; Redis CPU in conversations of "
         f"{RELAY_HOPS} hops: {per_relayed_hop:.0f} us per hop, {added_hop:.0f} us for each hop past the first",
@@ -168,8 +173,20 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int) -> Res
             "redis_cpu_us_per_conversation_of_3_hops": relayed,
             "redis_cpu_us_per_added_hop": added_hop,
             "redis_cpu_us_per_reference_set": reference,
+            "redis_instructions_per_conversation": instructions,
         },
     )
+
+
+async def counted_instructions(conversations: int) -> tuple[float | None, str]:
+    """Redis's instructions per one-hop conversation, and how the figure line says it (or why it has none)."""
+    if not conversations:
+        return None, "instructions not counted (quick run)"
+    missing = redis_instructions.missing_tools()
+    if missing is not None:
+        return None, f"instructions not counted ({missing})"
+    figure = await redis_instructions.instructions_per_conversation(conversations)
+    return figure, f"{figure:,.0f} instructions of redis-server (callgrind)"
 
 
 RELAY_HOPS = 3

@@ -9,7 +9,8 @@ this figure steers the work on what Redis runs::
 
     .venv/bin/python -m benchmarks.redis_instructions [conversations]
 
-Needs valgrind (Debian package ``valgrind``), which the project does not otherwise need or install. Under it
+Needs valgrind (Debian package ``valgrind``), which ``make bench`` installs (measurement 9 prints this figure
+too) and nothing else of the project needs. Under it
 Redis runs about fifty times slower, so the engine's batches are larger than at full speed: compare figures
 from this tool with each other, not with a count taken some other way.
 """
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import uvloop
 
-from benchmarks.durable import CLIENTS, durable_engine, durable_loop
 from benchmarks.measure import envelope
 from benchmarks.workload import sample_order
 
@@ -46,6 +46,7 @@ def _control(option: str, pid: int) -> None:
 
 async def instructions_per_conversation(conversations: int) -> float:
     """Redis's instructions per one-hop conversation of the Order workload, 64 clients, after a warm-up."""
+    from benchmarks.durable import CLIENTS, durable_engine, durable_loop  # it reports this figure too
     from tests.redis_server import RedisServer
 
     dumps = Path(tempfile.mkdtemp(prefix="xp-callgrind-"))
@@ -66,9 +67,17 @@ async def instructions_per_conversation(conversations: int) -> float:
         shutil.rmtree(dumps, ignore_errors=True)
 
 
-def main() -> int:
+def missing_tools() -> str | None:
+    """Why nothing can be counted here, or None."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        print("valgrind is not installed (Debian package valgrind): nothing measured", file=sys.stderr)
+        return "valgrind is not installed (Debian package valgrind)"
+    return None
+
+
+def main() -> int:
+    missing = missing_tools()
+    if missing is not None:
+        print(f"{missing}: nothing measured", file=sys.stderr)
         return 2
     conversations = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     logging.getLogger("xml_pipeline").setLevel(logging.CRITICAL)

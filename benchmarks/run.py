@@ -34,6 +34,7 @@ FULL = {
     "memory": 1_000_000,
     "bad": 2_000,
     "durable": 4_000,
+    "instructions": 1_000,
     "repeats": 5,
 }
 QUICK = {
@@ -46,6 +47,7 @@ QUICK = {
     "memory": 12_000,
     "bad": 100,
     "durable": 200,
+    "instructions": 0,
     "repeats": 2,
 }
 
@@ -77,7 +79,11 @@ async def run_all(sizes: dict[str, float], shared: SharedFloor | str) -> Report:
     results.append(await measure.memory_growth(int(sizes["memory"])))
     results.append(await measure.bad_input_cost(int(sizes["bad"]), repeats))
     results.append(await observation_cost(hops, repeats))
-    results.append(await durable.durable_throughput(int(sizes["durable"]), repeats, daemon_count=2))
+    results.append(
+        await durable.durable_throughput(
+            int(sizes["durable"]), repeats, daemon_count=2, instructions_of=int(sizes["instructions"])
+        )
+    )
     note = shared if isinstance(shared, str) else f"measured by running {shared.script} in a process of its own"
     return Report(own, reference, note, results)
 
