@@ -71,8 +71,8 @@ MAX_CONNECTIONS = 64
 COMMITS_PER_CALL = 128
 """Commits one script call carries at most: enough to pay a call's cost once per loop turn under load,
 few enough that Redis, which runs a script alone, is never held for long."""
-_PAYLOAD_VALUE = Hop.FIELD_NAMES.index("payload") * 2 + 1
-"""Where the payload's value lies in a hop's XADD fields."""
+_HEADER_VALUE = Hop.FIELD_NAMES.index("h") * 2 + 1
+"""Where the header's value lies in a hop's XADD fields (the script writes the two fields by these names)."""
 
 _COMMIT = """
 -- One call commits a batch: ARGV = prefix, group, reply retention, the committing daemon, then each commit:
@@ -84,10 +84,11 @@ _COMMIT = """
 --   initiator ('' unless opening or continuing), owner (the client's identity, '' for none; checked when
 --   continuing),
 --   continues (the new hop's thread when a client continues its conversation, else ''),
---   hops (the x ops' count), blobs (how many arguments follow the array),
+--   hops (the h ops' count), blobs (how many arguments follow the array),
 --   unless live (when opening: a conversation id; if it is live, this initiator's and this owner's, nothing
 --   is written and the answer is 4, so that the client continues it instead; '' for none), then the ops:
---   x stream n field value ... (a number as value: that blob) | y envelope-blob type payload-offset |
+--   h stream header blob (a hop: its stream entry's two fields, the payload that blob) |
+--   y envelope-blob type payload-offset |
 --   a slot | p head blob first last (a slot: head, then the blob's bytes first..last; a hop whose slot is
 --   in the same commit sends the slot as its payload's blob, its header saying where the payload starts,
 --   and the slot's op names that blob whole with an empty head, so that no slot is joined in Lua) |
@@ -242,16 +243,13 @@ local function commit(c, base)
   local i = first
   while i <= last do
     local code = c[i]
-    if code == 'x' or code == 'q' then
-      local key, count, offset
-      if code == 'x' then
-        key, count, offset = c[i + 1], tonumber(c[i + 2]), i + 2
-        for v = offset + 2, offset + 2 * count, 2 do
-          if type(c[v]) == 'number' then c[v] = ARGV[base + c[v]] end
-        end
-      else key, count, offset = prefix .. 'dlq', tonumber(c[i + 1]), i + 1 end
-      redis.call('XADD', key, '*', unpack(c, offset + 1, offset + 2 * count))
-      i = offset + 2 * count + 1
+    if code == 'h' then
+      redis.call('XADD', c[i + 1], '*', 'h', c[i + 2], 'payload', ARGV[base + c[i + 3]])
+      i = i + 4
+    elseif code == 'q' then
+      local count = tonumber(c[i + 1])
+      redis.call('XADD', prefix .. 'dlq', '*', unpack(c, i + 2, i + 1 + 2 * count))
+      i = i + 2 + 2 * count
     elseif code == 'y' then
       if last_reply then
         replies_key = replies_key or prefix .. 'r:' .. conv
@@ -329,15 +327,18 @@ local function commit(c, base)
   end
   local keys, keep_owner, opener = {conv_key, prefix .. 'buf:' .. conv}, '', ''
   local legacy = prefix .. 'reg:'
+  local legacy_chain = string.byte(legacy, 1) == 47  -- a prefix that starts with '/', as chains do
   for k = 1, #state, 2 do
     local name = state[k]
+    local first_byte = string.byte(name, 1)
     if name == 'owner' then
       keep_owner = state[k + 1]
     elseif name == 'opener' then
       opener = state[k + 1]
-    elseif string.byte(name, 1) == 35 then  -- '#': a thread whose registry key this conversation wrote
+    elseif first_byte == 35 then  -- '#': a thread whose registry key this conversation wrote
       keys[#keys + 1] = uuid_prefix .. string.sub(name, 2)
-    elseif string.sub(name, 1, #legacy) == legacy then
+    elseif (first_byte ~= 47 or legacy_chain) and name ~= 'initiator' and name ~= 'pending'
+        and name ~= 'replied' and string.sub(name, 1, #legacy) == legacy then  -- no chain or field of its own
       -- A registry key by its name: how daemons before 2026-12-02 kept them, for a conversation they opened
       -- that ends after an upgrade.
       keys[#keys + 1] = name
@@ -495,19 +496,17 @@ class Effects:
             if uuid != conversation:  # the conversation's own thread: its hash is its registration
                 args += ["r", chain[len(conversation) :], uuid]
         for hop in self.hops:
-            fields: list[bytes | str | int]
             paired = slots.get(id(hop.payload_xml))
+            payload_at = 0
             if paired:
                 slot = paired.pop(0)
                 blobs.append(slot)
                 whole[id(slot)] = len(blobs)
-                fields = [*hop.fields(payload_at=len(slot) - len(hop.payload_xml))]
+                payload_at = len(slot) - len(hop.payload_xml)
             else:
                 blobs.append(hop.payload_xml)
                 where[id(hop.payload_xml)] = (len(blobs), 1, len(hop.payload_xml))
-                fields = [*hop.fields()]
-            fields[_PAYLOAD_VALUE] = len(blobs)
-            args += ["x", keys.stream(hop.target), len(fields) // 2, *fields]
+            args += ["h", keys.stream(hop.target), hop.fields(payload_at)[_HEADER_VALUE], len(blobs)]
         for reply in self.replies:
             blobs.append(reply.envelope)
             start, end = reply.payload_span
