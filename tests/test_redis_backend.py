@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import msgpack
 import pytest
 import redis
 
@@ -122,6 +123,18 @@ def test_a_batch_survives_the_server_forgetting_its_scripts(redis_server: RedisS
     outcomes = backend.apply([RegisterThread("c/a", "u1"), AppendSlot("t", b"<b/>", 10, 10), ForgetThread("u1")])
     assert outcomes == [None, 1, True]
     assert backend.buffer_get_thread("t") == [b"<a/>", b"<b/>"]  # each op ran exactly once
+
+
+def test_each_slot_of_a_batch_is_an_argument_of_its_own_and_lands_in_order(redis_server: RedisServer) -> None:
+    """Inside the MessagePack array a slot's bytes would be hashed twice by Redis's Lua (as the array's
+    argument and as the string unpacked from it): the array names each slot by its argument's number."""
+    backend = RedisBackend(redis_server.url, prefix=f"slots-{uuid.uuid4().hex[:8]}:")
+    ops = [AppendSlot("t", b"<a/>", 10, 10), RegisterThread("c/a", "u1"), AppendSlot("t", b"<b/>", 10, 10)]
+    args = backend._apply_args(ops)
+    assert args[3:] == [b"<a/>", b"<b/>"]
+    assert msgpack.unpackb(args[2], raw=True)[:3] == [b"a", b"t", 1]
+    assert backend.apply(ops) == [0, None, 1]
+    assert backend.buffer_get_thread("t") == [b"<a/>", b"<b/>"]
 
 
 def test_a_prefix_with_glob_characters_touches_only_its_own_keys(redis_server: RedisServer) -> None:

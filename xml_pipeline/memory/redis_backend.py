@@ -146,18 +146,24 @@ def _with_live_registrations(script: str) -> str:
 
 _APPLY = _with_live_registrations("""
 -- ARGV: prefix, ttl (0: never expire), then the ops as one MessagePack array (one argument instead of
--- hundreds: each argument costs the client and Redis alike, whatever its size):
---   a thread slot max_slots max_threads (a cap below 0: none) | r chain uuid | f uuid | d thread
-local prefix, ttl = ARGV[1], tonumber(ARGV[2])
+-- hundreds: each argument costs the client and Redis alike, whatever its size), then the slots, an argument
+-- each (a slot inside the array would have its every byte hashed twice by Redis's Lua: as the array's
+-- argument and as the string unpacked from it):
+--   a thread slot-number max_slots max_threads (a cap below 0: none; the slot is ARGV[3 + slot-number]) |
+--   r chain uuid | f uuid | d thread
+-- Numbers go to redis.call as the strings they are made from once: Lua formats a number argument with
+-- sprintf at every call (about 2,000 instructions each, 5% of a round trip's Redis work).
+local prefix, ttl_text = ARGV[1], ARGV[2]
+local ttl = tonumber(ttl_text)
 local ops = cmsgpack.unpack(ARGV[3])
-local now = tonumber(redis.call('TIME')[1])
+local now_text = redis.call('TIME')[1]
 local expires_at = '+inf'
-if ttl > 0 then expires_at = now + ttl end
+if ttl > 0 then expires_at = tostring(tonumber(now_text) + ttl) end
 local function touch(key)
-  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  if ttl > 0 then redis.call('EXPIRE', key, ttl_text) end
 end
 local function set(key, value)
-  if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
+  if ttl > 0 then redis.call('SET', key, value, 'EX', ttl_text) else redis.call('SET', key, value) end
 end
 local index_key = prefix .. 'buf-index'
 local uuid_prefix, chain_prefix, buffer_prefix = prefix .. 'reg:u:', prefix .. 'reg:c:', prefix .. 'buf:'
@@ -171,13 +177,13 @@ while i <= n do
     local thread = ops[i + 1]
     local key = buffer_prefix .. thread
     if not appended then
-      redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now)
+      redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now_text)
       appended = true
     end
     local max_slots, max_threads = tonumber(ops[i + 3]), tonumber(ops[i + 4])
     -- Pushed first and taken back if over a cap (the script runs alone: nobody sees it), so that the
     -- common case is one call instead of a length check and the push.
-    local length = redis.call('RPUSH', key, ops[i + 2])
+    local length = redis.call('RPUSH', key, ARGV[3 + ops[i + 2]])
     local result = length - 1
     if length == 1 then
       if max_threads >= 0 and redis.call('ZSCORE', index_key, thread) == false
@@ -214,7 +220,7 @@ while i <= n do
     else
       local previous  -- SET ... GET: the write and the look at what it replaces, one call
       if ttl > 0 then
-        previous = redis.call('SET', chain_key, uuid, 'EX', ttl, 'GET')
+        previous = redis.call('SET', chain_key, uuid, 'EX', ttl_text, 'GET')
       else
         previous = redis.call('SET', chain_key, uuid, 'GET')
       end
@@ -491,9 +497,11 @@ class RedisBackend:
 
     def _apply_args(self, ops: Sequence[StateOp]) -> list[Any]:
         args: list[Any] = []
+        slots: list[bytes] = []
         for op in ops:
             if type(op) is AppendSlot:
-                args += ("a", op.thread_id, op.slot, _cap(op.max_slots), _cap(op.max_threads))
+                slots.append(op.slot)
+                args += ("a", op.thread_id, len(slots), _cap(op.max_slots), _cap(op.max_threads))
             elif type(op) is RegisterThread:
                 args += ("r", op.chain, op.uuid)
             elif type(op) is ForgetThread:
@@ -503,7 +511,7 @@ class RedisBackend:
             else:
                 raise TypeError(f"not a state op: {op!r}")
         packed = msgpack.packb(args, use_bin_type=False)  # Redis's cmsgpack reads raw strings, not bin
-        return [self.prefix, self.ttl, packed]
+        return [self.prefix, self.ttl, packed, *slots]
 
     @contextlib.asynccontextmanager
     async def writer(self) -> AsyncIterator[AsyncStateWriter]:
