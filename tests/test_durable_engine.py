@@ -904,6 +904,34 @@ async def test_registry_keys_a_conversation_named_the_earlier_way_are_deleted_at
     assert await client.exists(*earlier) == 0
 
 
+@pytest.mark.parametrize("prefix", ["earlier:", "/earlier:", "#earlier:"], ids=["plain", "slash", "hash"])
+async def test_registry_keys_named_the_earlier_way_are_deleted_at_the_end_whatever_the_prefix_starts_with(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The end tells a field naming an earlier daemon's registry key (``{prefix}reg:...``) from a chain
+    (``/...``) and from a thread whose key it wrote (``#...``) by its first byte: a prefix that starts with
+    either must still have those keys deleted, not taken for a chain or a thread's (and left for ever)."""
+    gate = Gate()
+    listeners = [Listener("gate", [Ping], gate.handler, peers=[], ingress=True)]
+    try:
+        async with started(redis_server, prefix, listeners) as engine:
+            first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+            assert isinstance(first, Accepted)
+            client, keys = engine.store.client, engine.store.keys
+            earlier = [f"{prefix}reg:c:{first.thread}/console/gate", f"{prefix}reg:u:{new_thread_id()}"]
+            for key in earlier:
+                await client.set(key, "x")
+            await client.hset(keys.conversation(first.thread), mapping=dict.fromkeys(earlier, ""))
+            gate.opened.set()
+            assert await payloads_collected(engine, first.thread, "end", ended=True) == [
+                b"<Pong><text>slow</text></Pong>"
+            ]
+            assert await client.exists(*earlier) == 0
+            assert await _state_left(engine) == []
+    finally:
+        gate.opened.set()
+
+
 async def test_replies_written_before_its_end_are_collected_when_the_hash_does_not_say_so(
     gated: tuple[DurableEngine, Gate],
 ) -> None:
