@@ -114,3 +114,45 @@ async def test_a_replayed_dead_letter_keeps_its_conversations_owner(redis_server
             assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>lost</text></Pong>"]
     finally:
         letters.close()
+
+
+async def test_a_hop_claimed_then_dead_lettered_is_listed_and_replayed_as_its_payload_alone(
+    redis_server: RedisServer,
+) -> None:
+    """A hop's stream entry holds its history slot (its header says where the payload starts). Taken by a daemon
+    that went silent and claimed past max_deliveries, it is dead-lettered: the letter must hold the payload
+    alone, as listed and as replayed, and the replayed hop is answered on its thread."""
+    prefix = "dl-claimed:"
+    listeners = [Listener("echo", [Ping], _echo, peers=[], ingress=True, timeout_seconds=0.2)]
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    letters = DeadLetters(redis_server.url, prefix)
+    try:
+        async with started(redis_server, prefix, listeners, settings=door_only) as door:
+            accepted = await door.accept(envelope(ping_xml("two\nlines")))
+            assert isinstance(accepted, Accepted)
+            await door.store.read("silent-daemon", {"echo": 1}, 100)  # taken, never committed
+            settings = DurableSettings(
+                reply_retention_seconds=30, claim_grace_seconds=0.1, lease_seconds=0.2, max_deliveries=1
+            )
+            async with started(redis_server, prefix, listeners, settings=settings):
+                failed = await door.collect(accepted.thread, "end", 10)
+                assert failed is not None
+                assert failed.ended
+                [error] = failed.replies
+                assert b"dead-letter" in error.envelope
+                [letter] = letters.list()
+                assert (letter.listener, letter.deliveries) == ("echo", 1)
+                assert letter.hop.payload_xml == ping_xml("two\nlines").encode()
+                assert letter.hop.conversation == accepted.thread
+                assert letters.replay(letter.entry_id) is not None
+                answered = await door.collect(accepted.thread, "end", 10)
+                assert answered is not None
+                assert answered.ended
+                assert [reply.payload_xml for reply in answered.replies] == [b"<Pong><text>two\nlines</text></Pong>"]
+                assert letters.list() == []
+    finally:
+        letters.close()
+
+
+async def _echo(payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+    return HandlerResponse.respond(Pong(payload.text))

@@ -15,6 +15,7 @@ import redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.durable_support import started
+from tests.primitive_support import Count, add_one, double
 from tests.redis_server import RedisServer
 from tests.support import Ping, Pong, echo, envelope, hangs, ping_xml
 from xml_pipeline import ErrorCode
@@ -27,11 +28,13 @@ from xml_pipeline.handler import HandlerMetadata, HandlerResponse
 from xml_pipeline.memory.context_buffer import BufferSlot
 from xml_pipeline.memory.redis_backend import RedisBackend
 from xml_pipeline.message.envelope import MESSAGE_END, envelope_bytes
+from xml_pipeline.message.payload_codec import codec_for
 from xml_pipeline.message.safe_xml import XmlLimits
 from xml_pipeline.message_bus.client_access import ClientAccess
 from xml_pipeline.message_bus.engine import Accepted, Refused
 from xml_pipeline.message_bus.thread_registry import ThreadRecord, chain_key, new_thread_id
 from xml_pipeline.organism import Listener, Organism, PumpLimits
+from xml_pipeline.primitives import BufferComplete, BufferStart, SequenceComplete, SequenceStart
 
 ALICE = ClientAccess.authenticated("alice", frozenset({"echo"}))
 
@@ -904,6 +907,34 @@ async def test_registry_keys_a_conversation_named_the_earlier_way_are_deleted_at
     assert await client.exists(*earlier) == 0
 
 
+@pytest.mark.parametrize("prefix", ["earlier:", "/earlier:", "#earlier:"], ids=["plain", "slash", "hash"])
+async def test_registry_keys_named_the_earlier_way_are_deleted_at_the_end_whatever_the_prefix_starts_with(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The end tells a field naming an earlier daemon's registry key (``{prefix}reg:...``) from a chain
+    (``/...``) and from a thread whose key it wrote (``#...``) by its first byte: a prefix that starts with
+    either must still have those keys deleted, not taken for a chain or a thread's (and left for ever)."""
+    gate = Gate()
+    listeners = [Listener("gate", [Ping], gate.handler, peers=[], ingress=True)]
+    try:
+        async with started(redis_server, prefix, listeners) as engine:
+            first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
+            assert isinstance(first, Accepted)
+            client, keys = engine.store.client, engine.store.keys
+            earlier = [f"{prefix}reg:c:{first.thread}/console/gate", f"{prefix}reg:u:{new_thread_id()}"]
+            for key in earlier:
+                await client.set(key, "x")
+            await client.hset(keys.conversation(first.thread), mapping=dict.fromkeys(earlier, ""))
+            gate.opened.set()
+            assert await payloads_collected(engine, first.thread, "end", ended=True) == [
+                b"<Pong><text>slow</text></Pong>"
+            ]
+            assert await client.exists(*earlier) == 0
+            assert await _state_left(engine) == []
+    finally:
+        gate.opened.set()
+
+
 async def test_replies_written_before_its_end_are_collected_when_the_hash_does_not_say_so(
     gated: tuple[DurableEngine, Gate],
 ) -> None:
@@ -1128,3 +1159,151 @@ async def test_a_conversation_ended_on_another_daemon_than_its_door_is_stored_fo
                 assert [reply.payload_xml for reply in collected.replies] == [b"<Pong><text>both</text></Pong>"]
     finally:
         gate.opened.set()
+
+
+async def test_a_hop_claimed_from_a_silent_daemon_is_handled_with_its_payload_alone(redis_server: RedisServer) -> None:
+    """A hop's stream entry holds its history slot, the header saying where the payload starts: the hop a daemon
+    claims (XCLAIM) from one that went silent must read back as the payload alone, newlines and all."""
+    listeners = [Listener("echo", [Ping], echo, peers=[], ingress=True, timeout_seconds=0.2)]
+    door_only = DurableSettings(reply_retention_seconds=30, serve=frozenset())
+    async with started(redis_server, "claimed:", listeners, settings=door_only) as door:
+        text = "two\nlines\n7\n"
+        accepted = await door.accept(envelope(ping_xml(text)))
+        assert isinstance(accepted, Accepted)
+        [(_, _, read)] = await door.store.read("silent-daemon", {"echo": 1}, 100)  # taken, never committed
+        assert read.payload_xml == ping_xml(text).encode()
+        claiming = DurableSettings(reply_retention_seconds=30, claim_grace_seconds=0.1, lease_seconds=0.2)
+        async with started(redis_server, "claimed:", listeners, settings=claiming) as worker:
+            assert await payloads_collected(door, accepted.thread, "end", ended=True) == [
+                f"<Pong><text>{text}</text></Pong>".encode()
+            ]
+            assert worker.redeliveries == 1
+
+
+class Relayed:
+    """A relay that forwards to a gate held until the test opens it: a conversation of several hops, live."""
+
+    def __init__(self) -> None:
+        self.gate = Gate()
+        self.entered = asyncio.Event()
+
+    async def gate_handler(self, payload: Ping, metadata: HandlerMetadata) -> HandlerResponse:
+        self.entered.set()
+        return await self.gate.handler(payload, metadata)
+
+    async def relay(self, payload: Ping | Pong, metadata: HandlerMetadata) -> HandlerResponse:
+        if isinstance(payload, Ping):
+            return HandlerResponse(payload, to="gate")
+        return HandlerResponse.respond(payload)
+
+    def listeners(self) -> list[Listener]:
+        return [
+            Listener("relay", [Ping, Pong], self.relay, peers=["gate"], ingress=True),
+            Listener("gate", [Ping], self.gate_handler, peers=[]),
+        ]
+
+
+@pytest.mark.parametrize("prefix", ["relayed:", "/relayed:", "#relayed:"], ids=["plain", "slash", "hash"])
+async def test_a_relayed_conversations_hops_threads_and_history_read_back_while_it_lives_and_leave_nothing(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A conversation of several hops (client -> relay -> gate, the response climbing back): each hop read
+    from its stream is the one sent, each thread is found by the registry by UUID and by chain (the
+    conversation's own thread too), the history holds each hop's payload, and its end leaves no key behind,
+    whatever the prefix starts with (chains start with '/', threads' fields in the hash with '#')."""
+    relayed = Relayed()
+    try:
+        async with started(redis_server, prefix, relayed.listeners()) as engine:
+            client, keys = engine.store.client, engine.store.keys
+            before = {key async for key in client.scan_iter(match=f"{prefix}*")}
+            text = "a\nb\n3\n\n"
+            accepted = await engine.accept(envelope(ping_xml(text), to="relay"))
+            assert isinstance(accepted, Accepted)
+            conversation = accepted.thread
+            await asyncio.wait_for(relayed.entered.wait(), 10)
+            [(_, fields)] = await client.xrange(keys.stream("gate"))
+            hop = Hop.from_fields(fields)
+            forwarded = f"<Ping><text>{text}</text><count>1</count></Ping>".encode()
+            assert (hop.chain, hop.sender, hop.payload_xml) == (("console", "relay", "gate"), "relay", forwarded)
+            slots = engine.buffer.get_thread(conversation)
+            assert [(slot.from_id, slot.to_id, slot.payload_xml) for slot in slots] == [
+                ("console", "relay", ping_xml(text).encode()),
+                ("relay", "gate", forwarded),
+            ]
+            assert hop.thread == slots[1].hop_thread
+            backend = engine.backend
+            for chain, thread in [
+                (("console",), conversation),
+                (("console", "relay"), slots[0].hop_thread),
+                (("console", "relay", "gate"), slots[1].hop_thread),
+            ]:
+                assert backend.registry_get_chain(thread) == chain_key(conversation, chain)
+                assert backend.registry_get_uuid(chain_key(conversation, chain)) == thread
+                assert engine.registry.lookup(thread) == ".".join(chain)
+            relayed.gate.opened.set()
+            assert await payloads_collected(engine, conversation, "end", ended=True) == [
+                f"<Pong><text>{text}</text></Pong>".encode()
+            ]
+            assert backend.registry_get_chain(conversation) is None
+            assert backend.registry_get_chain(slots[1].hop_thread) is None
+            assert engine.buffer.get_thread(conversation) == ()
+            after = {key async for key in client.scan_iter(match=f"{prefix}*")}
+            assert {key for key in after - before if _kind(key, prefix) not in ("daemon", "inbox")} == set()
+    finally:
+        relayed.gate.opened.set()
+
+
+async def orchestrates(payload: Count | SequenceComplete | BufferComplete, metadata: HandlerMetadata) -> Any:
+    """A count below 100 runs through add1, double, add1 (system.sequence); from 100, the three counts below it
+    less 97 each go to add1 at once (system.buffer). What comes back goes to the client."""
+    if not isinstance(payload, Count):
+        return HandlerResponse.respond(payload)
+    if payload.value < 100:
+        steps = ["add1", "double", "add1"]
+        return HandlerResponse(SequenceStart(steps=steps, payload=_xml_of(payload)), to="system.sequence")
+    items = [_xml_of(Count(value)) for value in range(payload.value - 100, payload.value - 97)]
+    return HandlerResponse(BufferStart(target="add1", items=items), to="system.buffer")
+
+
+def _xml_of(payload: Any) -> str:
+    return codec_for(type(payload)).to_bytes(payload).decode()
+
+
+def _sent(count: Count) -> str:
+    """A count as a client's payload: out of the envelope's (default) namespace."""
+    return _xml_of(count).replace("<Count>", '<Count xmlns="">', 1)
+
+
+async def test_sequences_and_buffers_run_on_durable_conversations_and_leave_nothing(redis_server: RedisServer) -> None:
+    """system.sequence and system.buffer call their steps as conversations of their own (each hop stored as
+    its history slot): the results come back whole, and every conversation's state goes with its end."""
+    prefix = "orchestrated:"
+    listeners = [
+        Listener(
+            "conductor",
+            [Count, SequenceComplete, BufferComplete],
+            orchestrates,
+            peers=["system.sequence", "system.buffer"],
+            ingress=True,
+        ),
+        Listener("add1", [Count], add_one, peers=[]),
+        Listener("double", [Count], double, peers=[]),
+    ]
+    async with started(redis_server, prefix, listeners) as engine:
+        counted = codec_for(Count)
+        sequenced = await engine.accept(envelope(_sent(Count(3)), to="conductor"))
+        assert isinstance(sequenced, Accepted)
+        [done] = await payloads_collected(engine, sequenced.thread, "end", ended=True)
+        completed = codec_for(SequenceComplete).from_bytes(done)
+        assert (counted.from_bytes(completed.final_result.encode()).value, completed.step_count) == (9, 3)
+        buffered = await engine.accept(envelope(_sent(Count(105)), to="conductor"))
+        assert isinstance(buffered, Accepted)
+        [done] = await payloads_collected(engine, buffered.thread, "end", ended=True)
+        complete = codec_for(BufferComplete).from_bytes(done)
+        assert complete.successful == 3
+        assert [counted.from_bytes(item.result.encode()).value for item in complete.results] == [6, 7, 8]
+        for _ in range(100):  # the calls' own conversations end as their answers are committed
+            if not await _state_left(engine):
+                break
+            await asyncio.sleep(0.05)
+        assert await _state_left(engine) == []

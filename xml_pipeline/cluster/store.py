@@ -328,6 +328,7 @@ local function commit(c, base)
   local keys, keep_owner, opener = {conv_key, prefix .. 'buf:' .. conv}, '', ''
   local legacy = prefix .. 'reg:'
   local legacy_chain = string.byte(legacy, 1) == 47  -- a prefix that starts with '/', as chains do
+  local legacy_thread = string.byte(legacy, 1) == 35  -- or with '#', as the fields of threads' keys do
   for k = 1, #state, 2 do
     local name = state[k]
     local first_byte = string.byte(name, 1)
@@ -335,7 +336,8 @@ local function commit(c, base)
       keep_owner = state[k + 1]
     elseif name == 'opener' then
       opener = state[k + 1]
-    elseif first_byte == 35 then  -- '#': a thread whose registry key this conversation wrote
+    elseif first_byte == 35 and not (legacy_thread and string.sub(name, 1, #legacy) == legacy) then
+      -- '#': a thread whose registry key this conversation wrote
       keys[#keys + 1] = uuid_prefix .. string.sub(name, 2)
     elseif (first_byte ~= 47 or legacy_chain) and name ~= 'initiator' and name ~= 'pending'
         and name ~= 'replied' and string.sub(name, 1, #legacy) == legacy then  -- no chain or field of its own
