@@ -30,12 +30,13 @@ class Hop:
 
     FIELD_NAMES: ClassVar[tuple[str, ...]] = ("h", "payload")
     """The names of :meth:`fields`, in order: everything but the payload in one field, ``h``, because each
-    field of an entry costs Redis work on every write and read (the names below in order, one per line)."""
+    field of an entry costs Redis work on every write and read (the names below in order, one per line).
+    The durable commit script (:mod:`.store`) writes a hop's entry with these two names."""
 
     HEADER_NAMES: ClassVar[tuple[str, ...]] = ("conv", "chain", "threads", "from", "type", "trace")
     """What ``h`` holds, a line each (no name, chain, thread, type or trace reference contains a newline),
     and the fields of an entry written before ``h`` (one each), which are still read. A seventh line, when
-    there is one, says where the payload starts in the ``payload`` field (see :meth:`fields`)."""
+    there is one, says where the payload starts in the ``payload`` field (see :meth:`header`)."""
 
     @property
     def thread(self) -> str:
@@ -49,12 +50,14 @@ class Hop:
     def initiator(self) -> str:
         return self.chain[0]
 
-    def fields(self, payload_at: int = 0) -> list[bytes | str]:
-        """Flat field/value pairs for XADD.
+    def fields(self) -> list[bytes | str]:
+        """Flat field/value pairs for XADD."""
+        return ["h", self.header(), "payload", self.payload_xml]
 
-        With ``payload_at``, the ``payload`` value the caller puts in (the hop's history slot, which Redis
-        then stores once for both) holds that many bytes before the payload, and the header says so.
-        """
+    def header(self, payload_at: int = 0) -> str:
+        """The ``h`` field's value. With ``payload_at``, it says that the ``payload`` field holds that many
+        bytes before the payload: the commit script stores the hop's history slot there (one blob, which
+        Redis then stores for both), whose head comes first."""
         lines = [
             self.conversation,
             _SEP.join(self.chain),
@@ -65,7 +68,7 @@ class Hop:
         ]
         if payload_at:
             lines.append(str(payload_at))
-        return ["h", "\n".join(lines), "payload", self.payload_xml]
+        return "\n".join(lines)
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Hop:

@@ -71,8 +71,6 @@ MAX_CONNECTIONS = 64
 COMMITS_PER_CALL = 128
 """Commits one script call carries at most: enough to pay a call's cost once per loop turn under load,
 few enough that Redis, which runs a script alone, is never held for long."""
-_HEADER_VALUE = Hop.FIELD_NAMES.index("h") * 2 + 1
-"""Where the header's value lies in a hop's XADD fields (the script writes the two fields by these names)."""
 
 _COMMIT = """
 -- One call commits a batch: ARGV = prefix, group, reply retention, the committing daemon, then each commit:
@@ -137,11 +135,14 @@ local function full(cap, capped)
   return cap >= 0 and redis.call('XLEN', capped) >= cap
 end
 
-local function add_reply(replies_key, ids, fields, fresh)
-  -- Appends a reply entry; the answer's fresh: whether the stream held nothing before this commit's replies.
+local function add_reply(conv, ids, fields, fresh)
+  -- Appends a reply entry to the conversation's reply stream; the ids so far (a table made at the first),
+  -- and the answer's fresh: whether the stream held nothing before this commit's replies.
+  local replies_key = prefix .. 'r:' .. conv
   if fresh == nil then fresh = redis.call('XLEN', replies_key) == 0 end
+  ids = ids or {}
   ids[#ids + 1] = redis.call('XADD', replies_key, '*', unpack(fields))
-  return fresh
+  return ids, fresh
 end
 
 local function tell_opener(conv, opener)
@@ -233,7 +234,7 @@ local function commit(c, base)
   if ending and not state then state = redis.call('HGETALL', conv_key) end
   local history, registered, named
   local last_reply = nil  -- written after the loop: a step that ends its conversation adds the end to it
-  local ids, fresh, replies_key = nil, nil, nil
+  local ids, fresh = nil, nil
   local replied = state and field_of(state, 'replied')
   if replied then
     -- The hash says whether replies were written before (a conversation opened by an earlier daemon
@@ -251,11 +252,7 @@ local function commit(c, base)
       redis.call('XADD', prefix .. 'dlq', '*', unpack(c, i + 2, i + 1 + 2 * count))
       i = i + 2 + 2 * count
     elseif code == 'y' then
-      if last_reply then
-        replies_key = replies_key or prefix .. 'r:' .. conv
-        ids = ids or {}
-        fresh = add_reply(replies_key, ids, last_reply, fresh)
-      end
+      if last_reply then ids, fresh = add_reply(conv, ids, last_reply, fresh) end
       last_reply = {'reply', ARGV[base + c[i + 1]], 'type', c[i + 2], 'at', c[i + 3]}
       i = i + 4
     elseif code == 'a' then
@@ -309,11 +306,7 @@ local function commit(c, base)
     redis.call('HSET', conv_key, unpack(named))
   end
   if not ending then
-    if last_reply then
-      replies_key = replies_key or prefix .. 'r:' .. conv
-      ids = ids or {}
-      fresh = add_reply(replies_key, ids, last_reply, fresh)
-    end
+    if last_reply then ids, fresh = add_reply(conv, ids, last_reply, fresh) end
     if history then
       redis.call('RPUSH', prefix .. 'buf:' .. conv, unpack(history))
     end
@@ -355,17 +348,15 @@ local function commit(c, base)
     -- later would cost Redis more than the rest of the step.
     return answer(1, 1, 2, {keep_owner})
   end
-  replies_key = replies_key or prefix .. 'r:' .. conv
-  ids = ids or {}
   if last_reply then
     last_reply[#last_reply + 1] = 'end'
     last_reply[#last_reply + 1] = '1'
-    fresh = add_reply(replies_key, ids, last_reply, fresh)
+    ids, fresh = add_reply(conv, ids, last_reply, fresh)
   else
-    fresh = add_reply(replies_key, ids, {'end', '1'}, fresh)
+    ids, fresh = add_reply(conv, ids, {'end', '1'}, fresh)
   end
   tell_opener(conv, opener)
-  redis.call('EXPIRE', replies_key, retention)
+  redis.call('EXPIRE', prefix .. 'r:' .. conv, retention)
   if keep_owner ~= '' then
     -- Who may collect the replies, kept as long as they are.
     redis.call('SET', prefix .. 'r-owner:' .. conv, keep_owner, 'EX', retention)
@@ -508,7 +499,7 @@ class Effects:
             else:
                 blobs.append(hop.payload_xml)
                 where[id(hop.payload_xml)] = (len(blobs), 1, len(hop.payload_xml))
-            args += ["h", keys.stream(hop.target), hop.fields(payload_at)[_HEADER_VALUE], len(blobs)]
+            args += ["h", keys.stream(hop.target), hop.header(payload_at), len(blobs)]
         for reply in self.replies:
             blobs.append(reply.envelope)
             start, end = reply.payload_span
