@@ -152,7 +152,9 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int, instru
     versus_redis = Paired.of(
         "at-least-once", figures["at-least-once"], "at-most-once Redis pump", figures["at-most-once"]
     )
-    instructions, instructions_note = await counted_instructions(instructions_of)
+    instructions, instructions_note = await redis_instructions.counted(
+        redis_instructions.instructions_per_conversation, instructions_of
+    )
     redis_us_per_hop = redis_cpu * 1e6 / (count * repeats)
     per_relayed_hop = relayed / RELAY_HOPS
     added_hop = (relayed - redis_us_per_hop) / (RELAY_HOPS - 1)
@@ -160,7 +162,7 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int, instru
         "9. delivery at-least-once (durable engine, Redis Streams) vs the memory and at-most-once Redis pumps",
         f"{versus_memory.subject_figure.text(',.0f')} hops/s; Redis CPU {redis_us_per_hop:.0f} us per hop"
         f" (accept, commit and reply reads) = {redis_us_per_hop / reference:.1f} pipelined 1 KB SETs"
-        f" ({reference:.2f} us each here); {instructions_note}; "
+        f" ({reference:.2f} us each here); {instructions_note} per one-hop conversation; "
         f"{daemon_count} daemons / 1: {scaling.ratio.text('.2f')}",
         f"memory pump {versus_memory.baseline_figure.text(',.0f')} hops/s; "
         f"at-most-once Redis {versus_redis.baseline_figure.text(',.0f')} hops/s; Redis CPU in conversations of "
@@ -176,17 +178,6 @@ async def durable_throughput(count: int, repeats: int, daemon_count: int, instru
             "redis_instructions_per_conversation": instructions,
         },
     )
-
-
-async def counted_instructions(conversations: int) -> tuple[float | None, str]:
-    """Redis's instructions per one-hop conversation, and how the figure line says it (or why it has none)."""
-    if not conversations:
-        return None, "instructions not counted (quick run)"
-    missing = redis_instructions.missing_tools()
-    if missing is not None:
-        return None, f"instructions not counted ({missing})"
-    figure = await redis_instructions.instructions_per_conversation(conversations)
-    return figure, f"{figure:,.0f} instructions of redis-server (callgrind)"
 
 
 RELAY_HOPS = 3

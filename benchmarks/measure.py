@@ -255,8 +255,10 @@ async def _latency_window(rate: float, seconds: float) -> list[float]:
 # ---------------------------------------------------------------- 3. redis
 
 
-async def redis_throughput(count: int, repeats: int) -> Result:
-    """The Redis pump and the memory pump, both running, measured pair by pair."""
+async def redis_throughput(count: int, repeats: int, instructions_of: int = 0) -> Result:
+    """The Redis pump and the memory pump, both running, measured pair by pair; with ``instructions_of``, also
+    the instructions Redis runs per round trip over that many (:mod:`benchmarks.redis_instructions`)."""
+    from benchmarks import redis_instructions  # it measures with this module's pump and loop
     from tests.redis_server import RedisServer
 
     server = RedisServer()
@@ -279,14 +281,17 @@ async def redis_throughput(count: int, repeats: int) -> Result:
         backend.close()
         server.close()
     ratio = Paired.of("Redis pump", figures["redis"], "memory pump", figures["memory"])
+    instructions, note = await redis_instructions.counted(
+        redis_instructions.instructions_per_round_trip, instructions_of
+    )
     return Result(
         "3. hop throughput on a local redis-server (registry + history in Redis)",
-        f"{ratio.subject_figure.text(',.0f')} hops/s (median [range] of {repeats})",
+        f"{ratio.subject_figure.text(',.0f')} hops/s (median [range] of {repeats}); {note} per round trip",
         f"same pump on memory {ratio.baseline_figure.text(',.0f')} hops/s",
         "median >= 10,000 hops/s",
         ratio.subject_figure.median >= 10_000,
         {"memory": ratio},
-        {"keys_left": leftover},
+        {"keys_left": leftover, "redis_instructions_per_round_trip": instructions},
     )
 
 

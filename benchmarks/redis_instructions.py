@@ -1,4 +1,5 @@
-"""Instructions ``redis-server`` runs per durable one-hop conversation: a figure that does not swing.
+"""Instructions ``redis-server`` runs per durable one-hop conversation (and per at-most-once round trip):
+figures that do not swing.
 
 The CPU time Redis spends per conversation (measurement 9, ``benchmarks.durable_cpu``) moved by up to 60%
 between back-to-back runs on the shared 2-core machines, more than most changes to the commit script are
@@ -9,10 +10,10 @@ this figure steers the work on what Redis runs::
 
     .venv/bin/python -m benchmarks.redis_instructions [conversations]
 
-Needs valgrind (Debian package ``valgrind``), which ``make bench`` installs (measurement 9 prints this figure
-too) and nothing else of the project needs. Under it
-Redis runs about fifty times slower, so the engine's batches are larger than at full speed: compare figures
-from this tool with each other, not with a count taken some other way.
+Needs valgrind (Debian package ``valgrind``), which ``make bench`` installs (measurements 3 and 9 print these
+figures too) and nothing else of the project needs. Under it Redis runs about fifty times slower, so the
+batches are larger than at full speed: compare figures from this tool with each other, not with a count taken
+some other way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
@@ -40,31 +42,88 @@ def instructions_in(dump: Path) -> int:
     raise ValueError(f"{dump} holds no summary line: not a callgrind dump")
 
 
-def _control(option: str, pid: int) -> None:
-    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True, timeout=120)
+class CountedRedis:
+    """A ``redis-server`` under callgrind: :meth:`zero` before the work to count, :meth:`count` after it."""
+
+    def __init__(self) -> None:
+        from tests.redis_server import RedisServer
+
+        self._dumps = Path(tempfile.mkdtemp(prefix="xp-callgrind-"))
+        launcher = ["valgrind", "--tool=callgrind", "--collect-atstart=yes", f"--callgrind-out-file={self._dumps}/out"]
+        self._server = RedisServer(launcher=launcher)
+        self._taken = 0
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def __enter__(self) -> CountedRedis:
+        self._server.start(timeout=60)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.close()
+        shutil.rmtree(self._dumps, ignore_errors=True)
+
+    def zero(self) -> None:
+        self._control("--zero")
+
+    def count(self) -> int:
+        """The instructions since :meth:`zero`: a dump of its own (callgrind numbers them from 1)."""
+        self._control("--dump")
+        self._taken += 1
+        return instructions_in(self._dumps / f"out.{self._taken}")
+
+    def _control(self, option: str) -> None:
+        assert self._server.process is not None, "the server is not running"
+        pid = str(self._server.process.pid)
+        subprocess.run(["callgrind_control", option, pid], check=True, capture_output=True, timeout=120)
 
 
 async def instructions_per_conversation(conversations: int) -> float:
-    """Redis's instructions per one-hop conversation of the Order workload, 64 clients, after a warm-up."""
+    """Redis's instructions per durable one-hop conversation of the Order workload, 64 clients, after a warm-up."""
     from benchmarks.durable import CLIENTS, durable_engine, durable_loop  # it reports this figure too
-    from tests.redis_server import RedisServer
 
-    dumps = Path(tempfile.mkdtemp(prefix="xp-callgrind-"))
-    launcher = ["valgrind", "--tool=callgrind", "--collect-atstart=yes", f"--callgrind-out-file={dumps}/out"]
-    server = RedisServer(launcher=launcher)
-    server.start(timeout=60)
-    assert server.process is not None
     order = envelope(sample_order(), "orders")
-    try:
-        async with durable_engine(server.url) as engine:
+    with CountedRedis() as redis:
+        async with durable_engine(redis.url) as engine:
             await durable_loop(engine, order, WARM_UP, CLIENTS)
-            _control("--zero", server.process.pid)
+            redis.zero()
             await durable_loop(engine, order, conversations, CLIENTS)
-            _control("--dump", server.process.pid)
-        return instructions_in(dumps / "out.1") / conversations  # the dump asked for; the exit's comes later
-    finally:
-        server.close()
-        shutil.rmtree(dumps, ignore_errors=True)
+            return redis.count() / conversations
+
+
+async def instructions_per_round_trip(round_trips: int) -> float:
+    """Redis's instructions per round trip of the at-most-once Redis pump (measurement 3's), after a warm-up.
+
+    A round trip's cleanup is written after its reply: the count starts and ends at the same point of a loop
+    (its last replies in), so the warm-up's last cleanups, counted, stand for the measured loop's, not.
+    """
+    from benchmarks.measure import closed_loop, orders_organism, running
+    from xml_pipeline.memory.redis_backend import RedisBackend
+
+    order = envelope(sample_order(), "orders")
+    with CountedRedis() as redis:
+        backend = RedisBackend(redis.url, prefix="bench:", socket_timeout=60)
+        try:
+            async with running(orders_organism(), backend) as pump:
+                await closed_loop(pump, order, WARM_UP, 64)
+                redis.zero()
+                await closed_loop(pump, order, round_trips, 64)
+                return redis.count() / round_trips
+        finally:
+            backend.close()
+
+
+async def counted(measure: Callable[[int], Awaitable[float]], units: int) -> tuple[float | None, str]:
+    """``measure(units)``'s figure and how a benchmark's figure line says it, or None and why there is none."""
+    if not units:
+        return None, "instructions not counted (quick run)"
+    missing = missing_tools()
+    if missing is not None:
+        return None, f"instructions not counted ({missing})"
+    figure = await measure(units)
+    return figure, f"{figure:,.0f} instructions of redis-server (callgrind)"
 
 
 def missing_tools() -> str | None:
@@ -82,7 +141,9 @@ def main() -> int:
     conversations = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     logging.getLogger("xml_pipeline").setLevel(logging.CRITICAL)
     figure = uvloop.run(instructions_per_conversation(conversations))
-    print(f"redis-server instructions per one-hop conversation ({conversations:,} of them): {figure:,.0f}")
+    print(f"redis-server instructions per durable one-hop conversation ({conversations:,} of them): {figure:,.0f}")
+    figure = uvloop.run(instructions_per_round_trip(conversations))
+    print(f"redis-server instructions per at-most-once round trip ({conversations:,} of them): {figure:,.0f}")
     return 0
 
 

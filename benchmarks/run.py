@@ -73,7 +73,9 @@ async def run_all(sizes: dict[str, float], shared: SharedFloor | str) -> Report:
     results.append(
         await measure.latency(own.pump_hops_per_s.median, own.hops_per_s.median, sizes["latency_seconds"], repeats)
     )
-    results.append(await measure.redis_throughput(int(sizes["redis"]), repeats))
+    results.append(
+        await measure.redis_throughput(int(sizes["redis"]), repeats, instructions_of=int(sizes["instructions"]))
+    )
     results.append(await measure.pool_scaling(int(sizes["pool"]), int(sizes["calls"]), repeats))
     results.append(await measure.buffer_throughput(int(sizes["buffer"]), hops, repeats))
     results.append(await measure.memory_growth(int(sizes["memory"])))

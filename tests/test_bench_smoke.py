@@ -125,6 +125,15 @@ def test_the_instruction_count_is_read_from_the_callgrind_dump_asked_for(tmp_pat
         instructions_in(other)
 
 
-def test_the_instruction_count_says_so_when_valgrind_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_instruction_count_says_so_when_valgrind_is_missing_or_the_run_is_quick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def never(units: int) -> float:
+        raise AssertionError("nothing is to be measured")
+
+    assert await redis_instructions.counted(never, 0) == (None, "instructions not counted (quick run)")
     monkeypatch.setattr(redis_instructions.shutil, "which", lambda name: None)
     assert redis_instructions.main() == 2
+    figure, note = await redis_instructions.counted(never, 1000)
+    assert figure is None
+    assert "valgrind is not installed" in note
