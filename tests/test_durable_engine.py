@@ -886,30 +886,13 @@ async def _state_left(engine: DurableEngine) -> list[bytes]:
     return [key async for key in client.scan_iter(match=f"{prefix}*") if _kind(key, prefix) in ("conv", "buf", "reg")]
 
 
-async def test_registry_keys_a_conversation_named_the_earlier_way_are_deleted_at_its_end(
-    gated: tuple[DurableEngine, Gate],
-) -> None:
-    """Daemons before this layout named each registry key of a conversation in its hash (the key's name as the
-    field); a conversation they opened that ends after an upgrade must not leave those keys behind (they have
-    no TTL)."""
-    engine, gate = gated
-    first = await engine.accept(envelope(ping_xml("slow"), to="gate"))
-    assert isinstance(first, Accepted)
-    client, keys = engine.store.client, engine.store.keys
-    earlier = [f"{keys.prefix}reg:c:{first.thread}/console/gate", f"{keys.prefix}reg:u:{new_thread_id()}"]
-    for key in earlier:
-        await client.set(key, "x")
-    await client.hset(keys.conversation(first.thread), mapping=dict.fromkeys(earlier, ""))
-    gate.opened.set()
-    assert await payloads_collected(engine, first.thread, "end", ended=True) == [b"<Pong><text>slow</text></Pong>"]
-    assert await client.exists(*earlier) == 0
-
-
 @pytest.mark.parametrize("prefix", ["earlier:", "/earlier:", "#earlier:"], ids=["plain", "slash", "hash"])
 async def test_registry_keys_named_the_earlier_way_are_deleted_at_the_end_whatever_the_prefix_starts_with(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    """The end tells a field naming an earlier daemon's registry key (``{prefix}reg:...``) from a chain
+    """Daemons before this layout named each registry key of a conversation in its hash (the key's name as the
+    field); a conversation they opened that ends after an upgrade must not leave those keys behind (they have
+    no TTL). The end tells a field naming an earlier daemon's registry key (``{prefix}reg:...``) from a chain
     (``/...``) and from a thread whose key it wrote (``#...``) by its first byte: a prefix that starts with
     either must still have those keys deleted, not taken for a chain or a thread's (and left for ever)."""
     gate = Gate()
