@@ -48,8 +48,9 @@ test: lint typecheck unit
 ## measure the pump, the pool and the primitives against their floors (a few minutes); valgrind counts the
 ## instructions redis-server runs per durable conversation (measurement 9, benchmarks.redis_instructions)
 bench: $(STAMP) test-packages
-	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind: measurement 9 counts Redis's instructions"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind; }
+	@command -v valgrind >/dev/null 2>&1 || { echo "installing valgrind: measurements 3 and 9 count Redis's instructions"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind \
+		|| echo "valgrind could not be installed: the benchmarks run without counting instructions"; }
 	$(BIN)/python -m benchmarks.run --out bench-results
 
 clean:
