@@ -319,9 +319,10 @@ local function commit(c, base)
     return answer(1, 0, fresh and 1 or 0, ids)
   end
   local keys, keep_owner, opener = {conv_key, prefix .. 'buf:' .. conv}, '', ''
+  -- A field is cut to compare with the legacy prefix only when its first byte is that prefix's (cutting
+  -- every field would make a string of each), whatever that byte is, '#' and '/' included.
   local legacy = prefix .. 'reg:'
-  local legacy_chain = string.byte(legacy, 1) == 47  -- a prefix that starts with '/', as chains do
-  local legacy_thread = string.byte(legacy, 1) == 35  -- or with '#', as the fields of threads' keys do
+  local legacy_first = string.byte(legacy, 1)
   for k = 1, #state, 2 do
     local name = state[k]
     local first_byte = string.byte(name, 1)
@@ -329,14 +330,12 @@ local function commit(c, base)
       keep_owner = state[k + 1]
     elseif name == 'opener' then
       opener = state[k + 1]
-    elseif first_byte == 35 and not (legacy_thread and string.sub(name, 1, #legacy) == legacy) then
-      -- '#': a thread whose registry key this conversation wrote
-      keys[#keys + 1] = uuid_prefix .. string.sub(name, 2)
-    elseif (first_byte ~= 47 or legacy_chain) and name ~= 'initiator' and name ~= 'pending'
-        and name ~= 'replied' and string.sub(name, 1, #legacy) == legacy then  -- no chain or field of its own
+    elseif first_byte == legacy_first and string.sub(name, 1, #legacy) == legacy then
       -- A registry key by its name: how daemons before 2026-12-02 kept them, for a conversation they opened
       -- that ends after an upgrade.
       keys[#keys + 1] = name
+    elseif first_byte == 35 then  -- '#': a thread whose registry key this conversation wrote
+      keys[#keys + 1] = uuid_prefix .. string.sub(name, 2)
     end
   end
   -- In slices: however many threads it had, never more values than one unpack takes (about 8,000).
